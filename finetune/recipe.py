@@ -34,8 +34,8 @@ class BaseConfig:
     quantization: Literal["auto", "nf4", "fp4", "int8", "gptq", "none"] = "auto"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    # bnb 4-bit storage dtype; the compute dtype lets DeepSpeed/FSDP shard the packed weights.
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    # bnb 4-bit storage dtype; "auto" stores in the compute dtype so DeepSpeed/FSDP can shard the packed weights.
+    quant_storage: Literal["uint8", "auto", "bfloat16", "float16", "float32"] = "uint8"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
 
@@ -103,6 +103,14 @@ class TrackingConfig:
 
 
 @dataclass
+class SamplesConfig:
+    """Greedy generations for the first `count` eval prompts, before and after training."""
+
+    count: int = field(default=0, metadata=_range(0, 64))
+    max_new_tokens: int = field(default=64, metadata=_range(1, 4096))
+
+
+@dataclass
 class Recipe:
     base: BaseConfig = field(default_factory=BaseConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -110,6 +118,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     # Free text shown in logs: what the recipe is for.
     description: str = ""
 

@@ -1,0 +1,184 @@
+"""Load a base model (bitsandbytes on the fly, GPTQ checkpoint, or unquantized) and attach LoRA with peft."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.recipe import BaseConfig, LoraConfig
+from quant.errors import UserError
+from quant.loading import load_tokenizer, materialize
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
+
+    CPU bitsandbytes backward is ~15x slower with bf16 compute than fp32, so auto never picks bf16 there.
+    """
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def checkpoint_quant_method(model_dir: str) -> str | None:
+    """The `quant_method` a checkpoint declares in its config.json, if it is a local directory."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method")
+
+
+def resolve_quantization(base: BaseConfig, model_dir: str) -> str:
+    """`auto` means GPTQ when the checkpoint is GPTQ, else NF4 (the QLoRA default)."""
+    declared = checkpoint_quant_method(model_dir)
+    if base.quantization == "auto":
+        return "gptq" if declared == "gptq" else "nf4"
+    if declared == "gptq" and base.quantization != "gptq":
+        raise UserError(
+            f"base.quantization = '{base.quantization}' but {base.model} is a GPTQ checkpoint; "
+            "use 'gptq' or 'auto'"
+        )
+    if base.quantization == "gptq" and declared != "gptq":
+        raise UserError(f"base.quantization = 'gptq' but {base.model} has no GPTQ quantization_config in config.json")
+    return base.quantization
+
+
+def bnb_config(quantization: str, base: BaseConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = compute_dtype if base.quant_storage == "auto" else getattr(torch, base.quant_storage)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=base.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+@dataclass
+class LoadedBase:
+    model: torch.nn.Module
+    tokenizer: object
+    quantization: str  # resolved: nf4 | fp4 | int8 | gptq | none
+    compute_dtype: torch.dtype
+    model_dir: str  # the local directory the weights came from (GGUF is converted into a cache dir)
+
+
+def load_base(base: BaseConfig, device: torch.device) -> LoadedBase:
+    """Build the frozen base on `device`; embeddings, norms and lm_head stay unquantized."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = materialize(base.model, "base.model")
+    quantization = resolve_quantization(base, model_dir)
+    compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
+    tokenizer = load_tokenizer(model_dir, "base.model")
+    attn = None if base.attn_implementation == "auto" else base.attn_implementation
+    if quantization == "gptq":
+        from quant.model import load_gptq_model
+
+        model = load_gptq_model(model_dir, device=device, dtype=compute_dtype, attn_implementation=attn)
+    else:
+        kwargs = {"dtype": compute_dtype, "attn_implementation": attn}
+        if quantization != "none":
+            kwargs["quantization_config"] = bnb_config(quantization, base, compute_dtype)
+            # bitsandbytes quantizes while moving weights to their device, so the map must be explicit.
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        if quantization == "none":
+            model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedBase(model, tokenizer, quantization, compute_dtype, model_dir)
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool):
+    """Wrap `model` with trainable LoRA adapters (peft) in fp32 master weights."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no requires_grad on the inputs and works with frozen bases.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    _check_target_modules(model, lora.target_modules)
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _check_target_modules(model: torch.nn.Module, targets) -> None:
+    if isinstance(targets, str):
+        return  # 'all-linear' or a regex; peft reports a miss itself
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n, _ in model.named_modules())]
+    if missing:
+        linear_like = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")} - {"lm_head"}
+        )
+        raise UserError(f"lora.target_modules: {missing} not found in the model; its linear layers are {linear_like}")
+
+
+def memory_report(model: torch.nn.Module) -> dict:
+    """Bytes held by parameters and buffers, split into quantized storage, other frozen, and trainable."""
+    quantized = frozen = trainable = 0
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        if getattr(t, "requires_grad", False):
+            trainable += nbytes
+        elif t.dtype in (torch.uint8, torch.int8, torch.int32) or type(t).__name__ in ("Params4bit", "Int8Params"):
+            quantized += nbytes
+        else:
+            frozen += nbytes
+        # Quant-state tensors hang off Params4bit and are not parameters or buffers.
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:
+            quantized += _quant_state_bytes(qs)
+    total = quantized + frozen + trainable
+    return {"total_mb": total / 2**20, "quantized_mb": quantized / 2**20, "frozen_mb": frozen / 2**20,
+            "trainable_mb": trainable / 2**20}
+
+
+def _quant_state_bytes(qs) -> int:
+    total = 0
+    for name in ("absmax", "code"):
+        t = getattr(qs, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    if getattr(qs, "state2", None) is not None:
+        total += _quant_state_bytes(qs.state2)
+    return total
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting packed 4-bit storage as two weights per byte."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

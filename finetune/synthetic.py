@@ -1,0 +1,80 @@
+"""Offline stand-ins for tests and benchmarks: a byte-level ChatML tokenizer and random models of published shapes.
+
+Machines without hub access (CI, the lent GPU box) still need a tokenizer and a model directory of the right
+shape; speed and memory do not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Published architectures (config.json values that matter for compute and memory).
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=259, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
+                       attention_bias=True),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+
+def byte_tokenizer():
+    """Byte-level BPE with no merges: every byte is a token, so any text round-trips; 259 tokens, ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                             "additional_special_tokens": ["<|im_start|>"]})
+    fast.chat_template = CHATML
+    return fast
+
+
+def model_config(shape: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config
+
+    values = {**SHAPES[shape], "max_position_embeddings": 131072 if shape != "tiny" else 512, **overrides}
+    if shape.startswith("qwen"):
+        values.pop("attention_bias", None)
+        return Qwen2Config(**values)
+    return LlamaConfig(**values)
+
+
+def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0, **overrides):
+    """A randomly initialised causal LM of `shape`, built directly on `device` (no CPU copy of an 8B model)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = model_config(shape, **overrides)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def save_random_model(shape: str, path: str | Path, dtype=torch.bfloat16, device="cpu", seed: int = 0,
+                      **overrides) -> Path:
+    """Write a random model of `shape` and the byte tokenizer as an HF directory (a base for benchmarks)."""
+    path = Path(path)
+    model = random_model(shape, dtype=dtype, device=device, seed=seed, **overrides)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    del model
+    return path

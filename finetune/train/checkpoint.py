@@ -1,0 +1,110 @@
+"""Checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically; resume; rotation.
+
+A checkpoint directory is complete exactly when it exists under its final name `checkpoint-<step>`:
+everything is written into a hidden temporary directory first and renamed in one step, so an interrupted
+save leaves only a `.tmp-` directory, which resume ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # epoch of the next micro-batch
+    batch_offset: int = 0  # micro-batches of `epoch` already consumed (global order, all ranks together)
+    tokens_seen: int = 0
+    world_size: int = 1
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary directory next to `final`; rename it to `final` only if the block completes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int, extra_files=()) -> Path:
+    """Write `checkpoint-<step>` (adapter in peft format plus training state) and prune to the newest `keep`."""
+    final = Path(out_dir) / f"checkpoint-{state.step}"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        for src, name in extra_files:
+            shutil.copy(src, tmp / name)
+    prune_checkpoints(Path(out_dir), keep)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not Path(out_dir).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> None:
+    for stale in Path(out_dir).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the training position."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = path / "adapter"
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"{adapter}: adapter keys do not match the model: {unexpected[:3]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return TrainState(**json.loads((path / "trainer_state.json").read_text()))

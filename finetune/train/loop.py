@@ -1,0 +1,221 @@
+"""`finetune sft`: the training loop, readable top to bottom.
+
+recipe -> base + LoRA -> data -> optimizer/schedule -> [resume] -> steps (accumulate, clip, step, log,
+eval, save) -> final adapter. Multi-process runs go through accelerate: each rank takes its share of every
+global batch, and the loss is normalised by the label tokens of the whole global batch, so any world size
+and accumulation split of the same global batch gives the same update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from finetune.data import build_datasets
+from finetune.model import attach_lora, count_parameters, load_base, memory_report
+from finetune.recipe import Recipe, dump_recipe
+from finetune.train.batches import BatchStream, eval_batches
+from finetune.train.checkpoint import TrainState, atomic_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from finetune.train.loss import model_inputs, token_loss_sum
+from finetune.train.optim import build_optimizer, build_scheduler
+from finetune.train.runtime import Runtime
+from finetune.train.samples import generate_samples
+from finetune.train.tracking import Tracker, format_metrics
+from quant.errors import UserError
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    train_loss_last: float | None
+    wall_s: float
+    tokens_per_s: float
+
+
+def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
+    started = time.perf_counter()
+    rt = Runtime.create()
+    say = echo if rt.is_main else (lambda *a, **k: None)
+    out_dir = Path(recipe.output.dir)
+    cfg = recipe.train
+    rt.seed_everything(cfg.seed)
+
+    base = load_base(recipe.base, rt.device)
+    trainable_before, total = count_parameters(base.model)
+    model = attach_lora(base.model, recipe.lora, cfg.gradient_checkpointing)
+    trainable, _ = count_parameters(model)
+    mem = memory_report(model)
+    say(f"base: {recipe.base.model} as {base.quantization} ({total / 1e6:.1f}M params, compute {base.compute_dtype}); "
+        f"model memory {mem['total_mb']:.0f} MiB (quantized {mem['quantized_mb']:.0f}, other frozen "
+        f"{mem['frozen_mb']:.0f}, LoRA {mem['trainable_mb']:.1f}); trainable {trainable / 1e6:.2f}M")
+
+    data = build_datasets(recipe.data, base.tokenizer, cfg.seed)
+    say("data: " + data.report.summary())
+    stream = BatchStream(data.train, cfg.micro_batch_size, cfg.gradient_accumulation, cfg.seed,
+                         base.tokenizer.pad_token_id, recipe.data.packing, rt.rank, rt.world_size)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.steps_per_epoch)
+    if total_steps < 1 or stream.steps_per_epoch < 1:
+        raise UserError(f"data.train: {len(data.train)} sequences make no full step of "
+                        f"{stream.global_micro_batches} micro-batches of {cfg.micro_batch_size}; lower "
+                        "train.micro_batch_size or train.gradient_accumulation")
+
+    optimizer = build_optimizer(model.parameters(), cfg, rt.device)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = rt.prepare(model, optimizer)
+
+    state = TrainState(world_size=rt.world_size)
+    checkpoints = list_checkpoints(out_dir)
+    if resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], rt.unwrap(model), optimizer, scheduler)
+        if state.world_size != rt.world_size:
+            raise UserError(f"{checkpoints[-1]} was written by {state.world_size} processes; "
+                            f"resume it with the same number (this run has {rt.world_size})")
+        say(f"resumed from {checkpoints[-1]} (step {state.step} of {total_steps})")
+    elif resume:
+        say(f"--resume: no complete checkpoint in {out_dir}; starting from step 0")
+    elif checkpoints or (out_dir / "adapter").exists():
+        raise UserError(f"output.dir = '{out_dir}' already holds a run; pass --resume to continue it, "
+                        "or choose another output.dir")
+    resumed = state.step > 0
+    tracker = Tracker(recipe, out_dir, resume_step=state.step if resumed else None, enabled=rt.is_main)
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+
+    def evaluate() -> float | None:
+        if data.eval is None:
+            return None
+        loss_sum, count = 0.0, 0
+        model.eval()
+        with torch.no_grad():
+            for batch in eval_batches(data.eval, cfg.micro_batch_size, base.tokenizer.pad_token_id,
+                                      recipe.data.packing, rt.rank, rt.world_size, cfg.eval_max_batches):
+                batch = rt.to_device(batch)
+                s, n = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
+                loss_sum += float(s)
+                count += n
+        model.train()
+        loss_sum, count = rt.sum_across(loss_sum, count)
+        return loss_sum / max(count, 1)
+
+    samples_before = []
+    eval_before = None
+    if not resumed:
+        eval_before = evaluate()
+        if eval_before is not None:
+            say(f"eval before training: loss {eval_before:.4f}, ppl {math.exp(min(eval_before, 50)):.2f}")
+            tracker.log(0, {"eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
+        if recipe.samples.count and data.eval_prompts and rt.is_main:
+            samples_before = generate_samples(rt.unwrap(model), base.tokenizer, data.eval_prompts[: recipe.samples.count],
+                                              recipe.samples.max_new_tokens)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
+    write = bar.write if rt.is_main else (lambda *a, **k: None)
+    batches = stream.iterate(state.epoch, state.batch_offset)
+    last_loss, run_tokens, run_time = None, 0, 0.0
+    window_tokens, window_time, window_loss, window_count = 0, 0.0, 0.0, 0
+    rt.reset_peak_memory()
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        micro, state.epoch, state.batch_offset = next(batches)
+        local_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        global_labels = rt.sum_across(0.0, local_labels)[1]
+        step_loss, step_tokens = 0.0, 0
+        for i, batch in enumerate(micro):
+            batch = rt.to_device(batch)
+            with rt.no_sync(model, last=i == len(micro) - 1):
+                loss_sum, _ = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
+                # DDP averages gradients over ranks, so scale by world size to get the global-batch mean.
+                rt.backward(loss_sum * rt.world_size / max(global_labels, 1))
+            step_loss += float(loss_sum.detach())
+            step_tokens += batch["num_tokens"]
+        grad_norm = rt.clip_grad_norm(model, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        step_loss, step_tokens = rt.sum_across(step_loss, step_tokens)
+        last_loss = step_loss / max(global_labels, 1)
+        dt = time.perf_counter() - t0
+        state.tokens_seen += step_tokens
+        run_tokens += step_tokens
+        run_time += dt
+        window_tokens += step_tokens
+        window_time += dt
+        window_loss += last_loss
+        window_count += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            metrics = {"loss": window_loss / window_count, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                       "peak_mem_mb": rt.peak_memory_mb(), "epoch": state.epoch, "tokens": state.tokens_seen}
+            tracker.log(state.step, metrics)
+            write(f"step {state.step}/{total_steps} | " + format_metrics(metrics))
+            window_tokens, window_time, window_loss, window_count = 0, 0.0, 0.0, 0
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step != total_steps:
+            ev = evaluate()
+            if ev is not None:
+                tracker.log(state.step, {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))})
+                write(f"step {state.step}: eval loss {ev:.4f}")
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step != total_steps:
+            if rt.is_main:
+                save_checkpoint(out_dir, rt.unwrap(model), optimizer, scheduler, state, cfg.save_total_limit)
+            rt.barrier()
+    bar.close()
+
+    eval_after = evaluate()
+    if eval_after is not None:
+        tracker.log(state.step, {"eval_loss": eval_after, "eval_ppl": math.exp(min(eval_after, 50))})
+    adapter_dir = out_dir / "adapter"
+    if rt.is_main:
+        save_checkpoint(out_dir, rt.unwrap(model), optimizer, scheduler, state, cfg.save_total_limit)
+        _save_final_adapter(rt.unwrap(model), base, recipe, adapter_dir)
+    rt.barrier()
+    wall = time.perf_counter() - started
+    tps = run_tokens / max(run_time, 1e-9)
+    tracker.summary({"eval_loss_before": eval_before, "eval_loss_after": eval_after, "tokens_per_s": tps,
+                     "wall_s": wall})
+    tracker.finish()
+
+    if eval_before is not None and eval_after is not None:
+        say(f"eval loss: before {eval_before:.4f} -> after {eval_after:.4f} "
+            f"(ppl {math.exp(min(eval_before, 50)):.2f} -> {math.exp(min(eval_after, 50)):.2f})")
+    elif eval_after is not None:
+        say(f"eval loss after training: {eval_after:.4f}")
+    if samples_before and rt.is_main:
+        samples_after = generate_samples(rt.unwrap(model), base.tokenizer, data.eval_prompts[: recipe.samples.count],
+                                         recipe.samples.max_new_tokens)
+        for i, (b, a) in enumerate(zip(samples_before, samples_after)):
+            say(f"--- sample {i + 1}: {b.prompt!r}\n  before: {b.text!r}\n  after:  {a.text!r}")
+    say(f"done: {state.step} steps in {wall:.0f} s, {tps:.0f} tokens/s while training, "
+        f"peak memory {rt.peak_memory_mb():.0f} MiB; adapter in {adapter_dir}")
+    return TrainResult(out_dir, adapter_dir, state.step, eval_before, eval_after, last_loss, wall, tps)
+
+
+def _save_final_adapter(model, base, recipe: Recipe, adapter_dir: Path) -> None:
+    """peft's format plus tokenizer and the resolved recipe, so the directory is self-describing."""
+    with atomic_dir(adapter_dir) as tmp:
+        model.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        # The adapter names the base it was trained on; a GGUF base is named by its converted directory too.
+        (tmp / "base_model.txt").write_text(f"{recipe.base.model}\n{base.model_dir}\n{base.quantization}\n")
+    if adapter_dir.exists() and not (adapter_dir / "adapter_config.json").exists():
+        shutil.rmtree(adapter_dir)
+        raise RuntimeError(f"{adapter_dir}: adapter save produced no adapter_config.json")
