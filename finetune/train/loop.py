@@ -22,11 +22,11 @@ from finetune.data import build_datasets
 from finetune.model import attach_lora, count_parameters, load_base, memory_report
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
-from finetune.train.checkpoint import TrainState, atomic_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from finetune.train.checkpoint import TrainState, atomic_dir, list_checkpoints
 from finetune.train.loss import model_inputs, token_loss_sum
 from finetune.train.optim import build_optimizer, build_scheduler
 from finetune.train.runtime import Runtime
-from finetune.train.samples import generate_samples
+from finetune.train.samples import generate_samples, prompts_from_examples
 from finetune.train.tracking import Tracker, format_metrics
 from quant.errors import UserError
 
@@ -53,7 +53,9 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     cfg = recipe.train
     rt.seed_everything(cfg.seed)
 
-    base = load_base(recipe.base, rt.device)
+    rt.check_base(recipe.base)
+    with rt.main_process_first():  # a GGUF base is converted into the cache once, by the main process
+        base = load_base(recipe.base, rt.device)
     trainable_before, total = count_parameters(base.model)
     model = attach_lora(base.model, recipe.lora, cfg.gradient_checkpointing)
     trainable, _ = count_parameters(model)
@@ -74,15 +76,14 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
 
     optimizer = build_optimizer(model.parameters(), cfg, rt.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    model, optimizer = rt.prepare(model, optimizer)
+    model, optimizer = rt.prepare(model, optimizer, cfg)
+    if rt.distributed_type != "NO":
+        say(f"distributed: {rt.describe()}")
 
     state = TrainState(world_size=rt.world_size)
     checkpoints = list_checkpoints(out_dir)
     if resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], rt.unwrap(model), optimizer, scheduler)
-        if state.world_size != rt.world_size:
-            raise UserError(f"{checkpoints[-1]} was written by {state.world_size} processes; "
-                            f"resume it with the same number (this run has {rt.world_size})")
+        state = rt.load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
         say(f"resumed from {checkpoints[-1]} (step {state.step} of {total_steps})")
     elif resume:
         say(f"--resume: no complete checkpoint in {out_dir}; starting from step 0")
@@ -102,7 +103,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
         model.eval()
         with torch.no_grad():
             for batch in eval_batches(data.eval, cfg.micro_batch_size, base.tokenizer.pad_token_id,
-                                      recipe.data.packing, rt.rank, rt.world_size, cfg.eval_max_batches):
+                                      recipe.data.packing, *rt.eval_split, cfg.eval_max_batches):
                 batch = rt.to_device(batch)
                 s, n = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
                 loss_sum += float(s)
@@ -112,15 +113,19 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
         return loss_sum / max(count, 1)
 
     samples_before = []
+    prompts = prompts_from_examples(data.eval or [], recipe.samples.count) if recipe.samples.count else []
+    if prompts and rt.shards_parameters:
+        # Generating on the main rank alone would wait forever for the other ranks' parameter shards.
+        say("samples: skipped (parameters are sharded across processes)")
+        prompts = []
     eval_before = None
     if not resumed:
         eval_before = evaluate()
         if eval_before is not None:
             say(f"eval before training: loss {eval_before:.4f}, ppl {math.exp(min(eval_before, 50)):.2f}")
             tracker.log(0, {"eval_loss": eval_before, "eval_ppl": math.exp(min(eval_before, 50))})
-        if recipe.samples.count and data.eval_prompts and rt.is_main:
-            samples_before = generate_samples(rt.unwrap(model), base.tokenizer, data.eval_prompts[: recipe.samples.count],
-                                              recipe.samples.max_new_tokens)
+        if prompts and rt.is_main:
+            samples_before = generate_samples(rt.unwrap(model), base.tokenizer, prompts, recipe.samples.max_new_tokens)
 
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
@@ -143,10 +148,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
                 rt.backward(loss_sum * rt.world_size / max(global_labels, 1))
             step_loss += float(loss_sum.detach())
             step_tokens += batch["num_tokens"]
-        grad_norm = rt.clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = rt.step(model, optimizer, scheduler, cfg.max_grad_norm)
         state.step += 1
         step_loss, step_tokens = rt.sum_across(step_loss, step_tokens)
         last_loss = step_loss / max(global_labels, 1)
@@ -174,18 +176,17 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
                 tracker.log(state.step, {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))})
                 write(f"step {state.step}: eval loss {ev:.4f}")
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step != total_steps:
-            if rt.is_main:
-                save_checkpoint(out_dir, rt.unwrap(model), optimizer, scheduler, state, cfg.save_total_limit)
-            rt.barrier()
+            rt.save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
     bar.close()
 
     eval_after = evaluate()
     if eval_after is not None:
         tracker.log(state.step, {"eval_loss": eval_after, "eval_ppl": math.exp(min(eval_after, 50))})
     adapter_dir = out_dir / "adapter"
+    rt.save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+    adapter_state = rt.full_adapter_state(model)
     if rt.is_main:
-        save_checkpoint(out_dir, rt.unwrap(model), optimizer, scheduler, state, cfg.save_total_limit)
-        _save_final_adapter(rt.unwrap(model), base, recipe, adapter_dir)
+        _save_final_adapter(rt.unwrap(model), base, recipe, adapter_dir, adapter_state)
     rt.barrier()
     wall = time.perf_counter() - started
     tps = run_tokens / max(run_time, 1e-9)
@@ -199,8 +200,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     elif eval_after is not None:
         say(f"eval loss after training: {eval_after:.4f}")
     if samples_before and rt.is_main:
-        samples_after = generate_samples(rt.unwrap(model), base.tokenizer, data.eval_prompts[: recipe.samples.count],
-                                         recipe.samples.max_new_tokens)
+        samples_after = generate_samples(rt.unwrap(model), base.tokenizer, prompts, recipe.samples.max_new_tokens)
         for i, (b, a) in enumerate(zip(samples_before, samples_after)):
             say(f"--- sample {i + 1}: {b.prompt!r}\n  before: {b.text!r}\n  after:  {a.text!r}")
     say(f"done: {state.step} steps in {wall:.0f} s, {tps:.0f} tokens/s while training, "
@@ -208,10 +208,13 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     return TrainResult(out_dir, adapter_dir, state.step, eval_before, eval_after, last_loss, wall, tps)
 
 
-def _save_final_adapter(model, base, recipe: Recipe, adapter_dir: Path) -> None:
-    """peft's format plus tokenizer and the resolved recipe, so the directory is self-describing."""
+def _save_final_adapter(model, base, recipe: Recipe, adapter_dir: Path, adapter_state: dict | None = None) -> None:
+    """peft's format plus tokenizer and the resolved recipe, so the directory is self-describing.
+
+    `adapter_state`: the LoRA weights gathered from sharded parameters (ZeRO-3/FSDP), else None.
+    """
     with atomic_dir(adapter_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=adapter_state)
         base.tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         # The adapter names the base it was trained on; a GGUF base is named by its converted directory too.

@@ -41,3 +41,22 @@ def _last_user_text(rendered: str) -> str:
     # Chat templates render role names as plain lines once special tokens are dropped; show the user's words.
     lines = [line for line in rendered.strip().splitlines() if line.strip() not in ("user", "assistant", "system")]
     return lines[-1] if lines else rendered.strip()
+
+
+def prompts_from_examples(examples, count: int) -> list[list[int]]:
+    """The prompt tokens (everything before the first trained token) of the first `count` examples.
+
+    Works on packed rows too: position ids restart at 0 at every example, which splits a row into examples.
+    """
+    prompts = []
+    for ex in examples:
+        ids, labels = list(ex["input_ids"]), list(ex["labels"])
+        positions = list(ex["position_ids"]) if ex.get("position_ids") is not None else list(range(len(ids)))
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        for a, b in zip(starts, starts[1:]):
+            first = next((i for i in range(a + 1, b) if labels[i] != -100), None)
+            if first is not None:
+                prompts.append([int(t) for t in ids[a:first]])
+            if len(prompts) == count:
+                return prompts
+    return prompts
