@@ -81,6 +81,7 @@ class LoadedBase:
 def load_base(base: BaseConfig, device: torch.device) -> LoadedBase:
     """Build the frozen base on `device`; embeddings, norms and lm_head stay unquantized."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     model_dir = materialize(base.model, "base.model")
     quantization = resolve_quantization(base, model_dir)
@@ -90,13 +91,17 @@ def load_base(base: BaseConfig, device: torch.device) -> LoadedBase:
     if quantization == "gptq":
         from quant.model import load_gptq_model
 
-        model = load_gptq_model(model_dir, device=device, dtype=compute_dtype, attn_implementation=attn)
+        model = load_gptq_model(model_dir, device=device, dtype=compute_dtype)
+        if attn:
+            model.set_attn_implementation(attn)
     else:
         kwargs = {"dtype": compute_dtype, "attn_implementation": attn}
         if quantization != "none":
             kwargs["quantization_config"] = bnb_config(quantization, base, compute_dtype)
-            # bitsandbytes quantizes while moving weights to their device, so the map must be explicit.
-            kwargs["device_map"] = {"": device}
+            # bitsandbytes quantizes while moving weights to their device, so the map must be explicit;
+            # except under DeepSpeed ZeRO-3, where transformers refuses a map and uses the current device.
+            if not is_deepspeed_zero3_enabled():
+                kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         if quantization == "none":
             model.to(device)
@@ -112,18 +117,52 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
 
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no requires_grad on the inputs and works with frozen bases.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Newer transformers renamed the method (the old name warns); older releases only have the old one.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    _check_target_modules(model, lora.target_modules)
+    targets = lora.target_modules
+    gptq = _has_quantlinear(model)
+    if gptq and targets == "all-linear":
+        # peft's 'all-linear' only knows nn.Linear and bitsandbytes layers; spell out our GPTQ layers' names.
+        from quant.nn import QuantLinear
+
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QuantLinear)})
+    _check_target_modules(model, targets)
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if gptq:
+        from quant.peft_support import register_quantlinear
+
+        register_quantlinear(config)
     return get_peft_model(model, config)
+
+
+def _has_quantlinear(model: torch.nn.Module) -> bool:
+    from quant.nn import QuantLinear
+
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = False):
+    """`PeftModel.from_pretrained` that also works on GPTQ bases (peft needs our layer registered first)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel
+
+    config = PeftLoraConfig.from_pretrained(str(adapter_dir))
+    if _has_quantlinear(base_model):
+        from quant.peft_support import register_quantlinear
+
+        register_quantlinear(config)
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
 
 
 def _check_target_modules(model: torch.nn.Module, targets) -> None:
