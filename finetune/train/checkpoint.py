@@ -67,15 +67,48 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainStat
     """Write `checkpoint-<step>` (adapter in peft format plus training state) and prune to the newest `keep`."""
     final = Path(out_dir) / f"checkpoint-{state.step}"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        write_state_files(tmp, model, optimizer.state_dict(), scheduler, state)
+        torch.save(rng_state(), tmp / rng_file(0, 1))
         for src, name in extra_files:
             shutil.copy(src, tmp / name)
     prune_checkpoints(Path(out_dir), keep)
     return final
+
+
+def write_state_files(tmp: Path, model, optimizer_state: dict | None, scheduler, state: TrainState,
+                      adapter_state: dict | None = None) -> None:
+    """The main process's part of a checkpoint. `adapter_state`: full LoRA tensors gathered from sharded
+    parameters (ZeRO-3/FSDP), where the model's own tensors are only this rank's shards; `optimizer_state`
+    None: the optimizer state is sharded and each rank writes its own part."""
+    model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+
+
+def rng_file(rank: int, world_size: int) -> str:
+    # Each rank draws its own dropout masks, so each rank's generators are saved for an exact resume.
+    return "rng.pt" if world_size == 1 else f"rng-{rank}.pt"
+
+
+@contextmanager
+def shared_atomic_dir(final: Path, is_main: bool, barrier):
+    """`atomic_dir` for a checkpoint that several processes write into: the main process makes a temporary
+    directory of a fixed name, every rank writes its files there, and the main process renames it once all
+    ranks are done. Every rank must enter and leave the block."""
+    tmp = final.parent / f".tmp-{final.name}-shared"
+    if is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    yield tmp
+    barrier()
+    if is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -93,18 +126,28 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the training position."""
+def read_train_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((Path(path) / "trainer_state.json").read_text()))
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the training position.
+
+    `model`/`optimizer` None: their state lives in per-rank shards that the caller restores itself.
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    adapter = path / "adapter"
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"{adapter}: adapter keys do not match the model: {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    if model is not None:
+        adapter = path / "adapter"
+        weights = load_file(str(adapter / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"{adapter}: adapter keys do not match the model: {unexpected[:3]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    own = path / f"rng-{rank}.pt"
+    set_rng_state(torch.load(own if own.exists() else path / "rng.pt", weights_only=False))
+    return read_train_state(path)

@@ -54,8 +54,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     rt.seed_everything(cfg.seed)
 
     rt.check_base(recipe.base)
-    with rt.main_process_first():  # a GGUF base is converted into the cache once, by the main process
-        base = load_base(recipe.base, rt.device)
+    base = load_base(recipe.base, rt.device)
     trainable_before, total = count_parameters(base.model)
     model = attach_lora(base.model, recipe.lora, cfg.gradient_checkpointing)
     trainable, _ = count_parameters(model)
