@@ -44,7 +44,9 @@ def chat_rows(n: int, seed: int) -> list[dict]:
 
 
 def run(mode: str, recipe: Path, *extra: str) -> tuple[float, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    # Keep any PYTHONPATH the caller set (wheels carried to a GPU box live there), with the repo first.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+           "TOKENIZERS_PARALLELISM": "false"}
     if not torch.cuda.is_available() and mode == "ddp":
         env["ACCELERATE_USE_CPU"] = "true"
     if mode == "plain":

@@ -1,0 +1,104 @@
+"""`quant` command line: `quant gptq` (quantize to a GPTQ checkpoint) and `quant eval` (perplexity).
+
+Parsing only; each subcommand calls one public function. A UserError becomes one line on stderr and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from quant.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quant", description="GPTQ quantization and perplexity evaluation")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy small box 1 is often fastest)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("gptq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to a GPTQ checkpoint")
+    g.add_argument("model")
+    g.add_argument("--out", required=True, help="output checkpoint directory")
+    g.add_argument("--bits", type=int, default=4)
+    g.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False, help="act-order")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="--asym for zero points")
+    g.add_argument("--asym", dest="sym", action="store_false", help=argparse.SUPPRESS)
+    g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
+    g.add_argument("--mse", type=float, default=0.0, help="clipping search norm (e.g. 2.4); 0 = min-max")
+    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    g.add_argument("--calib", action="append", help="text/md/jsonl/parquet file, directory, pkg:... or hub dataset "
+                   "(repeatable)")
+    g.add_argument("--calib-samples", type=int, default=128)
+    g.add_argument("--calib-seqlen", type=int, default=512)
+    g.add_argument("--calib-split", default="train")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--format", dest="checkpoint_format", choices=["auto", "gptq", "gptq_v2"], default="auto",
+                   help="auto: gptq (v1) when symmetric, gptq_v2 when asymmetric")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+    e = sub.add_parser("eval", help="perplexity of MODEL on held-out text")
+    e.add_argument("model")
+    e.add_argument("--data", action="append", required=True, help="text/md/jsonl/parquet file, directory, pkg:... "
+                   "or hub dataset (repeatable)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-chunks", type=int, default=None)
+    e.add_argument("--quantization", choices=["auto", "none", "nf4", "int8", "gptq"], default="auto")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--device", default=None)
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _run_gptq(a) -> None:
+    from quant.gptq import GPTQConfig
+    from quant.model import quantize
+
+    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, static_groups=a.static_groups,
+                     sym=a.sym, damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
+    report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
+                      calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
+                      device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress)
+    err = report.mean_error()
+    print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
+          f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {a.out}")
+
+
+def _run_eval(a) -> None:
+    from quant.eval import evaluate
+
+    res = evaluate(a.model, a.data, seqlen=a.seqlen, max_chunks=a.max_chunks, quantization=a.quantization,
+                   device=a.device, text_field=a.text_field, progress=a.progress)
+    print(json.dumps(res))
+    print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['chunks']} x {res['seqlen']}, "
+          f"{res['quantization']}) in {res['seconds']:.1f}s", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "gptq":
+            _run_gptq(args)
+        else:
+            _run_eval(args)
+    except UserError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

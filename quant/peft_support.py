@@ -1,0 +1,20 @@
+"""LoRA from peft on top of QuantLinear.
+
+peft has no dispatcher for our layer (its GPTQ dispatcher only recognises GPTQModel's classes), but its
+experimental custom-module API maps a layer type to a LoRA layer class. peft's own `GPTQLoraLinear`
+fits unchanged: it calls the base layer and adds the LoRA path, and it never merges (peft refuses to
+merge into GPTQ weights, doc D). It finds in/out sizes through `infeatures`/`outfeatures`, which
+QuantLinear provides. Merging LoRA into a GPTQ base needs requantization (a later feature).
+"""
+
+from __future__ import annotations
+
+from quant.nn import QuantLinear
+
+
+def register_quantlinear(lora_config):
+    """Make `lora_config` (a peft LoraConfig) able to wrap QuantLinear modules; returns the same config."""
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    lora_config._register_custom_module({QuantLinear: GPTQLoraLinear})
+    return lora_config

