@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from quant.errors import UserError
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class RecipeError(UserError):
@@ -174,6 +178,9 @@ def _coerce(value, tp):
         raise TypeError
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, where `2e-4` (no dot) is a string; users mean a number.
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
             return float(value)
         raise TypeError
     if tp is str:

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 
-from finetune.synthetic import byte_tokenizer, random_model
+from support import chat_rows, make_tiny_model, make_tokenizer, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def make_tokenizer():
-    return byte_tokenizer()
-
-
-def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2):
-    return random_model("tiny", seed=seed, vocab_size=vocab_size, num_hidden_layers=layers)
 
 
 @pytest.fixture(scope="session")
@@ -39,43 +29,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
-def chat_rows(n: int, seed: int = 0) -> list[dict]:
-    """A learnable task: the assistant reverses a short list of colour words and appends a fixed tag."""
-    rng = random.Random(seed)
-    words = ["red", "blue", "green", "gold", "gray", "pink"]
-    rows = []
-    for _ in range(n):
-        picked = rng.sample(words, 3)
-        rows.append({"messages": [
-            {"role": "user", "content": "reverse: " + " ".join(picked)},
-            {"role": "assistant", "content": " ".join(reversed(picked)) + " #ok"},
-        ]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="session")
 def chat_files(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("chat")
     return write_jsonl(d / "train.jsonl", chat_rows(64, seed=1)), write_jsonl(d / "eval.jsonl", chat_rows(16, seed=2))
-
-
-def tiny_recipe(model_dir, train_file, eval_file, out_dir, **sections) -> dict:
-    """A recipe dict for fast CPU runs on the tiny model; keyword sections update the defaults."""
-    recipe = {
-        "base": {"model": str(model_dir), "quantization": "nf4", "compute_dtype": "float32"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(train_file), "eval": str(eval_file) if eval_file else None, "max_length": 64,
-                 "packing": True},
-        "train": {"max_steps": 8, "micro_batch_size": 4, "learning_rate": 1e-2, "lr_scheduler": "constant",
-                  "gradient_checkpointing": True, "log_every": 1, "seed": 0},
-        "output": {"dir": str(out_dir)},
-        "tracking": {"wandb": {"mode": "disabled"}},
-    }
-    for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
-    return recipe

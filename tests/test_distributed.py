@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from support import tiny_recipe
 from finetune.recipe import TrainConfig, recipe_from_dict
 from finetune.train.loop import train
 from finetune.train.runtime import fill_deepspeed_config, sharding_problem

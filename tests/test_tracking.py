@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import tiny_recipe
+from support import tiny_recipe
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
 

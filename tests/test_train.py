@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from support import tiny_recipe
 from finetune.recipe import recipe_from_dict
 from finetune.train import loop
 from finetune.train.loop import train

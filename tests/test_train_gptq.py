@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model, tiny_recipe
+from support import make_tiny_model, tiny_recipe
 from finetune.model import load_adapter, load_base
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
