@@ -29,6 +29,46 @@ adapter as an uninterrupted run. Multi-GPU: accelerate launch --config_file reci
 -m finetune sft RECIPE. Bad input prints one line naming the key or file and exits with status 2.
 """
 
+MERGE_HELP = """\
+Merge a LoRA adapter into its base and write a model directory that standard tools load as is
+(tokenizer included), then measure what the merge cost.
+
+ADAPTER_OR_RUN_DIR is a `finetune sft` output directory, its adapter/, or a checkpoint-N/. The base is the
+one the adapter was trained on (adapter/base_model.txt, else the run's recipe.yaml), rebuilt exactly as in
+training: bitsandbytes NF4/FP4/int8 bases are re-quantized from the float checkpoint with the same settings
+and dequantized; GPTQ bases are dequantized from their packed weights. The adapter is added in fp32
+(delta = alpha/r * B @ A; rsLoRA and rank/alpha patterns honoured).
+
+Formats (--format):
+  bf16, fp16   plain Hugging Face checkpoint (AutoModelForCausalLM.from_pretrained)
+  nf4, fp4     bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize 64)
+  int8         bitsandbytes LLM.int8 serialization (weight int8 + SCB)
+  gptq         our GPTQ on --calib data, run on the merged model's own activations layer by layer
+               (default settings: those of a GPTQ base, or 4-bit g128 symmetric); --method rtn for
+               round-to-nearest (no calibration). Loads with quant.model.load_gptq_model, transformers +
+               GPTQModel/optimum and vLLM (docs/quantized-formats.md A).
+
+Memory: one decoder layer at a time is read from the base's safetensors, merged, encoded and written
+(plus, for gptq, one set of calibration activations). Output goes to a temporary directory next to
+--out that is renamed only when complete; a failed or interrupted merge leaves no --out.
+
+Fidelity report (merge_report.json in --out, printed as a table, logged to W&B when the run's recipe
+configures it): on held-out data (--eval, default: the run's data.eval rendered like training, loss on
+answer tokens) the loss/perplexity of (a) the quantized base, (b) the adapter on it, (c) the merged model;
+the mean per-token KL(b||c); retention = (loss_a - loss_c) / (loss_a - loss_b), the share of the
+fine-tune's improvement the merged model keeps. It loads whole models; --no-report skips it.
+
+Examples:
+  finetune merge runs/quickstart --out merged/qs-bf16 --format bf16
+  finetune merge runs/quickstart --out merged/qs-nf4 --format nf4
+  finetune merge runs/quickstart --out merged/qs-gptq --format gptq --calib data/quickstart/train.jsonl \\
+      --group-size 64
+  finetune merge runs/gptq-run --out merged/orig --format bf16 --merge-into original --base-original FLOAT_DIR
+
+Bad input (adapter/base mismatch, unsupported combination, missing calibration data) prints one line and
+exits with status 2.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="QLoRA fine-tuning on quantized bases.")
@@ -41,7 +81,44 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir")
     sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+    _merge_parser(sub)
     return p
+
+
+def _merge_parser(sub) -> None:
+    m = sub.add_parser("merge", help="merge an adapter into its base; write bf16/fp16/nf4/fp4/int8/gptq",
+                       description=MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("adapter", metavar="ADAPTER_OR_RUN_DIR", help="run directory, its adapter/, or checkpoint-N/")
+    m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite)")
+    m.add_argument("--format", required=True, choices=["bf16", "fp16", "nf4", "fp4", "int8", "gptq"])
+    m.add_argument("--base", help="base model to use instead of the one named in the adapter (HF dir, GPTQ dir, "
+                   ".gguf, pkg:...); must be the same model the adapter was trained on")
+    m.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
+                   help="dequantized (default): the weights the adapter was trained against; original: the "
+                   "full-precision weights (a bnb base's own checkpoint, or --base-original)")
+    m.add_argument("--base-original", metavar="PATH", help="full-precision model a GPTQ base was quantized from "
+                   "(with --merge-into original)")
+    g = m.add_argument_group("gptq output")
+    g.add_argument("--calib", action="append", metavar="DATA", help="calibration data: text/md, jsonl/json/parquet/"
+                   "csv in any training format (rendered with the chat template), directory, pkg:... or hub "
+                   "dataset; repeatable; required for --method gptq")
+    g.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="gptq (default) or round-to-nearest")
+    g.add_argument("--bits", type=int, help="default: the GPTQ base's, else 4")
+    g.add_argument("--group-size", type=int, help="default: the GPTQ base's, else 128; -1 = one group per row")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="act-order; default: the GPTQ base's, else off")
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    r = m.add_argument_group("fidelity report")
+    r.add_argument("--eval", dest="eval_data", metavar="DATA", help="held-out data in the run's data format "
+                   "(default: the run's data.eval)")
+    r.add_argument("--eval-max-batches", type=int, help="score at most this many eval batches")
+    r.add_argument("--no-report", dest="report", action="store_false", help="skip the fidelity evaluation")
+    m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="dtype of unquantized tensors "
+                   "(norms, embeddings, head) and the bnb compute dtype; default bfloat16 (gptq: float16)")
+    m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out once the merge succeeded")
+    m.add_argument("-q", "--quiet", action="store_true", help="less library logging, no progress bar")
 
 
 def cmd_sft(args) -> int:
@@ -57,13 +134,36 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    import signal
+
+    from finetune.merge import merge
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt  # unwinds through the merge, which removes its temporary directory
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        merge(args.adapter, args.out, args.format, base=args.base, merge_into=args.merge_into,
+              base_original=args.base_original, calib=args.calib, method=args.method, eval_data=args.eval_data,
+              report=args.report, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
+              calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
+              overwrite=args.overwrite, eval_max_batches=args.eval_max_batches, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"sft": cmd_sft}[args.command](args)
+        return {"sft": cmd_sft, "merge": cmd_merge}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

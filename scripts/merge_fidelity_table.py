@@ -1,0 +1,107 @@
+"""Fidelity of every merge output of one run, side by side: retention, KL and losses for bf16/nf4/int8/gptq/rtn.
+
+Each output is written by `finetune.merge.merge` (report off), then all of them are scored on ONE pass over
+the eval data, so (a) the quantized base and (b) the adapter on it are computed once and every row compares
+against the same numbers. Prints a markdown table; --json writes the rows.
+
+    python scripts/merge_fidelity_table.py runs/quickstart --group-size 64 --threads 1
+    python scripts/merge_fidelity_table.py /tmp/qs-gptq --formats bf16,gptq,rtn,bf16:original \\
+        --base-original ~/.cache/qlora-finetune/gguf/SmolLM2-135M-Instruct.Q4_1-<hash>
+
+Format specs: bf16, fp16, nf4, fp4, int8, gptq (GPTQ requantization on --calib), rtn (GPTQ format, round to
+nearest); append ':original' to merge into the full-precision weights instead of the dequantized ones.
+--calib defaults to the run's training data (rendered with its chat template).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _spec(text: str) -> dict:
+    fmt, _, into = text.partition(":")
+    if fmt not in ("bf16", "fp16", "nf4", "fp4", "int8", "gptq", "rtn") or into not in ("", "original"):
+        raise SystemExit(f"bad format spec {text!r}")
+    return {"label": text, "format": "gptq" if fmt == "rtn" else fmt, "method": "rtn" if fmt == "rtn" else "gptq",
+            "merge_into": into or "dequantized"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory (or adapter / checkpoint directory)")
+    p.add_argument("--formats", default="bf16,nf4,int8,gptq,rtn")
+    p.add_argument("--calib", action="append", help="gptq calibration data (default: the run's data.train)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=None, help="gptq/rtn group size (default: merge's default)")
+    p.add_argument("--base-original", help="full-precision model for ':original' rows of a GPTQ-trained adapter")
+    p.add_argument("--eval", dest="eval_data", help="eval data (default: the run's data.eval)")
+    p.add_argument("--eval-max-batches", type=int)
+    p.add_argument("--out-dir", help="keep the merged models here (default: a temporary directory, removed)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared box)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from finetune.merge import merge
+    from finetune.merge.adapter import read_adapter
+    from finetune.merge.report import fidelity_many, locate
+
+    source = read_adapter(args.run)
+    calib = args.calib
+    if calib is None and source.data and source.data.train:
+        calib = [locate(source.data.train, source.run_dir)]
+    work = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="merge-fidelity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, outputs = [], {}
+    try:
+        for spec in map(_spec, args.formats.split(",")):
+            out = work / spec["label"].replace(":", "-")
+            kwargs = {}
+            if spec["format"] == "gptq":
+                kwargs = {"method": spec["method"], "group_size": args.group_size}
+                if spec["method"] == "gptq":
+                    kwargs.update(calib=calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+            if spec["merge_into"] == "original" and args.base_original:
+                kwargs["base_original"] = args.base_original
+            result = merge(args.run, out, spec["format"], merge_into=spec["merge_into"], report=False,
+                           overwrite=True, device=device, progress=True, **kwargs)
+            size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            rows.append({**spec, "merge_s": result.report["stream_seconds"],
+                         "peak_anon_increase_mb": result.memory["peak_anon_increase_mb"],
+                         "peak_rss_mb": result.memory["peak_rss_mb"], "size_mb": round(size / 2**20, 1),
+                         "gptq": result.report.get("gptq")})
+            outputs[spec["label"]] = (out, spec["format"])
+            print(f"merged {spec['label']} in {result.report['stream_seconds']:.1f}s", flush=True)
+        scores = fidelity_many(source, outputs, torch.device(device), args.eval_data, args.eval_max_batches)
+    finally:
+        if not args.out_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    for row in rows:
+        row.update(scores[row["label"]])
+
+    first = rows[0]
+    print(f"\n{source.adapter_dir} (base {source.base.spec}, {source.base.quantization}); "
+          f"{first['label_tokens']} label tokens of {first['eval_examples']} examples from {first['eval_data']}\n")
+    print("| model | loss | ppl | KL(b‖c) | retention | merge s | peak anon RSS +MiB | size MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| (a) base ({source.base.quantization}) | {first['loss_base']:.4f} | {first['ppl_base']:.3f} | | | | | |")
+    print(f"| (b) base + adapter | {first['loss_adapter']:.4f} | {first['ppl_adapter']:.3f} | | | | | |")
+    for r in rows:
+        ret = f"{r['retention']:.4f}" if r["retention"] is not None else "n/a"
+        print(f"| (c) {r['label']} | {r['loss_merged']:.4f} | {r['ppl_merged']:.3f} | {r['kl_adapter_merged']:.5f} | "
+              f"{ret} | {r['merge_s']:.1f} | {r['peak_anon_increase_mb']:.0f} | {r['size_mb']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
