@@ -116,7 +116,7 @@ def test_load_refuses_non_gptq_dir(tmp_path):
         load_gptq_model(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ['sym_g32_actorder_v1'])
+@pytest.mark.parametrize("variant", ["asym_g64_v2", "sym_g32_actorder_v1"])
 def test_gptqmodel_checkpoint_reproduces_gptqmodel_outputs(variant):
     """Checkpoints and reference outputs written by GPTQModel 7.6.0 (scripts/interop_gptqmodel.py)."""
     ckpt = FIXTURES / variant
