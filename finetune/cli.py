@@ -39,6 +39,11 @@ training: bitsandbytes NF4/FP4/int8 bases are re-quantized from the float checkp
 and dequantized; GPTQ bases are dequantized from their packed weights. The adapter is added in fp32
 (delta = alpha/r * B @ A; rsLoRA and rank/alpha patterns honoured).
 
+Which weights the delta is added to (--merge-into): by default those the adapter was trained against, except
+when a bitsandbytes base is requantized onto its own grid (--format nf4 from an NF4 base, fp4 from FP4, int8
+from int8): there every dequantized weight + delta rounds back to the code it came from (a LoRA delta is far
+below half a quantization step), so the delta is added to the full-precision weights instead.
+
 Formats (--format):
   bf16, fp16   plain Hugging Face checkpoint (AutoModelForCausalLM.from_pretrained)
   nf4, fp4     bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize 64)
@@ -93,9 +98,11 @@ def _merge_parser(sub) -> None:
     m.add_argument("--format", required=True, choices=["bf16", "fp16", "nf4", "fp4", "int8", "gptq"])
     m.add_argument("--base", help="base model to use instead of the one named in the adapter (HF dir, GPTQ dir, "
                    ".gguf, pkg:...); must be the same model the adapter was trained on")
-    m.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
-                   help="dequantized (default): the weights the adapter was trained against; original: the "
-                   "full-precision weights (a bnb base's own checkpoint, or --base-original)")
+    m.add_argument("--merge-into", choices=["auto", "dequantized", "original"], default="auto",
+                   help="dequantized: the weights the adapter was trained against; original: the full-precision "
+                   "weights (a bnb base's own checkpoint, or --base-original); auto (default): dequantized, except "
+                   "original when a bnb base is requantized onto its own grid (nf4 from nf4, ...), where rounding "
+                   "the dequantized weights would erase the adapter")
     m.add_argument("--base-original", metavar="PATH", help="full-precision model a GPTQ base was quantized from "
                    "(with --merge-into original)")
     g = m.add_argument_group("gptq output")

@@ -29,7 +29,7 @@ def _spec(text: str) -> dict:
     if fmt not in ("bf16", "fp16", "nf4", "fp4", "int8", "gptq", "rtn") or into not in ("", "original"):
         raise SystemExit(f"bad format spec {text!r}")
     return {"label": text, "format": "gptq" if fmt == "rtn" else fmt, "method": "rtn" if fmt == "rtn" else "gptq",
-            "merge_into": into or "dequantized"}
+            "merge_into": into or "dequantized"}  # rows say explicitly which weights they merge into
 
 
 def main() -> None:
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--eval", dest="eval_data", help="eval data (default: the run's data.eval)")
     p.add_argument("--eval-max-batches", type=int)
     p.add_argument("--out-dir", help="keep the merged models here (default: a temporary directory, removed)")
+    p.add_argument("--reuse", action="store_true", help="score outputs already in --out-dir instead of merging again")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared box)")
     p.add_argument("--json", help="write the rows as JSON here")
     args = p.parse_args()
@@ -72,15 +73,18 @@ def main() -> None:
                     kwargs.update(calib=calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
             if spec["merge_into"] == "original" and args.base_original:
                 kwargs["base_original"] = args.base_original
-            result = merge(args.run, out, spec["format"], merge_into=spec["merge_into"], report=False,
-                           overwrite=True, device=device, progress=True, **kwargs)
+            if args.reuse and (out / "merge_report.json").exists():
+                report = json.loads((out / "merge_report.json").read_text())
+            else:
+                report = merge(args.run, out, spec["format"], merge_into=spec["merge_into"], report=False,
+                               overwrite=True, device=device, progress=True, **kwargs).report
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-            rows.append({**spec, "merge_s": result.report["stream_seconds"],
-                         "peak_anon_increase_mb": result.memory["peak_anon_increase_mb"],
-                         "peak_rss_mb": result.memory["peak_rss_mb"], "size_mb": round(size / 2**20, 1),
-                         "gptq": result.report.get("gptq")})
+            rows.append({**spec, "merge_s": report["stream_seconds"],
+                         "peak_anon_increase_mb": report["memory"]["peak_anon_increase_mb"],
+                         "peak_rss_mb": report["memory"]["peak_rss_mb"], "size_mb": round(size / 2**20, 1),
+                         "gptq": report.get("gptq")})
             outputs[spec["label"]] = (out, spec["format"])
-            print(f"merged {spec['label']} in {result.report['stream_seconds']:.1f}s", flush=True)
+            print(f"merged {spec['label']} in {report['stream_seconds']:.1f}s", flush=True)
         scores = fidelity_many(source, outputs, torch.device(device), args.eval_data, args.eval_max_batches)
     finally:
         if not args.out_dir:

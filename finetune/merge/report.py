@@ -146,7 +146,14 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
     merged = {label: load_merged(Path(d), fmt, device, dtype) for label, (d, fmt) in outputs.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batch = source.train.micro_batch_size if source.train else 4
-    s = measure(model_b, merged, examples, pad, batch, device, max_batches)
+    # LLM.int8 layers log "inputs will be cast to float16" on every call: by design, not news.
+    int8_log = logging.getLogger("bitsandbytes.autograd._functions")
+    level = int8_log.level
+    int8_log.setLevel(logging.ERROR)
+    try:
+        s = measure(model_b, merged, examples, pad, batch, device, max_batches)
+    finally:
+        int8_log.setLevel(level)
     del model_b, merged
     n = s["tokens"]
     la, lb = s["a"] / n, s["b"] / n

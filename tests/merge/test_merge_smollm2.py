@@ -46,8 +46,9 @@ def test_smollm2_adapter_merges_to_nf4(tmp_path):
     f = result.fidelity
     assert f["label_tokens"] > 100 and "quickstart/eval.jsonl" in f["eval_data"]
     assert abs(f["loss_merged"] - f["loss_adapter"]) < 0.05 and f["kl_adapter_merged"] < 0.02
-    # The fp32 model is 514 MiB; streaming holds one layer (~14 MiB) plus the embedding (108 MiB in fp32).
-    assert result.memory["peak_anon_increase_mb"] < 300, result.memory
+    # The fp32 model is 514 MiB: a merge that loads it whole holds at least that. Streaming holds one layer
+    # (~14 MiB), the embedding (108 MiB in fp32) and allocator slack (measured 283 MiB alone, 314 in the suite).
+    assert result.memory["peak_anon_increase_mb"] < 0.75 * 514, result.memory
     config = json.loads((tmp_path / "nf4" / "config.json").read_text())
     assert config["tie_word_embeddings"] and config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert (tmp_path / "nf4" / "tokenizer.json").exists() and (tmp_path / "nf4" / "chat_template.jinja").exists()
