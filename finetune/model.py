@@ -213,11 +213,15 @@ def _quant_state_bytes(qs) -> int:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, counting packed 4-bit storage as two weights per byte."""
+    """(trainable, total) parameter counts, counting packed 4-bit storage as two weights per byte and a GPTQ
+    layer's packed int32 buffer (not a parameter) as its in x out weights."""
+    from quant.nn import QuantLinear
+
     trainable = total = 0
     for p in model.parameters():
         n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
         total += n
         if p.requires_grad:
             trainable += n
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     return trainable, total

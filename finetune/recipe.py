@@ -78,6 +78,12 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_range(0))
     max_grad_norm: float = field(default=1.0, metadata=_range(0))
     gradient_checkpointing: bool = True
+    # Loss computed from the final hidden states in chunks, never holding full-vocabulary logits (same numbers;
+    # turned off automatically where it cannot apply: sharded parameters, a trained or non-Linear LM head).
+    fused_cross_entropy: bool = True
+    # Forward under torch.autocast in the compute dtype: the fp32 LoRA master weights are used in bf16/fp16
+    # (no fp32 copies of every adapted layer's input). Off on CPU, where compute is fp32 anyway.
+    autocast: bool = True
     seed: int = 42
     log_every: int = field(default=1, metadata=_range(1))
     eval_every: int = field(default=0, metadata=_range(0))

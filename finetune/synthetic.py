@@ -78,3 +78,17 @@ def save_random_model(shape: str, path: str | Path, dtype=torch.bfloat16, device
     byte_tokenizer().save_pretrained(path)
     del model
     return path
+
+
+def synthetic_text(path: str | Path, rows: int, chars: int, seed: int = 0) -> Path:
+    """A jsonl file of `rows` {"text": ...} rows of about `chars` characters of random words, for benchmarks."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "quant", "layer", "token", "merge", "adapter", "weight"]
+    path = Path(path)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(chars // 6))}) + "\n")
+    return path

@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output checkpoint directory")
     g.add_argument("--bits", type=int, default=4)
     g.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
-    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False, help="act-order")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="act-order: quantize columns by decreasing Hessian diagonal (default for --method gptq; on "
+                   "SmolLM2 4-bit g64 it halves the perplexity gap of plain GPTQ; meaningless for rtn)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="--asym for zero points")
     g.add_argument("--asym", dest="sym", action="store_false", help=argparse.SUPPRESS)
@@ -62,7 +64,8 @@ def _run_gptq(a) -> None:
     from quant.gptq import GPTQConfig
     from quant.model import quantize
 
-    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, static_groups=a.static_groups,
+    desc_act = a.method == "gptq" if a.desc_act is None else a.desc_act
+    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=desc_act, static_groups=a.static_groups,
                      sym=a.sym, damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,

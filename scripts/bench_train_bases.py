@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -23,20 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from finetune.recipe import recipe_from_dict  # noqa: E402
-from finetune.synthetic import byte_tokenizer, random_model  # noqa: E402
+from finetune.synthetic import byte_tokenizer, random_model, synthetic_text  # noqa: E402
 from finetune.train.loop import train  # noqa: E402
 from quant.gptq import GPTQConfig  # noqa: E402
 from quant.model import quantize_model, save_quantized  # noqa: E402
-
-
-def synthetic_text(path: Path, rows: int, chars: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "quant", "layer", "token", "merge", "adapter", "weight"]
-    with open(path, "w") as f:
-        for _ in range(rows):
-            text = " ".join(rng.choice(words) for _ in range(chars // 6))
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
 
 
 def main() -> None:

@@ -8,7 +8,9 @@ path (solver -> packing -> file -> QuantLinear).
 
     python scripts/gptq_ppl_table.py --threads 1 --json /tmp/ppl.json
 
-Methods: rtn (round-to-nearest, data-free), gptq (default settings), gptq-act (GPTQ with act-order).
+Methods: rtn (round-to-nearest, data-free), gptq (default settings), and gptq with options joined by '-':
+act (act-order), mse (clipping search, norm 2.4), asym (asymmetric grid), e.g. gptq-act-mse.
+On a GPU (`--device cuda`) quantization and evaluation run there, in fp32 like the baseline.
 Prints a markdown table and, per config, GPTQ's gap to the float model as a fraction of RTN's.
 """
 
@@ -42,6 +44,15 @@ def pooled_ppl(model, streams, seqlen, chunks_per_text):
     return math.exp(nll / tokens), tokens
 
 
+def method_config(method: str, bits: int, group_size: int, damp: float) -> GPTQConfig:
+    name, *opts = method.split("-")
+    unknown = set(opts) - {"act", "mse", "asym"}
+    if name not in ("rtn", "gptq") or unknown or (name == "rtn" and "act" in opts):
+        raise SystemExit(f"unknown method {method!r}: rtn[-mse][-asym] or gptq[-act][-mse][-asym]")
+    return GPTQConfig(bits=bits, group_size=group_size, method=name, desc_act="act" in opts,
+                      mse=2.4 if "mse" in opts else 0.0, sym="asym" not in opts, damp_percent=damp).validate()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=SMOLLM2)
@@ -52,7 +63,9 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks-per-play", type=int, default=13)
     ap.add_argument("--configs", default="4:64,4:128,3:64", help="bits:group_size list")
-    ap.add_argument("--methods", default="rtn,gptq,gptq-act", help="rtn, gptq, gptq-act (act-order)")
+    ap.add_argument("--methods", default="rtn,gptq,gptq-act", help="rtn, gptq, gptq-act, gptq-act-mse, ...")
+    ap.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the fp32 row")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: a temp dir)")
@@ -78,7 +91,8 @@ def main():
 
     rows = []
     t0 = time.perf_counter()
-    model = load_float_model(src)
+    device = torch.device(a.device)
+    model = load_float_model(src, device=a.device)
     base, tokens = pooled_ppl(model, streams, a.seqlen, a.chunks_per_play)
     rows.append(dict(config="fp32", method="none", ppl=base, gap=0.0, quant_s=0.0, eval_s=time.perf_counter() - t0))
     print(f"fp32: ppl {base:.3f} over {tokens} tokens ({rows[-1]['eval_s']:.0f}s)", flush=True)
@@ -90,17 +104,17 @@ def main():
     for spec in a.configs.split(","):
         bits, gs = map(int, spec.split(":"))
         for method in a.methods.split(","):
-            cfg = GPTQConfig(bits=bits, group_size=gs, method=method.partition("-")[0], desc_act=method == "gptq-act")
+            cfg = method_config(method, bits, gs, a.damp)
             model = load_float_model(src)
             t1 = time.perf_counter()
-            report = quantize_model(model, calib if cfg.method == "gptq" else None, cfg, progress=False)
+            report = quantize_model(model, calib if cfg.method == "gptq" else None, cfg, device=device, progress=False)
             quant_s = time.perf_counter() - t1
             out = save_root / f"{method}-{bits}b-g{gs}"
             save_quantized(model, out, tokenizer=tok, report=report)
             del model
             gc.collect()
             t2 = time.perf_counter()
-            qmodel = load_gptq_model(out)
+            qmodel = load_gptq_model(out, device=device, dtype=torch.float32)
             ppl, _ = pooled_ppl(qmodel, streams, a.seqlen, a.chunks_per_play)
             del qmodel
             rows.append(dict(config=f"{bits}-bit g{gs}", method=method, ppl=ppl, gap=ppl - base, quant_s=quant_s,

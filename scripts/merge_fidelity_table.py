@@ -9,7 +9,8 @@ against the same numbers. Prints a markdown table; --json writes the rows.
         --base-original ~/.cache/qlora-finetune/gguf/SmolLM2-135M-Instruct.Q4_1-<hash>
 
 Format specs: bf16, fp16, nf4, fp4, int8, gptq (GPTQ requantization on --calib), rtn (GPTQ format, round to
-nearest); append ':original' to merge into the full-precision weights instead of the dequantized ones.
+nearest); append ':original' or ':dequantized' to choose the weights the delta is added to (default: merge's
+'auto', which the table reports as resolved).
 --calib defaults to the run's training data (rendered with its chat template).
 """
 
@@ -26,10 +27,10 @@ import torch
 
 def _spec(text: str) -> dict:
     fmt, _, into = text.partition(":")
-    if fmt not in ("bf16", "fp16", "nf4", "fp4", "int8", "gptq", "rtn") or into not in ("", "original"):
+    if fmt not in ("bf16", "fp16", "nf4", "fp4", "int8", "gptq", "rtn") or into not in ("", "original", "dequantized"):
         raise SystemExit(f"bad format spec {text!r}")
     return {"label": text, "format": "gptq" if fmt == "rtn" else fmt, "method": "rtn" if fmt == "rtn" else "gptq",
-            "merge_into": into or "dequantized"}  # rows say explicitly which weights they merge into
+            "merge_into": into or "auto"}
 
 
 def main() -> None:
@@ -79,7 +80,7 @@ def main() -> None:
                 report = merge(args.run, out, spec["format"], merge_into=spec["merge_into"], report=False,
                                overwrite=True, device=device, progress=True, **kwargs).report
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-            rows.append({**spec, "merge_s": report["stream_seconds"],
+            rows.append({**spec, "merged_into": report["merge_into"], "merge_s": report["stream_seconds"],
                          "peak_anon_increase_mb": report["memory"]["peak_anon_increase_mb"],
                          "peak_rss_mb": report["memory"]["peak_rss_mb"], "size_mb": round(size / 2**20, 1),
                          "gptq": report.get("gptq")})
@@ -95,13 +96,13 @@ def main() -> None:
     first = rows[0]
     print(f"\n{source.adapter_dir} (base {source.base.spec}, {source.base.quantization}); "
           f"{first['label_tokens']} label tokens of {first['eval_examples']} examples from {first['eval_data']}\n")
-    print("| model | loss | ppl | KL(b‖c) | retention | merge s | peak anon RSS +MiB | size MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| (a) base ({source.base.quantization}) | {first['loss_base']:.4f} | {first['ppl_base']:.3f} | | | | | |")
-    print(f"| (b) base + adapter | {first['loss_adapter']:.4f} | {first['ppl_adapter']:.3f} | | | | | |")
+    print("| model | merged into | loss | ppl | KL(b‖c) | retention | merge s | peak anon RSS +MiB | size MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| (a) base ({source.base.quantization}) | | {first['loss_base']:.4f} | {first['ppl_base']:.3f} | | | | | |")
+    print(f"| (b) base + adapter | | {first['loss_adapter']:.4f} | {first['ppl_adapter']:.3f} | | | | | |")
     for r in rows:
         ret = f"{r['retention']:.4f}" if r["retention"] is not None else "n/a"
-        print(f"| (c) {r['label']} | {r['loss_merged']:.4f} | {r['ppl_merged']:.3f} | {r['kl_adapter_merged']:.5f} | "
+        print(f"| (c) {r['label']} | {r['merged_into']} | {r['loss_merged']:.4f} | {r['ppl_merged']:.3f} | {r['kl_adapter_merged']:.5f} | "
               f"{ret} | {r['merge_s']:.1f} | {r['peak_anon_increase_mb']:.0f} | {r['size_mb']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))

@@ -108,3 +108,13 @@ def test_gptq_quantization_on_a_float_base_is_a_user_error(tmp_path, tiny_model_
     recipe = recipe_from_dict(tiny_recipe(gptq_dir, *chat_files, tmp_path / "s", base={"quantization": "nf4"}))
     with pytest.raises(UserError, match="is a GPTQ checkpoint; use 'gptq' or 'auto'"):
         train(recipe, echo=lambda *a: None)
+
+
+def test_gptq_base_reports_the_float_models_parameter_count(gptq_dir, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import count_parameters
+
+    gptq_total = count_parameters(load_gptq_model(gptq_dir))[1]
+    float_total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert gptq_total == float_total

@@ -23,7 +23,7 @@ from finetune.model import attach_lora, count_parameters, load_base, memory_repo
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
 from finetune.train.checkpoint import TrainState, atomic_dir, list_checkpoints
-from finetune.train.loss import model_inputs, token_loss_sum
+from finetune.train.loss import causal_lm_loss, fusable_head
 from finetune.train.optim import build_optimizer, build_scheduler
 from finetune.train.runtime import Runtime
 from finetune.train.samples import generate_samples, prompts_from_examples
@@ -79,6 +79,12 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     if rt.distributed_type != "NO":
         say(f"distributed: {rt.describe()}")
 
+    head = None
+    if cfg.fused_cross_entropy:
+        head, why = fusable_head(rt.unwrap(model), rt.shards_parameters)
+        if head is None:
+            say(f"train.fused_cross_entropy: off ({why}); using the plain loss")
+    autocast = base.compute_dtype if cfg.autocast and base.compute_dtype != torch.float32 else None
     state = TrainState(world_size=rt.world_size)
     checkpoints = list_checkpoints(out_dir)
     if resume and checkpoints:
@@ -104,7 +110,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
             for batch in eval_batches(data.eval, cfg.micro_batch_size, base.tokenizer.pad_token_id,
                                       recipe.data.packing, *rt.eval_split, cfg.eval_max_batches):
                 batch = rt.to_device(batch)
-                s, n = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
+                s, n = causal_lm_loss(model, batch, head, autocast)
                 loss_sum += float(s)
                 count += n
         model.train()
@@ -142,7 +148,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
         for i, batch in enumerate(micro):
             batch = rt.to_device(batch)
             with rt.no_sync(model, last=i == len(micro) - 1):
-                loss_sum, _ = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
+                loss_sum, _ = causal_lm_loss(model, batch, head, autocast)
                 # DDP averages gradients over ranks, so scale by world size to get the global-batch mean.
                 rt.backward(loss_sum * rt.world_size / max(global_labels, 1))
             step_loss += float(loss_sum.detach())
