@@ -21,8 +21,9 @@ from finetune.merge.source import (BaseWeights, Checkpoint, block_prefix, bnb_li
                                    plan_units, skeleton, storage_dtype)
 from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
 from finetune.merge.writers import (DEFAULT_SHARD_BYTES, Bnb4Encoder, FloatEncoder, Int8Encoder, ShardWriter,
-                                    bnb_quantization_config, publish, write_config, write_extras)
+                                    bnb_quantization_config, write_config, write_extras)
 from quant.errors import UserError
+from quant.files import publish
 
 log = logging.getLogger(__name__)
 

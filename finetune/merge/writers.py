@@ -15,7 +15,6 @@ GPTQ tensors come from `finetune.merge.requant.GPTQEncoder`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -199,19 +198,3 @@ def write_extras(directory: Path, tokenizer_dir: Path, base_dir: Path) -> None:
     gen = Path(base_dir) / "generation_config.json"
     if gen.is_file():
         shutil.copyfile(gen, directory / "generation_config.json")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to `out`, replacing an existing `out` only at the very end."""
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
-        if f.is_file():
-            f.chmod(0o644)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

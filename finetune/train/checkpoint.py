@@ -63,18 +63,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int, extra_files=()) -> Path:
-    """Write `checkpoint-<step>` (adapter in peft format plus training state) and prune to the newest `keep`."""
-    final = Path(out_dir) / f"checkpoint-{state.step}"
-    with atomic_dir(final) as tmp:
-        write_state_files(tmp, model, optimizer.state_dict(), scheduler, state)
-        torch.save(rng_state(), tmp / rng_file(0, 1))
-        for src, name in extra_files:
-            shutil.copy(src, tmp / name)
-    prune_checkpoints(Path(out_dir), keep)
-    return final
-
-
 def write_state_files(tmp: Path, model, optimizer_state: dict | None, scheduler, state: TrainState,
                       adapter_state: dict | None = None) -> None:
     """The main process's part of a checkpoint. `adapter_state`: full LoRA tensors gathered from sharded

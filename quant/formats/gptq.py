@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
+from quant.files import publish
 
 FORMATS = ("gptq", "gptq_v2")
 _WORD = 32
@@ -214,7 +215,6 @@ def write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config_dict: dic
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tmp.chmod(0o755)
         shards = _shard({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
         meta = {"format": "pt"}
         if len(shards) == 1:
@@ -234,16 +234,7 @@ def write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config_dict: dic
         (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
         if extra_dir_writer is not None:
             extra_dir_writer(tmp)
-        for f in tmp.iterdir():  # safetensors creates its files 0600; a checkpoint is meant to be shared
-            f.chmod(0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
