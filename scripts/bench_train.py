@@ -12,8 +12,9 @@ constant learning rate, SDPA attention and non-reentrant gradient checkpointing.
   hf-lean  the same without the fp32 upcasts: bf16 model and bf16 adapters, no autocast
   ours     `finetune sft`'s own path: finetune.model.load_base + attach_lora, finetune.train.loss, and the
            optimizer `finetune sft` builds; `ours[KEY=VALUE,...]` applies recipe overrides (levers on/off)
-Prints one table: tokens/s, peak GPU memory (allocated by the stack itself, above what was allocated before it), LoRA-MFU, max per-step loss difference to the first stack, and
-speed/memory ratios against the first stack and against hf-lean. Timing skips the first 3 steps.
+Prints one table: tokens/s, peak GPU memory (what the stack itself allocated, above what was allocated before
+it), LoRA-MFU, max per-step loss difference to the first stack, and speed/memory ratios against the first stack
+and against hf-lean. Timing skips the first 3 steps.
 LoRA-MFU counts 4N FLOPs per token (forward + input-gradient of the frozen linears, no recomputation) plus
 causal attention, against the H100's 989 TFLOP/s dense bf16 peak.
 """

@@ -137,9 +137,9 @@ def merge(adapter_or_run_dir, out, fmt: str, base: str | None = None, merge_into
 
     `merge_into`: 'dequantized' adds the adapter to the weights it was trained against (the quantized base,
     dequantized); 'original' to the full-precision weights (the bnb base's float checkpoint, or
-    `base_original` for a GPTQ base); 'auto' picks (see resolve_merge_into). `calib` (gptq): text/jsonl/parquet file(s), directory, pkg:... or hub
-    dataset, or a list of [1, T] token-id tensors. `report`: measure fidelity on `eval_data` (default: the run's
-    data.eval) and print the table.
+    `base_original` for a GPTQ base); 'auto' picks (see resolve_merge_into). `calib` (gptq): text/jsonl/parquet
+    file(s), directory, pkg:... or hub dataset, or a list of [1, T] token-id tensors. `report`: measure fidelity
+    on `eval_data` (default: the run's data.eval) and print the table.
     """
     started = time.perf_counter()
     for value, allowed, what in ((fmt, FORMATS, "--format"), (merge_into, MERGE_INTO, "--merge-into"),
