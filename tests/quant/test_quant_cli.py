@@ -44,6 +44,18 @@ def test_gptq_then_eval_end_to_end(tmp_path, tiny_model_dir, prose_file, capsys)
     assert "perplexity" in stderr
 
 
+@pytest.mark.parametrize("method,flags,expected", [("gptq", [], True), ("gptq", ["--no-desc-act"], False),
+                                                   ("rtn", [], False)])
+def test_act_order_is_the_gptq_default_and_off_for_rtn(tmp_path, tiny_model_dir, prose_file, capsys, method, flags,
+                                                      expected):
+    out = tmp_path / "q"
+    code, _, _ = run_cli(["--log-level", "WARNING", "gptq", str(tiny_model_dir), "--out", str(out), "--group-size",
+                          "32", "--method", method, *flags, "--calib", str(prose_file), "--calib-samples", "2",
+                          "--calib-seqlen", "32", "--no-progress"], capsys)
+    assert code == 0
+    assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is expected
+
+
 def test_eval_float_and_nf4(tiny_model_dir, prose_file, capsys):
     pytest.importorskip("bitsandbytes")
     results = {}
