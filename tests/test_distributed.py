@@ -119,6 +119,25 @@ def test_ddp_two_processes_match_one_process_and_resume(tmp_path, tiny_model_dir
         train(one, resume=True, echo=lambda *a: None)
 
 
+def test_ddp_with_bf16_autocast_matches_one_process(tmp_path, tiny_model_dir, chat_files):
+    """bf16 compute runs the forward under autocast (train.autocast, the GPU default); across processes too."""
+    bf16 = {"base": {"compute_dtype": "bfloat16"}}
+    one = recipe_from_dict(tiny_recipe(tiny_model_dir, *chat_files, tmp_path / "one", **bf16,
+                                       train={**ONE_PROCESS, "max_steps": 2}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(one, echo=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    recipe = _write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, chat_files, tmp_path / "two", **bf16,
+                           train={**TWO_PROCESSES, "max_steps": 2})
+    _ok(_launch("ddp", recipe))
+    assert _max_diff(_adapter(tmp_path / "two" / "adapter"), _adapter(tmp_path / "one" / "adapter")) < 1e-6
+    losses = [[r["loss"] for r in _loss_rows(tmp_path / d)] for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 @needs_deepspeed
 @pytest.mark.parametrize("config,storage", [("zero2", "uint8"), ("zero3", "auto")])
 def test_deepspeed_two_processes_match_one_process(tmp_path, tiny_model_dir, chat_files, reference, config, storage):
