@@ -72,12 +72,29 @@ def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0, *
 def save_random_model(shape: str, path: str | Path, dtype=torch.bfloat16, device="cpu", seed: int = 0,
                       **overrides) -> Path:
     """Write a random model of `shape` and the byte tokenizer as an HF directory (a base for benchmarks)."""
-    path = Path(path)
     model = random_model(shape, dtype=dtype, device=device, seed=seed, **overrides)
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    path = save_model_dir(model, path)
     del model
     return path
+
+
+def save_model_dir(model, path: str | Path) -> Path:
+    """`model` and the byte tokenizer as an HF directory."""
+    path = Path(path)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_rtn_gptq(model, path: str | Path, group_size: int = 128) -> Path:
+    """Quantize `model` in place to 4-bit GPTQ by round-to-nearest and write the checkpoint (with the byte
+    tokenizer). For random weights calibration would change nothing a benchmark measures."""
+    from quant.gptq import GPTQConfig
+    from quant.model import quantize_model, save_quantized
+
+    cfg = GPTQConfig(bits=4, group_size=group_size, method="rtn").validate()
+    quantize_model(model, None, cfg, device=next(model.parameters()).device, progress=False)
+    return save_quantized(model, path, tokenizer=byte_tokenizer())
 
 
 def synthetic_text(path: str | Path, rows: int, chars: int, seed: int = 0) -> Path:

@@ -118,6 +118,12 @@ def calibration_chunks(texts: list[str], tokenizer, n_samples: int = 128, seqlen
     ids = token_stream(texts, tokenizer)
     if ids.numel() < 2:
         raise UserError("calibration data: the text tokenizes to fewer than 2 tokens")
+    return token_windows(ids, n_samples, seqlen, seed)
+
+
+def token_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> list[torch.Tensor]:
+    """`n_samples` non-overlapping [1, seqlen] windows of the 1-D `ids` at seeded random offsets, in order;
+    every full window when there are fewer, and `ids` whole when it is shorter than one window."""
     windows = ids.numel() // seqlen
     if windows == 0:
         return [ids.unsqueeze(0)]

@@ -110,23 +110,14 @@ def main() -> None:
     if not args.cpu and torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"--gpus {args.gpus} but {torch.cuda.device_count()} CUDA devices are visible")
 
-    from finetune.synthetic import byte_tokenizer, random_model, synthetic_text
+    from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-multigpu-"))
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
     model = random_model(args.shape, dtype=dtype, device=dev)
-    dirs = {"nf4": work / "bf16"}
-    model.save_pretrained(dirs["nf4"])
-    byte_tokenizer().save_pretrained(dirs["nf4"])
+    dirs = {"nf4": save_model_dir(model, work / "bf16")}
     if any(r.endswith("-gptq") for r in args.runs.split(",")):
-        from quant.gptq import GPTQConfig
-        from quant.model import quantize_model, save_quantized
-
-        gs = 32 if args.shape == "tiny" else 128
-        quantize_model(model, None, GPTQConfig(bits=4, group_size=gs, method="rtn").validate(), device=dev,
-                       progress=False)
-        dirs["gptq"] = work / "gptq"
-        save_quantized(model, dirs["gptq"], tokenizer=byte_tokenizer())
+        dirs["gptq"] = save_rtn_gptq(model, work / "gptq", group_size=32 if args.shape == "tiny" else 128)
     del model
     if not args.cpu:
         torch.cuda.empty_cache()

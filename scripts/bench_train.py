@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune.synthetic import byte_tokenizer, random_model  # noqa: E402
+from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq  # noqa: E402
 
 PEAK_FLOPS = 989e12
 WARMUP = 3
@@ -163,17 +163,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
     model = random_model(args.shape, dtype=torch.bfloat16, device="cuda")
     config = model.config
-    dirs = {"bf16": work / "bf16"}
-    model.save_pretrained(dirs["bf16"])
-    byte_tokenizer().save_pretrained(dirs["bf16"])
+    dirs = {"bf16": save_model_dir(model, work / "bf16")}
     if any("gptq" in s for s in stacks):
-        from quant.gptq import GPTQConfig
-        from quant.model import quantize_model, save_quantized
-
-        quantize_model(model, None, GPTQConfig(bits=4, group_size=128, method="rtn").validate(), device="cuda",
-                       progress=False)
-        dirs["gptq"] = work / "gptq"
-        save_quantized(model, dirs["gptq"], tokenizer=byte_tokenizer())
+        dirs["gptq"] = save_rtn_gptq(model, work / "gptq")
     del model
     gc.collect()
     g = torch.Generator().manual_seed(0)

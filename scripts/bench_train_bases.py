@@ -22,10 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from finetune.recipe import recipe_from_dict  # noqa: E402
-from finetune.synthetic import byte_tokenizer, random_model, synthetic_text  # noqa: E402
+from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text  # noqa: E402
 from finetune.train.loop import train  # noqa: E402
-from quant.gptq import GPTQConfig  # noqa: E402
-from quant.model import quantize_model, save_quantized  # noqa: E402
 
 
 def main() -> None:
@@ -41,18 +39,13 @@ def main() -> None:
     cuda = torch.cuda.is_available()  # CPU only for a smoke run of the script itself (--shape tiny)
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench-bases-"))
-    tok = byte_tokenizer()
     t0 = time.perf_counter()
     model = random_model(args.shape, dtype=dtype, device=dev)
-    fp_dir = tmp / "bf16"
-    model.save_pretrained(fp_dir)
-    tok.save_pretrained(fp_dir)
+    save_model_dir(model, tmp / "bf16")
     made = {"bf16": time.perf_counter() - t0}
     if "gptq" in args.bases:
         t0 = time.perf_counter()
-        quantize_model(model, None, GPTQConfig(bits=4, group_size=128 if args.shape != "tiny" else 32, method="rtn").validate(), device=dev,
-                       progress=False)
-        save_quantized(model, tmp / "gptq", tokenizer=tok)
+        save_rtn_gptq(model, tmp / "gptq", group_size=128 if args.shape != "tiny" else 32)
         made["gptq"] = time.perf_counter() - t0
     del model
     data = synthetic_text(tmp / "text.jsonl", rows=max(64, args.steps * args.mbs * 2), chars=args.seq + 64)

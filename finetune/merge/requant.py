@@ -15,7 +15,6 @@ block is the current layer and whose "token ids" are indices into the stored hid
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import torch
@@ -133,16 +132,6 @@ class GPTQEncoder:
 # ------------------------------------------------------------------------------------------ calibration
 
 
-def _windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
-    """`n_samples` non-overlapping windows of `seqlen` tokens at seeded random positions (quant's scheme)."""
-    count = ids.numel() // seqlen
-    if count == 0:
-        return [ids.unsqueeze(0)]
-    starts = list(range(count))
-    random.Random(seed).shuffle(starts)
-    return [ids[s * seqlen:(s + 1) * seqlen].unsqueeze(0) for s in sorted(starts[:n_samples])]
-
-
 def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seqlen: int,
                     seed: int = 0) -> list[torch.Tensor]:
     """Calibration windows from plain text (quant's sources: .txt/.md, directories, pkg:..., hub datasets) or
@@ -151,7 +140,7 @@ def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seq
     from dataclasses import replace
 
     from finetune.data import build_datasets
-    from quant.calibration import load_texts, token_stream
+    from quant.calibration import load_texts, token_stream, token_windows
 
     if n_samples < 1 or seqlen < 2:
         raise UserError(f"calibration needs at least 1 sample of >= 2 tokens (got {n_samples} x {seqlen})")
@@ -167,7 +156,7 @@ def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seq
     ids = torch.cat(streams)
     if ids.numel() < 2:
         raise UserError("--calib: the calibration data tokenizes to fewer than 2 tokens")
-    chunks = _windows(ids, n_samples, seqlen, seed)
+    chunks = token_windows(ids, n_samples, seqlen, seed)
     if len(chunks) < n_samples:
         log.warning("calibration data holds only %d windows of %d tokens (asked for %d)", len(chunks), seqlen,
                     n_samples)

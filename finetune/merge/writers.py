@@ -117,7 +117,27 @@ class FloatEncoder:
         return {k: _cast(t, self.dtype) for k, t in tensors.items()}
 
 
-class Bnb4Encoder:
+class _LinearEncoder:
+    """Serializes the Linear weights in `names` with `encode_weight`; every other tensor is cast to `dtype`."""
+
+    def __init__(self, names: set[str], dtype: torch.dtype):
+        self.names, self.dtype = names, dtype
+
+    def __call__(self, unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, t in tensors.items():
+            module, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module in self.names:
+                out.update(self.encode_weight(module, t))
+            else:
+                out[key] = _cast(t, self.dtype)
+        return out
+
+    def encode_weight(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Bnb4Encoder(_LinearEncoder):
     """bitsandbytes 4-bit serialization of the Linear weights in `names`; other tensors cast to `dtype`.
 
     Quantization goes through `bitsandbytes.functional.quantize_4bit` on the weight cast to `dtype`, which is
@@ -126,46 +146,28 @@ class Bnb4Encoder:
     """
 
     def __init__(self, names: set[str], quant_type: str, double_quant: bool, dtype: torch.dtype):
-        self.names, self.quant_type, self.double_quant, self.dtype = names, quant_type, double_quant, dtype
+        super().__init__(names, dtype)
+        self.quant_type, self.double_quant = quant_type, double_quant
 
-    def __call__(self, unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_weight(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         import bitsandbytes.functional as bnbf
 
-        out = {}
-        for key, t in tensors.items():
-            module, _, leaf = key.rpartition(".")
-            if leaf != "weight" or module not in self.names:
-                out[key] = _cast(t, self.dtype)
-                continue
-            q, state = bnbf.quantize_4bit(t.to(self.dtype).contiguous(), blocksize=64,
-                                          compress_statistics=self.double_quant, quant_type=self.quant_type,
-                                          quant_storage=torch.uint8)
-            out[key] = q
-            for part, value in state.as_dict(packed=True).items():
-                out[f"{key}.{part}"] = value
-        return out
+        q, state = bnbf.quantize_4bit(weight.to(self.dtype).contiguous(), blocksize=64,
+                                      compress_statistics=self.double_quant, quant_type=self.quant_type,
+                                      quant_storage=torch.uint8)
+        key = f"{module}.weight"
+        return {key: q, **{f"{key}.{part}": value for part, value in state.as_dict(packed=True).items()}}
 
 
-class Int8Encoder:
+class Int8Encoder(_LinearEncoder):
     """LLM.int8 serialization of the Linear weights in `names` (quantized through fp16, as Int8Params does)."""
 
-    def __init__(self, names: set[str], dtype: torch.dtype):
-        self.names, self.dtype = names, dtype
-
-    def __call__(self, unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_weight(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         import bitsandbytes.functional as bnbf
 
-        out = {}
-        for key, t in tensors.items():
-            module, _, leaf = key.rpartition(".")
-            if leaf != "weight" or module not in self.names:
-                out[key] = _cast(t, self.dtype)
-                continue
-            CB, SCB, _ = bnbf.int8_vectorwise_quant(t.to(torch.float16).contiguous())
-            out[key] = CB
-            out[f"{module}.SCB"] = SCB.float()
-            out[f"{module}.weight_format"] = torch.tensor(0, dtype=torch.uint8)  # row-major, the only kind loaded
-        return out
+        CB, SCB, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        return {f"{module}.weight": CB, f"{module}.SCB": SCB.float(),
+                f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}  # row-major, the only kind loaded
 
 
 def bnb_quantization_config(fmt: str, dtype: torch.dtype, double_quant: bool = True) -> dict:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
-
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, ignore_index: int):
         need_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -28,7 +26,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
             logits = (h @ weight.T).float()
             lse = torch.logsumexp(logits, dim=-1)
-            valid = y != IGNORE
+            valid = y != ignore_index
             target = y.clamp_min(0)
             picked = logits.gather(1, target[:, None]).squeeze(1)
             total += torch.where(valid, lse - picked, 0.0).sum()
@@ -43,12 +41,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk_tokens: int = 2048) -> torch.Tensor:
-    """Sum over rows with label != -100 of CE(hidden @ weight.T, label); hidden [T, H], labels [T]."""
+                             chunk_tokens: int = 2048, ignore_index: int = -100) -> torch.Tensor:
+    """Sum over rows with label != ignore_index of CE(hidden @ weight.T, label); hidden [T, H], labels [T]."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy_sum needs a frozen head weight (its gradient is not computed)")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, ignore_index)

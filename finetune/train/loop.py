@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetune.data import build_datasets
+from finetune.data import build_datasets, count_label_tokens
 from finetune.model import attach_lora, count_parameters, load_base, memory_report
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
@@ -142,7 +142,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     while state.step < total_steps:
         t0 = time.perf_counter()
         micro, state.epoch, state.batch_offset = next(batches)
-        local_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        local_labels = sum(count_label_tokens(b) for b in micro)
         global_labels = rt.sum_across(0.0, local_labels)[1]
         step_loss, step_tokens = 0.0, 0
         for i, batch in enumerate(micro):

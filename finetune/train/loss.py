@@ -7,9 +7,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from finetune.data import IGNORE
 from finetune.train.linear_ce import linear_cross_entropy_sum
 
-IGNORE = -100
 # fp32 logits of one chunk of the fused loss stay under this many bytes (chunks of ~1k tokens at a 128k vocab).
 FUSED_CHUNK_BYTES = 2**29
 
@@ -88,5 +88,5 @@ def causal_lm_loss(model, batch: dict, head: torch.nn.Linear | None,
     labels = batch["labels"][:, 1:]
     hidden = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     chunk = max(128, FUSED_CHUNK_BYTES // (4 * head.weight.shape[0]))
-    loss = linear_cross_entropy_sum(hidden, head.weight, labels.reshape(-1), chunk)
+    loss = linear_cross_entropy_sum(hidden, head.weight, labels.reshape(-1), chunk, IGNORE)
     return loss, int((labels != IGNORE).sum())
