@@ -11,6 +11,7 @@ import torch
 
 from finetune.recipe import BaseConfig, LoraConfig
 from quant.errors import UserError
+from quant.formats.bnb import keep_reference_layout
 from quant.loading import load_tokenizer, materialize
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ def load_base(base: BaseConfig, device: torch.device) -> LoadedBase:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         if quantization == "none":
             model.to(device)
+        # Before any forward: an eval pass would otherwise convert 4-bit weights to a CPU bf16 layout for good.
+        keep_reference_layout(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedBase(model, tokenizer, quantization, compute_dtype, model_dir)

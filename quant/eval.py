@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quant.errors import UserError
+from quant.formats.bnb import keep_reference_layout
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def load_eval_model(spec: str, quantization: str = "auto", device=None):
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     if quantization == "none":
         model.to(device)
+    keep_reference_layout(model)  # fp32 compute must stay fp32 on AVX512-BF16 CPUs (quant/formats/bnb.py)
     return model.eval(), tokenizer, quantization
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +13,13 @@ from support import chat_rows, make_tiny_model, make_tokenizer, write_jsonl
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Every test runs as on a CPU with AVX512-BF16, where bitsandbytes converts 4-bit weights to a bf16 CPU layout on
+# an eval-mode forward (quant/formats/bnb.py): here and, through PYTHONPATH, in every process a test launches.
+_FORCE_DIR = Path(__file__).resolve().parent / "avx512bf16"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_FORCE_DIR), os.environ.get("PYTHONPATH")) if p)
+_spec = importlib.util.spec_from_file_location("_force_avx512bf16", _FORCE_DIR / "sitecustomize.py")
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
 @pytest.fixture(scope="session")

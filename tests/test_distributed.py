@@ -38,6 +38,11 @@ ONE_PROCESS = {"micro_batch_size": 2, "gradient_accumulation": 2}
 TWO_PROCESSES = {"micro_batch_size": 2, "gradient_accumulation": 1}
 
 
+def _pythonpath() -> str:
+    """The repo first, then what the test session set (conftest's forced-CPU-capability directory)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
 def _write_recipe(path: Path, model_dir, chat_files, out_dir, **sections) -> Path:
     path.write_text(yaml.safe_dump(tiny_recipe(model_dir, *chat_files, out_dir, **sections)))
     return path
@@ -46,7 +51,7 @@ def _write_recipe(path: Path, model_dir, chat_files, out_dir, **sections) -> Pat
 def _launch(config: str, recipe: Path, *args: str, console_script: bool = False) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file recipes/accelerate/<config>.yaml -m finetune sft RECIPE ...`."""
     bindir = Path(sys.executable).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": _pythonpath()}
     if config == "ddp":
         env["ACCELERATE_USE_CPU"] = "true"  # the shipped config says MULTI_GPU; this box has gloo on CPU
     else:
@@ -182,7 +187,7 @@ def test_fsdp_config_on_cpu_is_refused_instead_of_running_unsharded(tmp_path, ti
 def test_fsdp2_paths_on_cpu_train_gather_and_resume_exactly(tmp_path, tiny_model_dir):
     """Runtime's FSDP2 step, adapter gathering and checkpoint round trip over real FSDP2 + gloo (the model is
     sharded as accelerate's FSDP2 prepare does, since accelerate itself shards only on GPUs)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "dist_helpers.py"), str(tiny_model_dir), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -27,6 +27,7 @@ from finetune.merge.adapter import AdapterSource, recipe_base_config
 from finetune.recipe import DataConfig
 from finetune.train.loss import IGNORE, model_inputs
 from quant.errors import UserError
+from quant.formats.bnb import keep_reference_layout
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def load_merged(out_dir: Path, fmt: str, device: torch.device, dtype: torch.dtyp
                 p.data = p.data.to(dtype)
         if type(m).__name__ == "Linear4bit":
             m.compute_dtype = dtype
+    keep_reference_layout(model)  # else eval mode computes through bitsandbytes' CPU bf16 kernel
     return model.eval()
 
 
