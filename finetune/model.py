@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +148,8 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         from quant.peft_support import register_quantlinear
 
         register_quantlinear(config)
-    return get_peft_model(model, config)
+    with _quiet_peft_checkpointing_probe():
+        return get_peft_model(model, config)
 
 
 def _has_quantlinear(model: torch.nn.Module) -> bool:
@@ -165,7 +168,17 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = 
         from quant.peft_support import register_quantlinear
 
         register_quantlinear(config)
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
+    with _quiet_peft_checkpointing_probe():
+        return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
+
+
+@contextlib.contextmanager
+def _quiet_peft_checkpointing_probe():
+    """peft's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers (5.17 and later) deprecates
+    with a FutureWarning on every read: a message about peft's code that no user of ours can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _check_target_modules(model: torch.nn.Module, targets) -> None:

@@ -15,7 +15,14 @@ Every path that builds bitsandbytes layers for training, merging or evaluation c
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+# On an AVX512-BF16 CPU, importing bitsandbytes tries to fetch a hub kernel for that bf16 path and warns
+# ("Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels") when it cannot. Our
+# layers never take the path (below), so the advice would only mislead; set before bitsandbytes is imported.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # The per-layer attribute bitsandbytes' Linear4bit.forward checks before converting (bitsandbytes 0.49-0.50).
 _CPU_PACKING_FLAG = "support_avx512bf16_for_cpu"
