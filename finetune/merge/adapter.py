@@ -124,7 +124,7 @@ def _legacy_base(adapter_dir: Path, base_cfg: BaseConfig, device: torch.device) 
 def _resolve_base(adapter_dir: Path, base_cfg: BaseConfig, base_override: str | None,
                   device: torch.device) -> BaseSpec:
     base = BaseSpec.read(adapter_dir) or _legacy_base(adapter_dir, base_cfg, device)
-    formats.format_of(base)  # a record naming a format this version does not know is refused here
+    formats.base_format(base.format, f"{adapter_dir / BaseSpec.FILE}: format")  # one this version knows
     if base_override:
         return replace(base, model=base_override, model_dir=materialize(base_override, "--base"))
     if not Path(base.model_dir).exists():  # e.g. the GGUF conversion cache was cleared: convert again
