@@ -119,7 +119,7 @@ def main() -> None:
     mem_before = torch.cuda.memory_allocated() if dev == "cuda" else 0
     sync(dev)
     t1 = time.perf_counter()
-    report = quantize_model(model, calib if a.method == "gptq" else None, qcfg, device=dev)
+    report = quantize_model(model, calib if qcfg.calibrated else None, qcfg, device=dev)
     sync(dev)
     wall = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else 0

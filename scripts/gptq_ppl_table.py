@@ -107,7 +107,7 @@ def main():
             cfg = method_config(method, bits, gs, a.damp)
             model = load_float_model(src)
             t1 = time.perf_counter()
-            report = quantize_model(model, calib if cfg.method == "gptq" else None, cfg, device=device, progress=False)
+            report = quantize_model(model, calib if cfg.calibrated else None, cfg, device=device, progress=False)
             quant_s = time.perf_counter() - t1
             out = save_root / f"{method}-{bits}b-g{gs}"
             save_quantized(model, out, tokenizer=tok, report=report)

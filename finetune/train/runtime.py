@@ -26,7 +26,7 @@ import torch
 from finetune.train import checkpoint as ckpt
 from quant.errors import UserError
 from quant.files import staged
-from quant.formats.base import BaseSpec, ShardingSetup
+from quant.formats.base import MIXED_PRECISION, BaseSpec, ShardingSetup
 from quant.formats.registry import sharding_problem
 
 
@@ -133,7 +133,7 @@ class Runtime:
     def _mixed_precision(self) -> str:
         if self.distributed_type == "DEEPSPEED":
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            for name in ("bf16", "fp16"):
+            for name in MIXED_PRECISION:
                 if str(ds.get(name, {}).get("enabled", False)).lower() == "true":
                     return name
             return "no"

@@ -25,8 +25,9 @@ from quant.errors import UserError
 
 REQUIRED, OPTIONAL = "required", "optional"  # Format.calibration
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# What accelerate's mixed_precision makes DeepSpeed/FSDP cast every float parameter to.
-_MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# What accelerate's mixed_precision (and DeepSpeed's config sections of the same names) makes DeepSpeed/FSDP cast
+# every float parameter to.
+MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -132,7 +133,7 @@ class ShardingSetup:
         """What DeepSpeed/FSDP cast every float parameter to under mixed precision (DDP casts nothing)."""
         if self.mixed_precision == "no" or self.distributed_type not in ("DEEPSPEED", "FSDP"):
             return None
-        return _MIXED[self.mixed_precision]
+        return MIXED_PRECISION[self.mixed_precision]
 
     def cast_problem(self, what: str) -> str:
         return (f"{self.where} with mixed_precision {self.mixed_precision} casts every float parameter to "
