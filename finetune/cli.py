@@ -140,7 +140,8 @@ def _merge_parser(sub) -> None:
     r.add_argument("--no-report", dest="report", action="store_false", help="skip the fidelity evaluation")
     defaults = ", ".join(f"{f.name} {dtype_name(f.default_dtype)}" for f in FORMATS if f.output and not f.fixed_dtype)
     m.add_argument("--dtype", choices=list(DTYPES), help="dtype of unquantized tensors (norms, embeddings, head) "
-                   f"of a quantized format (and a bitsandbytes output's compute dtype); default: the format's ({defaults})")
+                   "of a quantized format (and a bitsandbytes output's compute dtype); default: the format's "
+                   f"({defaults})")
     m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out once the merge succeeded")
     m.add_argument("-q", "--quiet", action="store_true", help="less library logging, no progress bar")
