@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import time
@@ -31,15 +30,14 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def build_base(shape: str, layers: int | None, path: Path, device: str) -> Path:
     from finetune.synthetic import save_random_model
+    from quant.files import staged
 
     if (path / "config.json").exists():
         return path
     overrides = {"num_hidden_layers": layers} if layers else {}
     t0 = time.perf_counter()
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_random_model(shape, tmp, dtype=torch.bfloat16, device=device, **overrides)
-    os.replace(tmp, path)
+    with staged(path) as tmp:
+        save_random_model(shape, tmp, dtype=torch.bfloat16, device=device, **overrides)
     print(f"base: random {shape} ({layers or 'all'} layers) written to {path} in {time.perf_counter() - t0:.0f}s")
     return path
 
