@@ -135,7 +135,8 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     check_adapter_fits(source.loras, weights, n_layers)
     units = plan_units(ckpt.keys(), prefix, n_layers)
     calib = _calibration(cfg, source)
-    encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib))
+    encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib,
+                                        source.tokenizer_dir))
     info = _report_header(cfg, source, ckpt, merge_into, merge_into_reason, device)
     described = encoder.describe()
     if described is not None:

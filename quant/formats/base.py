@@ -183,6 +183,7 @@ class EncodeRequest:
     device: torch.device
     options: Any = None  # an instance of the format's `options` dataclass, or None
     calib: list[torch.Tensor] | None = None  # calibration token ids [1, T], where the format uses them
+    tokenizer_dir: Path | None = None  # the tokenizer the output ships with (the adapter's copy)
 
 
 def cast_floats(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

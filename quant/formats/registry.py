@@ -29,7 +29,17 @@ and, for a merge output (`output = True`):
                            quantization_config, extra files (write_files) and report entry (describe)
     load_merged()          the written output loaded as its users would (the fidelity report's model c)
 A format that writes something other than safetensors shards (a single .gguf file) has its encoder return its
-own writer from `sink()` and set `hf_layout = False` (no config.json/tokenizer files next to it).
+own writer from `sink()` and set `hf_layout = False` (no config.json/tokenizer files next to it); the request
+carries the model's config (`request.model.config`) and the tokenizer directory for its metadata.
+
+So AWQ is `awq.py`: base = output = True, quant_method "awq", stored_quantized, load() with its packed layer,
+rebuilder() dequantizing the packed tensors, sharding_problem() like GPTQ's, options (bits, group_size),
+calibration() REQUIRED, encoder() running AWQ layer by layer on the calibration ids, load_merged(). GGUF output
+is `gguf.py`: output = True, options (gguf_type -> `--gguf-type`), calibration() OPTIONAL (--calib weights the
+K-quant scale search), an encoder whose sink() writes the .gguf, load_merged() through transformers' gguf_file.
+tests/test_formats.py then holds every format to its contract: its output round-trips through its own loader
+(give it a TOLERANCE line) and a training format's sharding answers are the README's Multi-GPU table (give it a
+row).
 """
 
 from __future__ import annotations
