@@ -16,8 +16,8 @@ from torch import nn
 
 from quant.errors import UserError
 from quant.files import safetensors_files
-from quant.formats.gptq import (QUANT_METHOD, quantization_config, read_quant_config, resolve_checkpoint_format,
-                                 write_checkpoint)
+from quant.formats.gptq import QUANT_METHOD, quantization_config, read_quant_config, write_checkpoint
+from quant.formats.gptq_pack import resolve_checkpoint_format
 from quant.gptq import GPTQConfig, group_count
 from quant.nn import QuantLinear
 from quant.sequential import QuantReport, block_linears, find_blocks, quantize_blocks

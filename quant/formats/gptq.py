@@ -16,9 +16,7 @@ import torch
 from quant.errors import UserError
 from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, staged
 from quant.formats.base import REQUIRED, EncodeRequest, Format, Rebuilder, option
-from quant.formats.gptq_pack import (  # noqa: F401  (the format's layout, importable from here too)
-    FORMATS, V1, V2, convert_qzeros, decode_zeros, encode_zeros, pack_cols, pack_rows, packed_len,
-    resolve_checkpoint_format, unpack_cols, unpack_rows, zero_offset)
+from quant.formats.gptq_pack import V1, resolve_checkpoint_format, zero_offset
 from quant.gptq import METHODS
 
 QUANT_METHOD = "gptq"

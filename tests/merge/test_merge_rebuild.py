@@ -15,7 +15,8 @@ from finetune.merge.source import skeleton
 from finetune.recipe import BaseConfig
 from quant.files import Checkpoint, ShardWriter
 from quant.formats.bnb import bnb_linear_names, rebuild_4bit, rebuild_int8
-from quant.formats.gptq import dequantize_gptq, zero_offset
+from quant.formats.gptq import dequantize_gptq
+from quant.formats.gptq_pack import zero_offset
 
 CPU = torch.device("cpu")
 
