@@ -34,10 +34,10 @@ Merge a LoRA adapter into its base and write a model directory that standard too
 (tokenizer included), then measure what the merge cost.
 
 ADAPTER_OR_RUN_DIR is a `finetune sft` output directory, its adapter/, or a checkpoint-N/. The base is the
-one the adapter was trained on (adapter/base_model.txt, else the run's recipe.yaml), rebuilt exactly as in
-training: bitsandbytes NF4/FP4/int8 bases are re-quantized from the float checkpoint with the same settings
-and dequantized; GPTQ bases are dequantized from their packed weights. The adapter is added in fp32
-(delta = alpha/r * B @ A; rsLoRA and rank/alpha patterns honoured).
+one the adapter was trained on (adapter/base.json, or an older adapter's base_model.txt, else the run's
+recipe.yaml), rebuilt exactly as in training: bitsandbytes NF4/FP4/int8 bases are re-quantized from the float
+checkpoint with the same settings and dequantized; GPTQ bases are dequantized from their packed weights. The
+adapter is added in fp32 (delta = alpha/r * B @ A; rsLoRA and rank/alpha patterns honoured).
 
 Which weights the delta is added to (--merge-into): by default those the adapter was trained against, except
 when a bitsandbytes base is requantized onto its own grid (--format nf4 from an NF4 base, fp4 from FP4, int8
@@ -45,13 +45,7 @@ from int8): there every dequantized weight + delta rounds back to the code it ca
 below half a quantization step), so the delta is added to the full-precision weights instead.
 
 Formats (--format):
-  bf16, fp16   plain Hugging Face checkpoint (AutoModelForCausalLM.from_pretrained)
-  nf4, fp4     bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize 64)
-  int8         bitsandbytes LLM.int8 serialization (weight int8 + SCB)
-  gptq         our GPTQ on --calib data, run on the merged model's own activations layer by layer
-               (default settings: those of a GPTQ base, or 4-bit g128 symmetric); --method rtn for
-               round-to-nearest (no calibration). Loads with quant.model.load_gptq_model, transformers +
-               GPTQModel/optimum and vLLM (docs/quantized-formats.md A).
+{formats}
 
 Memory: one decoder layer at a time is read from the base's safetensors, merged, encoded and written
 (plus, for gptq, one set of calibration activations). Output goes to a temporary directory next to
@@ -90,42 +84,79 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _formats_help() -> str:
+    """One entry per output format of the registry (formats with the same description share one)."""
+    import textwrap
+
+    from quant.formats.registry import FORMATS
+
+    entries: list[tuple[list[str], str]] = []
+    for fmt in (f for f in FORMATS if f.output):
+        if entries and entries[-1][1] == fmt.summary:
+            entries[-1][0].append(fmt.name)
+        else:
+            entries.append(([fmt.name], fmt.summary))
+    return "\n".join(textwrap.fill(summary, 110, initial_indent=f"  {', '.join(names):<12} ",
+                                    subsequent_indent=" " * 15) for names, summary in entries)
+
+
 def _merge_parser(sub) -> None:
-    m = sub.add_parser("merge", help="merge an adapter into its base; write bf16/fp16/nf4/fp4/int8/gptq",
-                       description=MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from finetune.merge.config import MERGE_INTO, flag, format_options
+    from quant.formats.base import DTYPES, dtype_name
+    from quant.formats.registry import FORMATS, output_names
+
+    m = sub.add_parser("merge", help=f"merge an adapter into its base; write {'/'.join(output_names())}",
+                       description=MERGE_HELP.replace("{formats}", _formats_help()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapter", metavar="ADAPTER_OR_RUN_DIR", help="run directory, its adapter/, or checkpoint-N/")
     m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite)")
-    m.add_argument("--format", required=True, choices=["bf16", "fp16", "nf4", "fp4", "int8", "gptq"])
+    m.add_argument("--format", required=True, choices=output_names())
     m.add_argument("--base", help="base model to use instead of the one named in the adapter (HF dir, GPTQ dir, "
                    ".gguf, pkg:...); must be the same model the adapter was trained on")
-    m.add_argument("--merge-into", choices=["auto", "dequantized", "original"], default="auto",
+    m.add_argument("--merge-into", choices=MERGE_INTO, default="auto",
                    help="dequantized: the weights the adapter was trained against; original: the full-precision "
                    "weights (a bnb base's own checkpoint, or --base-original); auto (default): dequantized, except "
                    "original when a bnb base is requantized onto its own grid (nf4 from nf4, ...), where rounding "
                    "the dequantized weights would erase the adapter")
     m.add_argument("--base-original", metavar="PATH", help="full-precision model a GPTQ base was quantized from "
                    "(with --merge-into original)")
-    g = m.add_argument_group("gptq output")
-    g.add_argument("--calib", action="append", metavar="DATA", help="calibration data: text/md, jsonl/json/parquet/"
+    c = m.add_argument_group("calibration (formats that requantize on the merged model's activations)")
+    c.add_argument("--calib", action="append", metavar="DATA", help="calibration data: text/md, jsonl/json/parquet/"
                    "csv in any training format (rendered with the chat template), directory, pkg:... or hub "
-                   "dataset; repeatable; required for --method gptq")
-    g.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="gptq (default) or round-to-nearest")
-    g.add_argument("--bits", type=int, help="default: the GPTQ base's, else 4")
-    g.add_argument("--group-size", type=int, help="default: the GPTQ base's, else 128; -1 = one group per row")
-    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
-                   help="act-order; default: the GPTQ base's, else off")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+                   "dataset; repeatable; required for --format gptq --method gptq")
+    c.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    groups = {}
+    for name, (meta, taking) in format_options().items():
+        title = f"{', '.join(taking)} output"
+        group = groups.get(title) or groups.setdefault(title, m.add_argument_group(title))
+        kwargs = {"action": argparse.BooleanOptionalAction} if meta["type"] is bool else \
+            {"type": meta["type"], "choices": meta["choices"], "metavar": None if meta["choices"] else name.upper()}
+        group.add_argument(flag(name), dest=f"option_{name}", default=None, help=meta["help"], **kwargs)
     r = m.add_argument_group("fidelity report")
     r.add_argument("--eval", dest="eval_data", metavar="DATA", help="held-out data in the run's data format "
                    "(default: the run's data.eval)")
     r.add_argument("--eval-max-batches", type=int, help="score at most this many eval batches")
     r.add_argument("--no-report", dest="report", action="store_false", help="skip the fidelity evaluation")
-    m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="dtype of unquantized tensors "
-                   "(norms, embeddings, head) and the bnb compute dtype; default bfloat16 (gptq: float16)")
+    defaults = ", ".join(f"{f.name} {dtype_name(f.default_dtype)}" for f in FORMATS if f.output and not f.fixed_dtype)
+    m.add_argument("--dtype", choices=list(DTYPES), help="dtype of unquantized tensors (norms, embeddings, head) "
+                   "of a quantized format (and a bitsandbytes output's compute dtype); default: the format's "
+                   f"({defaults})")
     m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out once the merge succeeded")
     m.add_argument("-q", "--quiet", action="store_true", help="less library logging, no progress bar")
+
+
+def merge_config(args):
+    """The typed MergeConfig from parsed `finetune merge` arguments (validated by the merge)."""
+    from finetune.merge import MergeConfig
+
+    options = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_")}
+    return MergeConfig(adapter=args.adapter, out=args.out, format=args.format, base=args.base,
+                       merge_into=args.merge_into, base_original=args.base_original, calib=args.calib,
+                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, options=options,
+                       eval_data=args.eval_data, eval_max_batches=args.eval_max_batches, report=args.report,
+                       dtype=args.dtype, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
 
 
 def cmd_sft(args) -> int:
@@ -151,11 +182,7 @@ def cmd_merge(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        merge(args.adapter, args.out, args.format, base=args.base, merge_into=args.merge_into,
-              base_original=args.base_original, calib=args.calib, method=args.method, eval_data=args.eval_data,
-              report=args.report, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
-              calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
-              overwrite=args.overwrite, eval_max_batches=args.eval_max_batches, progress=not args.quiet)
+        merge(merge_config(args))
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from quant.errors import UserError
+from quant.formats.registry import AUTO, base_names
 
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -32,10 +33,14 @@ def _range(lo=None, hi=None, lo_open=False):
     return {"lo": lo, "hi": hi, "lo_open": lo_open}
 
 
+# The training formats of quant.formats.registry; `auto`: as the checkpoint is stored (GPTQ), else NF4.
+BaseQuantization = Literal[(AUTO,) + base_names()]
+
+
 @dataclass
 class BaseConfig:
     model: str = ""
-    quantization: Literal["auto", "nf4", "fp4", "int8", "gptq", "none"] = "auto"
+    quantization: BaseQuantization = "auto"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # bnb 4-bit storage dtype; "auto" stores in the compute dtype so DeepSpeed/FSDP can shard the packed weights.
@@ -234,6 +239,12 @@ def _build(cls, data, where: str, source: str):
         _check_range(value, f.metadata, full, source)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def build_section(cls, data: dict | None, key: str, source: str):
+    """One section (e.g. `data` of a run's recipe.yaml) typed and validated as load_recipe does, without the
+    cross-field checks and files that must exist: a merge may run elsewhere, after the training data moved."""
+    return _build(cls, data if data is not None else {}, key, source)
 
 
 def _check_semantics(recipe: Recipe, source: str) -> None:

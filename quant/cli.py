@@ -12,6 +12,9 @@ import logging
 import sys
 
 from quant.errors import UserError
+from quant.formats.gptq_pack import FORMATS as CHECKPOINT_FORMATS
+from quant.formats.registry import AUTO, base_names
+from quant.gptq import METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,18 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
     g.add_argument("--mse", type=float, default=0.0, help="clipping search norm (e.g. 2.4); 0 = min-max")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    g.add_argument("--method", choices=METHODS, default=METHODS[0])
     g.add_argument("--calib", action="append", help="text/md/jsonl/parquet file, directory, pkg:... or hub dataset "
                    "(repeatable)")
     g.add_argument("--calib-samples", type=int, default=128)
     g.add_argument("--calib-seqlen", type=int, default=512)
     g.add_argument("--calib-split", default="train")
     g.add_argument("--text-field", default="text")
-    g.add_argument("--format", dest="checkpoint_format", choices=["auto", "gptq", "gptq_v2"], default="auto",
+    g.add_argument("--format", dest="checkpoint_format", choices=(AUTO,) + CHECKPOINT_FORMATS, default=AUTO,
                    help="auto: gptq (v1) when symmetric, gptq_v2 when asymmetric")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.set_defaults(run=_run_gptq)
 
     e = sub.add_parser("eval", help="perplexity of MODEL on held-out text")
     e.add_argument("model")
@@ -53,10 +57,13 @@ def _parser() -> argparse.ArgumentParser:
                    "or hub dataset (repeatable)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-chunks", type=int, default=None)
-    e.add_argument("--quantization", choices=["auto", "none", "nf4", "int8", "gptq"], default="auto")
+    e.add_argument("--quantization", choices=(AUTO,) + base_names(), default=AUTO,
+                   help="auto: as the checkpoint is stored (GPTQ), else unquantized; bitsandbytes formats are "
+                   "quantized on load")
     e.add_argument("--text-field", default="text")
     e.add_argument("--device", default=None)
     e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.set_defaults(run=_run_eval)
     return p
 
 
@@ -64,9 +71,9 @@ def _run_gptq(a) -> None:
     from quant.gptq import GPTQConfig
     from quant.model import quantize
 
-    desc_act = a.method == "gptq" if a.desc_act is None else a.desc_act
-    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=desc_act, static_groups=a.static_groups,
-                     sym=a.sym, damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
+    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, static_groups=a.static_groups, sym=a.sym,
+                     damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
+    cfg.desc_act = cfg.calibrated if a.desc_act is None else a.desc_act  # act-order is GPTQ's default
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                       device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress)
@@ -93,10 +100,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        if args.command == "gptq":
-            _run_gptq(args)
-        else:
-            _run_eval(args)
+        args.run(args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)

@@ -1,26 +1,237 @@
-"""Model directories appear whole or not at all: written under a temporary name, renamed into place."""
+"""Every file and directory the program writes, and the safetensors model directories it reads.
+
+- `staged(final)`: the one temp-then-rename helper. Work happens under a hidden temporary name next to `final`,
+  which is renamed into place only when the block completes; an existing `final` is replaced only then. A failed
+  or interrupted write leaves `final` as it was. Checkpoints written by several processes share one temporary
+  directory (`shared=`), renamed by the main process once every rank is done.
+- `ShardWriter`: the one streaming safetensors writer (tensor bytes go to disk as they are added; the header,
+  which safetensors puts first, is written when a shard closes), sharded and indexed like `save_pretrained`.
+- `Checkpoint`: a safetensors model directory read one tensor at a time (memory-mapped).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from quant.errors import UserError
+
+TMP_PREFIX = ".tmp-"  # every temporary name starts with `.tmp-<final name>-` (checkpoint pruning relies on it)
+DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to `out`, replacing an existing `out` only at the very end.
+def _tmp_name(final: Path, tag: str) -> Path:
+    return final.with_name(f"{TMP_PREFIX}{final.name}-{tag}")
 
-    Files are made world-readable (safetensors creates them 0600; a model directory is meant to be shared).
-    """
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
-        if f.is_file():
-            f.chmod(0o644)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+
+def _readable(path: Path) -> None:
+    """Model directories are meant to be shared: safetensors and mkdtemp create 0600/0700 entries."""
+    if path.is_dir():
+        path.chmod(0o755)
+        for f in path.iterdir():
+            if f.is_file():
+                f.chmod(0o644)
     else:
-        os.replace(tmp, out)
+        path.chmod(0o644)
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is moved aside first and removed only after the rename."""
+    _readable(tmp)
+    if tmp.is_dir() and (final.exists() or final.is_symlink()):
+        old = _tmp_name(final, "old")
+        _remove(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _remove(old)
+    else:
+        os.replace(tmp, final)  # a file replaces a file atomically
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged(final: str | os.PathLike, directory: bool = True,
+           shared: tuple[bool, Callable[[], None]] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory (or, with `directory=False`, a file path) next to `final`; rename it to `final`
+    when the block completes, replacing an existing `final` only then; remove it if the block fails.
+
+    `shared=(is_main, barrier)`: several processes write into one directory of a fixed temporary name; the main
+    process creates it, every rank writes, and the main process renames it once all ranks left the block (every
+    rank must enter and leave it). A failed shared write is left for the next write of `final` to remove: other
+    ranks may still be writing into it.
+    """
+    final = Path(final)
+    if shared is not None:
+        is_main, barrier = shared
+        tmp = _tmp_name(final, "shared")
+        if is_main:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        yield tmp
+        barrier()
+        if is_main:
+            _put_in_place(tmp, final)
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{TMP_PREFIX}{final.name}-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _put_in_place(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a whole text file through `staged`: readers see the old file or the new one, never a part."""
+    with staged(path, directory=False) as tmp:
+        tmp.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.bool: "BOOL"}
+
+
+class _Shard:
+    def __init__(self, data_path: Path):
+        self.data_path = data_path
+        self.file = open(data_path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self.file.write(memoryview(raw))
+        n = t.numel() * t.element_size()
+        self.entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.size, self.size + n]}
+        self.size += n
+
+    def finish(self, final: Path) -> None:
+        """Header first, then the data written so far (safetensors pads the header with spaces to 8 bytes)."""
+        self.file.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(final, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 64 * 2**20)
+        self.data_path.unlink()
+
+
+class ShardWriter:
+    """safetensors shards of at most `max_shard_bytes` (a larger single tensor gets a shard of its own) in
+    `directory` (a `staged` one), named like save_pretrained's, plus model.safetensors.index.json when there is
+    more than one. Tensors are added a few at a time and never accumulate in memory."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.dir = Path(directory)
+        self.max = max_shard_bytes
+        self.done: list[_Shard] = []
+        self.current: _Shard | None = None
+        self.names: set[str] = set()
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.names:
+                raise ValueError(f"tensor {name} written twice")
+            self.names.add(name)
+            n = t.numel() * t.element_size()
+            if self.current is not None and self.current.size and self.current.size + n > self.max:
+                self.done.append(self.current)
+                self.current = None
+            if self.current is None:
+                self.current = _Shard(self.dir / f".shard-{len(self.done):05d}.data")
+            self.current.add(name, t)
+            self.total += n
+
+    def close(self) -> list[Path]:
+        if self.current is not None:
+            self.done.append(self.current)
+            self.current = None
+        n = len(self.done)
+        if n == 0:
+            raise ValueError("no tensors were written")
+        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        weight_map = {}
+        for shard, name in zip(self.done, names):
+            shard.finish(self.dir / name)
+            weight_map.update({k: name for k in shard.entries})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return [self.dir / name for name in names]
+
+    def abort(self) -> None:
+        for shard in self.done + ([self.current] if self.current else []):
+            shard.file.close()
+
+
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a model directory, through its index when it has one."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights found")
+    return files
+
+
+class Checkpoint:
+    """Tensors of a safetensors model directory by name; each `get` reads one tensor (memory-mapped files)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "base model"):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise UserError(f"{what} {self.path}: no config.json; expected a Hugging Face model directory")
+        if not any(self.path.glob("*.safetensors")):
+            raise UserError(f"{what} {self.path}: no .safetensors weights (only safetensors checkpoints can be "
+                            "streamed)")
+        self.config = json.loads((self.path / "config.json").read_text())
+        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in safetensors_files(self.path)}
+        self.file_of = {k: f for f, h in self._handles.items() for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def get(self, key: str, device=None) -> torch.Tensor:
+        t = self._handles[self.file_of[key]].get_tensor(key)
+        return t.to(device) if device is not None else t
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._handles[self.file_of[key]].get_slice(key).get_shape())
+
+    def quantization_config(self) -> dict | None:
+        return self.config.get("quantization_config")

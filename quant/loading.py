@@ -11,8 +11,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from quant.errors import UserError
@@ -74,6 +72,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from quant.files import staged
+
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config and move the weights.
@@ -84,16 +84,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), strict=True)
     if loaded.generation_config is not None:
         plain.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged(target) as tmp:
         plain.save_pretrained(tmp)  # fp32: the GGUF's dequantized values are not bf16-exact
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(spec: str, what: str = "model"):

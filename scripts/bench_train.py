@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq  # noqa: E402
+from quant.formats.registry import DEFAULT_BASE, base_format  # noqa: E402
 
 PEAK_FLOPS = 989e12
 WARMUP = 3
@@ -120,8 +121,9 @@ def run_stack(name: str, dirs: dict, batches, rank: int) -> dict:
         if not m:
             raise SystemExit(f"unknown stack {name!r}: hf-doc, hf-lean, ours, ours[key=value,...]")
         overrides = [o for o in (m.group(1) or "").split(",") if o]
-        kind = next((o.split("=", 1)[1] for o in overrides if o.startswith("base.quantization=")), "nf4")
-        model, opt, loss_of = our_stack(dirs["gptq" if kind == "gptq" else "bf16"], rank, overrides, kind)
+        kind = next((o.split("=", 1)[1] for o in overrides if o.startswith("base.quantization=")), DEFAULT_BASE)
+        model, opt, loss_of = our_stack(dirs["quantized" if base_format(kind).stored_quantized else "bf16"], rank,
+                                        overrides, kind)
     load_s = time.perf_counter() - t0
     model.train()
     losses, times = [], []
@@ -164,8 +166,9 @@ def main() -> None:
     model = random_model(args.shape, dtype=torch.bfloat16, device="cuda")
     config = model.config
     dirs = {"bf16": save_model_dir(model, work / "bf16")}
-    if any("gptq" in s for s in stacks):
-        dirs["gptq"] = save_rtn_gptq(model, work / "gptq")
+    kinds = [k for s in stacks for k in re.findall(r"base\.quantization=(\w+)", s)]
+    if any(base_format(k).stored_quantized for k in kinds):  # GPTQ trains from an RTN GPTQ copy of the model
+        dirs["quantized"] = save_rtn_gptq(model, work / "gptq")
     del model
     gc.collect()
     g = torch.Generator().manual_seed(0)

@@ -51,3 +51,10 @@ def tiny_recipe(model_dir, train_file, eval_file, out_dir, **sections) -> dict:
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return recipe
+
+
+def quiet_merge(adapter, out, fmt: str, echo=lambda *a: None, **fields):
+    """`finetune merge` from a test: a MergeConfig of these fields, without the progress bar or printing."""
+    from finetune.merge import MergeConfig, merge
+
+    return merge(MergeConfig(adapter=adapter, out=out, format=fmt, progress=False, **fields), echo=echo)

@@ -1,19 +1,16 @@
 """Checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically; resume; rotation.
 
 A checkpoint directory is complete exactly when it exists under its final name `checkpoint-<step>`:
-everything is written into a hidden temporary directory first and renamed in one step, so an interrupted
-save leaves only a `.tmp-` directory, which resume ignores and the next save removes.
+everything is written into a hidden temporary directory first (quant.files.staged) and renamed in one step, so
+an interrupted save leaves only a `.tmp-` directory, which resume ignores and the next save removes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,22 +27,6 @@ class TrainState:
     batch_offset: int = 0  # micro-batches of `epoch` already consumed (global order, all ranks together)
     tokens_seen: int = 0
     world_size: int = 1
-
-
-@contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary directory next to `final`; rename it to `final` only if the block completes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def rng_state() -> dict:
@@ -78,25 +59,6 @@ def write_state_files(tmp: Path, model, optimizer_state: dict | None, scheduler,
 def rng_file(rank: int, world_size: int) -> str:
     # Each rank draws its own dropout masks, so each rank's generators are saved for an exact resume.
     return "rng.pt" if world_size == 1 else f"rng-{rank}.pt"
-
-
-@contextmanager
-def shared_atomic_dir(final: Path, is_main: bool, barrier):
-    """`atomic_dir` for a checkpoint that several processes write into: the main process makes a temporary
-    directory of a fixed name, every rank writes its files there, and the main process renames it once all
-    ranks are done. Every rank must enter and leave the block."""
-    tmp = final.parent / f".tmp-{final.name}-shared"
-    if is_main:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    yield tmp
-    barrier()
-    if is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:

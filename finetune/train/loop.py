@@ -22,13 +22,14 @@ from finetune.data import build_datasets, count_label_tokens
 from finetune.model import attach_lora, count_parameters, load_base, memory_report
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
-from finetune.train.checkpoint import TrainState, atomic_dir, list_checkpoints
+from finetune.train.checkpoint import TrainState, list_checkpoints
 from finetune.train.loss import causal_lm_loss, fusable_head
 from finetune.train.optim import build_optimizer, build_scheduler
 from finetune.train.runtime import Runtime
 from finetune.train.samples import generate_samples, prompts_from_examples
 from finetune.train.tracking import Tracker, format_metrics
 from quant.errors import UserError
+from quant.files import staged
 
 log = logging.getLogger("finetune")
 
@@ -53,8 +54,8 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     cfg = recipe.train
     rt.seed_everything(cfg.seed)
 
-    rt.check_base(recipe.base)
-    base = load_base(recipe.base, rt.device)
+    spec = rt.check_base(recipe.base)  # the base resolved once: format, settings, weights, compute dtype
+    base = load_base(spec, rt.device, recipe.base.attn_implementation)
     trainable_before, total = count_parameters(base.model)
     model = attach_lora(base.model, recipe.lora, cfg.gradient_checkpointing)
     trainable, _ = count_parameters(model)
@@ -218,12 +219,12 @@ def _save_final_adapter(model, base, recipe: Recipe, adapter_dir: Path, adapter_
 
     `adapter_state`: the LoRA weights gathered from sharded parameters (ZeRO-3/FSDP), else None.
     """
-    with atomic_dir(adapter_dir) as tmp:
+    with staged(adapter_dir) as tmp:
         model.save_pretrained(tmp, state_dict=adapter_state)
         base.tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        # The adapter names the base it was trained on; a GGUF base is named by its converted directory too.
-        (tmp / "base_model.txt").write_text(f"{recipe.base.model}\n{base.model_dir}\n{base.quantization}\n")
+        # The adapter names the base it was trained on (base.json): format, settings, the converted GGUF dir.
+        base.spec.save(tmp)
     if adapter_dir.exists() and not (adapter_dir / "adapter_config.json").exists():
         shutil.rmtree(adapter_dir)
         raise RuntimeError(f"{adapter_dir}: adapter save produced no adapter_config.json")

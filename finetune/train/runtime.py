@@ -25,46 +25,9 @@ import torch
 
 from finetune.train import checkpoint as ckpt
 from quant.errors import UserError
-
-_MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def sharding_problem(distributed_type: str, zero_stage: int, fsdp_version: int, mixed_precision: str,
-                     quantization: str, storage_dtype: torch.dtype) -> str | None:
-    """Why this base cannot train under this accelerate setup, or None; decided before any weight is loaded.
-
-    `mixed_precision` is what DeepSpeed/FSDP would cast parameters to ("no", "bf16", "fp16").
-    """
-    where = f"accelerate distributed_type {distributed_type}"
-    if distributed_type == "DEEPSPEED":
-        where += f" (ZeRO-{zero_stage})"
-    if distributed_type == "FSDP" and fsdp_version != 2:
-        return (f"{where}: only FSDP2 is supported with quantized bases; set fsdp_version: 2 in the accelerate "
-                "config (recipes/accelerate/fsdp.yaml)")
-    sharded = distributed_type == "FSDP" or (distributed_type == "DEEPSPEED" and zero_stage == 3)
-    four_bit = quantization in ("nf4", "fp4")
-    if sharded:
-        if quantization == "gptq":
-            return (f"{where} shards parameters, but a GPTQ base keeps its packed int32 weights in buffers, which "
-                    "are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
-                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
-        if quantization == "int8":
-            return (f"{where} cannot shard bitsandbytes int8 weights (integer parameters); use base.quantization: "
-                    "nf4 with base.quant_storage: auto, or DDP/ZeRO-2")
-        if four_bit and not storage_dtype.is_floating_point:
-            return (f"{where} cannot shard 4-bit weights stored as {_name(storage_dtype)}; "
-                    "set base.quant_storage: auto (stores them in the compute dtype)")
-    if mixed_precision != "no" and distributed_type in ("DEEPSPEED", "FSDP"):
-        cast = _MIXED[mixed_precision]
-        if quantization == "gptq" or (four_bit and storage_dtype.is_floating_point and storage_dtype != cast):
-            stored = "GPTQ scales" if quantization == "gptq" else f"4-bit weights stored as {_name(storage_dtype)}"
-            return (f"{where} with mixed_precision {mixed_precision} casts every float parameter to {_name(cast)}, "
-                    f"which would corrupt the {stored}; set mixed_precision: no (base.compute_dtype is the precision)")
-    return None
+from quant.files import staged
+from quant.formats.base import MIXED_PRECISION, BaseSpec, ShardingSetup
+from quant.formats.registry import sharding_problem
 
 
 def fill_deepspeed_config(config: dict, cfg, world_size: int) -> None:
@@ -131,7 +94,7 @@ class Runtime:
     @property
     def shards_parameters(self) -> bool:
         """ZeRO-3/FSDP: each rank holds a slice of every parameter; forwards gather them collectively."""
-        return self.distributed_type == "FSDP" or (self.distributed_type == "DEEPSPEED" and self.zero_stage == 3)
+        return ShardingSetup(self.distributed_type, self.zero_stage).shards_parameters
 
     @property
     def eval_split(self) -> tuple[int, int]:
@@ -143,28 +106,25 @@ class Runtime:
         kind = f"DeepSpeed ZeRO-{self.zero_stage}" if self.distributed_type == "DEEPSPEED" else self.distributed_type
         return f"{kind}, {self.world_size} process{'es' if self.world_size > 1 else ''} on {self.device.type}"
 
-    def check_base(self, base_cfg) -> None:
-        """Refuse, before loading weights, a base that this distributed setup cannot train.
+    def check_base(self, base_cfg) -> BaseSpec:
+        """Resolve the base once (its record: format, settings, local weights) and refuse, before loading any
+        weight, one that this distributed setup cannot train (its format says why).
 
-        Also has the main process convert a GGUF base (or fetch a hub one) into the cache before the other
-        ranks look for it. Loading itself must not be serialised: ZeRO-3 partitions while it loads.
+        The main process converts a GGUF base (or fetches a hub one) into the cache before the other ranks look
+        for it. Loading itself must not be serialised: ZeRO-3 partitions while it loads.
         """
-        if self.distributed_type == "NO":
-            return
-        from finetune.model import resolve_compute_dtype, resolve_quantization
-        from quant.loading import materialize
+        from finetune.model import resolve_base
 
         with self.main_process_first():
-            model_dir = materialize(base_cfg.model, "base.model")
-        if self.distributed_type not in ("DEEPSPEED", "FSDP"):
-            return
-        quantization = resolve_quantization(base_cfg, model_dir)
-        compute = resolve_compute_dtype(base_cfg.compute_dtype, self.device)
-        storage = compute if base_cfg.quant_storage == "auto" else getattr(torch, base_cfg.quant_storage)
-        problem = sharding_problem(self.distributed_type, self.zero_stage, self._fsdp_version(),
-                                   self._mixed_precision(), quantization, storage)
-        if problem:
-            raise UserError(problem)
+            spec = resolve_base(base_cfg, self.device)
+        if self.distributed_type in ("DEEPSPEED", "FSDP"):
+            problem = sharding_problem(spec, self.sharding_setup())
+            if problem:
+                raise UserError(problem)
+        return spec
+
+    def sharding_setup(self) -> ShardingSetup:
+        return ShardingSetup(self.distributed_type, self.zero_stage, self._fsdp_version(), self._mixed_precision())
 
     def _fsdp_version(self) -> int:
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
@@ -173,7 +133,7 @@ class Runtime:
     def _mixed_precision(self) -> str:
         if self.distributed_type == "DEEPSPEED":
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            for name in ("bf16", "fp16"):
+            for name in MIXED_PRECISION:
                 if str(ds.get(name, {}).get("enabled", False)).lower() == "true":
                     return name
             return "no"
@@ -276,7 +236,7 @@ class Runtime:
         adapter = self.full_adapter_state(model)
         optimizer_state = self._full_optimizer_state(model, optimizer)
         final = Path(out_dir) / f"checkpoint-{state.step}"
-        with ckpt.shared_atomic_dir(final, self.is_main, self.barrier) as tmp:
+        with staged(final, shared=(self.is_main, self.barrier)) as tmp:
             torch.save(ckpt.rng_state(), tmp / ckpt.rng_file(self.rank, self.world_size))
             if self.engine is not None:
                 # ZeRO partitions the optimizer state (and master weights) per rank; DeepSpeed writes each part.

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from finetune.recipe import Recipe
+from quant.files import write_text
 
 
 class Tracker:
@@ -36,7 +37,7 @@ class Tracker:
             return
         keep = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        write_text(self.metrics_path, "".join(line + "\n" for line in keep))  # a crash here loses no line
 
     def _start_wandb(self, recipe: Recipe, resume: bool):
         import wandb
@@ -56,7 +57,7 @@ class Tracker:
             id=run_id,
             resume="allow" if run_id else None,
         )
-        id_file.write_text(run.id)
+        write_text(id_file, run.id)
         return run
 
     def log(self, step: int, metrics: dict) -> None:
