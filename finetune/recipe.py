@@ -89,6 +89,17 @@ class TrainConfig:
     # Forward under torch.autocast in the compute dtype: the fp32 LoRA master weights are used in bf16/fp16
     # (no fp32 copies of every adapted layer's input). Off on CPU, where compute is fp32 anyway.
     autocast: bool = True
+    # The fast path (finetune/kernels): LoRA + quantized linear fused per projection group (q/k/v, o, the whole
+    # MLP), Triton RMSNorm/rotary/SwiGLU with hand-written backward, attention straight to PyTorch's fused
+    # kernels (cuDNN; flash varlen for packed rows, no T x T mask). Same numbers up to rounding order; false
+    # restores transformers' + peft's modules.
+    fused_lora: bool = True
+    triton_kernels: bool = True
+    fused_attention: bool = True
+    # Long context: the MLP in 16k-token tiles, checkpointed layer inputs in pinned host memory. "auto": from 32k
+    # tokens per micro-batch (offload in one process only).
+    tiled_mlp: Union[bool, Literal["auto"]] = "auto"
+    offload_checkpoints: Union[bool, Literal["auto"]] = "auto"
     seed: int = 42
     log_every: int = field(default=1, metadata=_range(1))
     eval_every: int = field(default=0, metadata=_range(0))

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.data import build_datasets, count_label_tokens
+from finetune.kernels import install_fast_path
 from finetune.model import attach_lora, count_parameters, load_base, memory_report
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
@@ -58,6 +59,8 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     base = load_base(spec, rt.device, recipe.base.attn_implementation)
     trainable_before, total = count_parameters(base.model)
     model = attach_lora(base.model, recipe.lora, cfg.gradient_checkpointing)
+    fast = install_fast_path(model, cfg, distributed=rt.world_size > 1, sharded=rt.shards_parameters)
+    say(f"fast path: {fast.summary()}")
     trainable, _ = count_parameters(model)
     mem = memory_report(model)
     say(f"base: {recipe.base.model} as {base.quantization} ({total / 1e6:.1f}M params, compute {base.compute_dtype}); "
