@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import sys
+from pathlib import Path
 
 from quant.errors import UserError
 
@@ -83,7 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key (dotted path; value parsed as YAML); repeatable")
-    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir")
+    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir "
+                     "(one that fails its manifest check is moved aside, with a warning, and the one before used)")
+    sft.add_argument("--force", action="store_true", help="with --resume: accept recipe changes that alter the rest "
+                     "of the run (learning rate, schedule, max_steps, ...); changes of the seed, data, LoRA shape "
+                     "or batch geometry are refused even so")
     sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
     _merge_parser(sub)
@@ -137,8 +144,26 @@ def cmd_sft(args) -> int:
         return 0
     from finetune.train.loop import train
 
-    train(recipe, resume=args.resume)
+    if args.force and not args.resume:
+        raise UserError("--force only applies with --resume")
+    with _sigterm_interrupts():
+        train(recipe, resume=args.resume, force=args.force)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM unwinds like Ctrl-C, so temporary directories are removed on the way out."""
+    import signal
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_merge(args) -> int:
@@ -169,10 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # text from users' files may not be encodable
     try:
         return {"sft": cmd_sft, "merge": cmd_merge}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from finetune.train.checkpoint import no_space_message
+
+        print(f"error: {no_space_message(e, Path(e.filename or '.').parent)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume (completed checkpoints are kept)", file=sys.stderr)

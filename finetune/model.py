@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import importlib.util
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +40,12 @@ def checkpoint_quant_method(model_dir: str) -> str | None:
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         return None
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{config}: not valid JSON ({type(e).__name__}); the model directory is damaged") from None
+    qc = (data.get("quantization_config") if isinstance(data, dict) else None) or {}
+    return qc.get("quant_method") if isinstance(qc, dict) else None
 
 
 def resolve_quantization(base: BaseConfig, model_dir: str) -> str:
@@ -79,15 +87,54 @@ class LoadedBase:
     model_dir: str  # the local directory the weights came from (GGUF is converted into a cache dir)
 
 
+def check_attn_implementation(name: str, device: torch.device) -> None:
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("base.attn_implementation = 'flash_attention_2' needs the flash-attn package "
+                        "(pip install flash-attn, on a CUDA machine); use 'sdpa' or 'auto'")
+    if device.type != "cuda":
+        raise UserError(f"base.attn_implementation = 'flash_attention_2' runs on CUDA GPUs only (this run is on "
+                        f"{device.type}); use 'sdpa' or 'auto'")
+
+
+@contextlib.contextmanager
+def _loading(spec: str):
+    """A base that transformers cannot read is the user's to fix: one line naming base.model."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"base.model = '{spec}': cannot load it ({_one_line(e)})") from None
+    except (ValueError, KeyError) as e:
+        raise UserError(f"base.model = '{spec}': not a model transformers can load ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def load_base(base: BaseConfig, device: torch.device) -> LoadedBase:
     """Build the frozen base on `device`; embeddings, norms and lm_head stay unquantized."""
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
+    check_attn_implementation(base.attn_implementation, device)
     model_dir = materialize(base.model, "base.model")
     quantization = resolve_quantization(base, model_dir)
     compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
-    tokenizer = load_tokenizer(model_dir, "base.model")
+    with _loading(base.model):
+        tokenizer = load_tokenizer(model_dir, "base.model")
+    model = _load_model(base, model_dir, quantization, compute_dtype, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedBase(model, tokenizer, quantization, compute_dtype, model_dir)
+
+
+def _load_model(base: BaseConfig, model_dir: str, quantization: str, compute_dtype: torch.dtype,
+                device: torch.device):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     attn = None if base.attn_implementation == "auto" else base.attn_implementation
     if quantization == "gptq":
         from quant.model import load_gptq_model
@@ -103,14 +150,13 @@ def load_base(base: BaseConfig, device: torch.device) -> LoadedBase:
             # except under DeepSpeed ZeRO-3, where transformers refuses a map and uses the current device.
             if not is_deepspeed_zero3_enabled():
                 kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        with _loading(base.model):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         if quantization == "none":
             model.to(device)
         # Before any forward: an eval pass would otherwise convert 4-bit weights to a CPU bf16 layout for good.
         keep_reference_layout(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return LoadedBase(model, tokenizer, quantization, compute_dtype, model_dir)
+    return model
 
 
 def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool):
@@ -146,7 +192,10 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         from quant.peft_support import register_quantlinear
 
         register_quantlinear(config)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft refuses a matched module it cannot adapt (a whole decoder layer, ...)
+        raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
 
 
 def _has_quantlinear(model: torch.nn.Module) -> bool:
@@ -169,10 +218,15 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = 
 
 
 def _check_target_modules(model: torch.nn.Module, targets) -> None:
+    names = [name for name, _ in model.named_modules()]
+    if targets == "all-linear":
+        return
     if isinstance(targets, str):
-        return  # 'all-linear' or a regex; peft reports a miss itself
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n, _ in model.named_modules())]
+        # peft matches a string target against the full module names with re.fullmatch.
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        leaf_names = {name.rsplit(".", 1)[-1] for name in names}
+        missing = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n in names)]
     if missing:
         linear_like = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")} - {"lm_head"}

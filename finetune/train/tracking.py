@@ -31,12 +31,15 @@ class Tracker:
             self.wandb_run = self._start_wandb(recipe, resume=resume_step is not None)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines a crashed run logged past the checkpoint we resume from, so each step appears once."""
+        """Drop lines a crashed run logged past the checkpoint we resume from, so each step appears once, and
+        a line torn by a kill mid-write. The file is replaced whole, never rewritten in place."""
         if not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in self.metrics_path.read_text(errors="replace").splitlines()
+                if (record := _record(line)) is not None and record.get("step", 0) <= step]
+        tmp = self.metrics_path.with_name(f".tmp-{self.metrics_path.name}-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
 
     def _start_wandb(self, recipe: Recipe, resume: bool):
         import wandb
@@ -79,6 +82,15 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _record(line: str) -> dict | None:
+    """A metrics line as a dict, or None for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step", 0), int) else None
 
 
 def _clean(value):
