@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
 import sys
@@ -201,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        from finetune.train.checkpoint import no_space_message
+    except (OSError, RuntimeError) as e:
+        from finetune.train.diskspace import is_no_space, no_space_message
 
-        print(f"error: {no_space_message(e, Path(e.filename or '.').parent)}", file=sys.stderr)
+        if not is_no_space(e):
+            raise
+        print(f"error: {no_space_message(Path(e.filename or '.') if isinstance(e, OSError) else Path('.'))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume (completed checkpoints are kept)", file=sys.stderr)

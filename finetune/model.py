@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from finetune.recipe import BaseConfig, LoraConfig
 from quant.errors import UserError
@@ -44,7 +45,9 @@ def checkpoint_quant_method(model_dir: str) -> str | None:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{config}: not valid JSON ({type(e).__name__}); the model directory is damaged") from None
-    qc = (data.get("quantization_config") if isinstance(data, dict) else None) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{config}: not a JSON object; the model directory is damaged")
+    qc = data.get("quantization_config") or {}
     return qc.get("quant_method") if isinstance(qc, dict) else None
 
 
@@ -107,7 +110,7 @@ def _loading(spec: str):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise UserError(f"base.model = '{spec}': cannot load it ({_one_line(e)})") from None
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, SafetensorError) as e:
         raise UserError(f"base.model = '{spec}': not a model transformers can load ({_one_line(e)})") from None
 
 

@@ -119,9 +119,9 @@ class TrainConfig:
     epochs: Optional[float] = field(default=None, metadata=_range(0, 10**6, lo_open=True))
     micro_batch_size: int = field(default=4, metadata=_range(1, 1 << 20))
     gradient_accumulation: int = field(default=1, metadata=_range(1, 1 << 20))
-    # Above 1 an Adam step moves every weight by about the learning rate: the run only diverges.
+    # An Adam step moves every weight by about the learning rate: far above 1e-3 a LoRA run only diverges.
     learning_rate: float = field(default=2.0e-4, metadata=_range(
-        0, 1, lo_open=True, hint="LoRA learning rates are usually 1e-5 to 5e-4"))
+        0, 0.1, lo_open=True, hint="LoRA learning rates are usually 1e-5 to 5e-4"))
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = field(default=0, metadata=_range(0, 10**9))
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
@@ -400,10 +400,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _resolve_paths(data: dict, base_dir: Path) -> None:
     """Relative file paths in a recipe are relative to the recipe's own directory, unless they exist from cwd."""
     for section, key in (("data", "train"), ("data", "eval"), ("base", "model")):
-        value = (data.get(section) or {}).get(key)
+        block = data.get(section)
+        value = block.get(key) if isinstance(block, dict) else None  # a non-mapping section is refused later
         if isinstance(value, str) and _looks_like_path(value) and not value.startswith(("pkg:", "~", "/")):
             candidate = base_dir / value
-            if not Path(value).exists() and candidate.exists():
+            if not _exists(value) and _exists(str(candidate)):
                 data[section][key] = str(candidate)
 
 

@@ -67,7 +67,11 @@ def materialize(spec: str, what: str = "model") -> str:
     if (target / "config.json").exists():
         return str(target)
     log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
-    _convert_gguf(gguf, target)
+    try:
+        _convert_gguf(gguf, target)
+    except (ValueError, KeyError, IndexError) as e:  # the gguf reader's and transformers' ways of saying "not GGUF"
+        message = " ".join(str(e).split())[:300]
+        raise UserError(f"{what}: '{spec}' cannot be read as a GGUF model ({type(e).__name__}: {message})") from None
     return str(target)
 
 

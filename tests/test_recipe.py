@@ -53,7 +53,7 @@ def test_relative_data_path_resolves_against_the_recipe_directory(tmp_path, good
 @pytest.mark.parametrize("mutate, expected", [
     (lambda r: r["train"].update(max_stesp=3), "unknown key 'train.max_stesp' (did you mean 'max_steps'?)"),
     (lambda r: r["lora"].update(r="eight"), "lora.r = 'eight' is not valid (expected an integer)"),
-    (lambda r: r["train"].update(learning_rate=-1), "train.learning_rate = -1.0 is out of range (must be > 0 and <= 1; LoRA learning rates"),
+    (lambda r: r["train"].update(learning_rate=-1), "train.learning_rate = -1.0 is out of range (must be > 0 and <= 0.1; LoRA learning rates"),
     (lambda r: r["lora"].update(dropout=1.5), "lora.dropout = 1.5 is out of range (must be >= 0 and <= 1)"),
     (lambda r: r["base"].update(quantization="nf5"), "base.quantization = 'nf5' is not valid (expected one of"),
     (lambda r: r["data"].update(train="missing.jsonl"), "data.train = 'missing.jsonl': file not found"),

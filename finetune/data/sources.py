@@ -81,7 +81,7 @@ def read_rows(spec: str, split: str = "train", max_examples: int | None = None, 
 
 def _read_text(path: Path, spec: str, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM some editors write is not part of the data
     except UnicodeDecodeError as e:
         raise UserError(f"{what}: '{spec}' is not UTF-8 text (byte {e.start})") from None
     except OSError as e:

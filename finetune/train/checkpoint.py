@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from finetune.train.state_io import (StateFormatError, load_json_tree, load_tree, save_json_tree, save_tree)
 from quant.errors import UserError
@@ -254,12 +255,14 @@ def _parse_problem(file: Path) -> str | None:
     try:
         if file.suffix == ".json":
             json.loads(file.read_text(encoding="utf-8"))
+        elif file.suffix == ".yaml":
+            yaml.safe_load(file.read_text(encoding="utf-8"))
         elif file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as f:
                 meta = f.metadata() or {}
             if file.parent.name != "adapter" and "format" not in meta:
                 return "was not written by finetune (no state metadata)"
-    except (SafetensorError, OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except (SafetensorError, OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as e:
         return f"is not valid ({type(e).__name__})"
     return None
 
@@ -350,32 +353,3 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
     own = path / f"rng-{rank}.safetensors"
     set_rng_state(_load(load_tree, own if own.exists() else path / "rng.safetensors"))
     return read_train_state(path)
-
-
-# ---------------------------------------------------------------------------------------------- disk space
-
-
-@contextmanager
-def disk_space_guard(directory: Path, needed_bytes: int):
-    """Turn a full disk while writing under `directory` into one line naming the file, the free space and
-    about how much the write needs."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise UserError(no_space_message(e, directory, needed_bytes)) from None
-
-
-def no_space_message(e: OSError, directory: Path, needed_bytes: int | None = None) -> str:
-    where = e.filename or directory
-    probe = Path(directory)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free / 2**20
-    need = f", about {max(needed_bytes / 2**20, 0.1):.0f} MiB needed" if needed_bytes else ""
-    return f"no space left writing {where}; {free:.0f} MiB free{need} (free some space, then --resume)"
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

@@ -21,7 +21,8 @@ from finetune.data import build_datasets, count_label_tokens
 from finetune.model import attach_lora, count_parameters, load_base, memory_report
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
-from finetune.train.checkpoint import TrainState, atomic_dir, disk_space_guard, tensor_bytes, write_text_atomic
+from finetune.train.checkpoint import TrainState, atomic_dir, write_text_atomic
+from finetune.train.diskspace import disk_space_guard, tensor_bytes
 from finetune.train.guard import check_loss, check_weights
 from finetune.train.guard import stop as guard_stop
 from finetune.train.loss import causal_lm_loss, fusable_head
@@ -111,7 +112,8 @@ def _train(recipe: Recipe, rt: Runtime, start: RunStart, say) -> TrainResult:
     recipe_text = dump_recipe(recipe)
     tracker = Tracker(recipe, out_dir, resume_step=state.step if resumed else None, enabled=rt.is_main)
     if rt.is_main:
-        write_text_atomic(out_dir / "recipe.yaml", recipe_text)
+        with disk_space_guard(out_dir / "recipe.yaml", len(recipe_text)):
+            write_text_atomic(out_dir / "recipe.yaml", recipe_text)
 
     def save_checkpoint() -> None:
         check_weights(recipe, out_dir, state.step, model)  # a checkpoint is only ever written from finite weights
@@ -150,6 +152,7 @@ def _train(recipe: Recipe, rt: Runtime, start: RunStart, say) -> TrainResult:
 
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
+    start.closers.append(bar.close)
     write = bar.write if rt.is_main else (lambda *a, **k: None)
     batches = stream.iterate(state.epoch, state.batch_offset)
     last_loss, run_tokens, run_time = None, 0, 0.0
@@ -212,7 +215,7 @@ def _train(recipe: Recipe, rt: Runtime, start: RunStart, say) -> TrainResult:
     adapter_state = rt.full_adapter_state(model)
     if rt.is_main:
         trainable = [p for p in rt.unwrap(model).parameters() if p.requires_grad]
-        with disk_space_guard(out_dir, tensor_bytes(trainable) + 2**20):
+        with disk_space_guard(adapter_dir, tensor_bytes(trainable) + 2**20):  # + tokenizer files
             _save_final_adapter(rt.unwrap(model), base, recipe, adapter_dir, adapter_state)
     rt.barrier()
     wall = time.perf_counter() - started

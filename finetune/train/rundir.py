@@ -19,6 +19,7 @@ from pathlib import Path
 
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
+from finetune.train.diskspace import disk_space_guard
 from finetune.train.resume import check_changes
 from quant.errors import UserError
 
@@ -72,8 +73,13 @@ class RunLock:
         self._lock = lock
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         tmp = self.out_dir / f".tmp-lock-owner-{os.getpid()}"
-        tmp.write_text(json.dumps(owner))
-        os.replace(tmp, self.out_dir / OWNER)
+        try:
+            with disk_space_guard(self.out_dir / OWNER, 4096):
+                tmp.write_text(json.dumps(owner))
+                os.replace(tmp, self.out_dir / OWNER)
+        except BaseException:
+            self.release()
+            raise
         return self
 
     def _holder(self) -> str:
@@ -112,8 +118,11 @@ class RunStart:
     checkpoint: Path | None = None  # what to resume from
     forced: list[str] = field(default_factory=list)  # recipe keys changed under --resume --force
     lock: RunLock | None = None
+    closers: list = field(default_factory=list)  # run at the end, also on an error (progress bars)
 
     def close(self) -> None:
+        for fn in reversed(self.closers):
+            fn()  # a progress bar ends its line before the error message is printed
         if self.lock is not None:
             self.lock.release()
 

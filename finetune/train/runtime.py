@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from finetune.train import checkpoint as ckpt
+from finetune.train.diskspace import disk_space_guard, tensor_bytes
 from finetune.train.state_io import StateFormatError, WeightsOnlyEngine
 from quant.errors import UserError
 
@@ -310,8 +311,8 @@ class Runtime:
         adapter = self.full_adapter_state(model)
         optimizer_state = self._full_optimizer_state(model, optimizer)
         trainable = [p for p in self.unwrap(model).parameters() if p.requires_grad]
-        needed = 3 * ckpt.tensor_bytes(trainable) + 2**20  # adapter + two Adam moments + small files
-        with ckpt.disk_space_guard(Path(out_dir), needed):
+        needed = 3 * tensor_bytes(trainable) + 2**16  # adapter + two Adam moments + small files
+        with disk_space_guard(final, needed):
             seal = lambda tmp: ckpt.write_manifest(tmp, state.step)  # noqa: E731
             with ckpt.shared_atomic_dir(final, self.is_main, self.barrier, seal=seal) as tmp:
                 ckpt.write_rng(tmp, self.rank, self.world_size)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from finetune.recipe import Recipe
+from finetune.train.diskspace import disk_space_guard
 
 
 class Tracker:
@@ -66,8 +67,9 @@ class Tracker:
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with disk_space_guard(self.metrics_path, len(line)), open(self.metrics_path, "a") as f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
         if self.wandb_run is not None:
