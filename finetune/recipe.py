@@ -427,7 +427,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever PyYAML says
+        raise RecipeError(f"{source}: not valid YAML{where}: {problem}") from None
     except RecursionError:
         raise RecipeError(f"{source}: nested too deeply to be a recipe (sections hold keys and values)") from None
     if not isinstance(data, dict):
