@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import math
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,14 +24,11 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from quant.errors import UserError
-
+# RecipeError lives with the checks that raise it and is imported from here by the rest of the code.
+from finetune.recipe_checks import (DuplicateKey, RecipeError, encodable, parse_yaml, path_or_id, short,  # noqa: F401
+                                    target_modules)
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class RecipeError(UserError):
-    """A recipe problem; the message is one line naming the key."""
 
 
 def _range(lo=None, hi=None, lo_open=False, hint=None, check=None):
@@ -41,48 +37,9 @@ def _range(lo=None, hi=None, lo_open=False, hint=None, check=None):
     return {"lo": lo, "hi": hi, "lo_open": lo_open, "hint": hint, "check": check}
 
 
-def _short(value) -> str:
-    """repr for an error message: bounded in length and depth (values can be huge or nested 5,000 deep)."""
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlevel, r.maxlist, r.maxdict = 80, 80, 3, 6, 4
-    return r.repr(value)
-
-
-def _path_or_id(value: str, where: str, source: str) -> None:
-    """A file path or hub id the OS can be asked about: no NUL, no over-long name, a resolvable `~user`."""
-    if len(value) > 4096 or any(len(part) > 255 for part in value.split("/")):
-        raise RecipeError(f"{source}: {where} = {_short(value)} is too long to be a path or a hub id")
-    try:
-        Path(value).expanduser()
-    except RuntimeError:
-        raise RecipeError(f"{source}: {where} = {value!r}: cannot expand '~' (no such user)") from None
-
-
-def _target_modules(value, where: str, source: str) -> None:
-    if isinstance(value, list):
-        if not value:
-            raise RecipeError(f"{source}: {where} is an empty list (use 'all-linear' or module names)")
-        empty = [i for i, name in enumerate(value) if not name.strip()]
-        if empty:
-            raise RecipeError(f"{source}: {where}[{empty[0]}] is an empty module name "
-                              "(use 'all-linear' or names like q_proj)")
-        return
-    if value == "all-linear":
-        return
-    if not value.strip():
-        raise RecipeError(f"{source}: {where} = {value!r} is empty (use 'all-linear', a list of module names, "
-                          "or a regex over module paths)")
-    try:
-        re.compile(value)
-    except (re.error, RecursionError, OverflowError) as e:
-        raise RecipeError(f"{source}: {where} = {_short(value)} is neither 'all-linear' nor a valid regular "
-                          f"expression ({e}); use 'all-linear', a list like [q_proj, v_proj], or a regex such "
-                          r"as '.*\.(q|v)_proj'") from None
-
-
 @dataclass
 class BaseConfig:
-    model: str = field(default="", metadata=_range(check=_path_or_id))
+    model: str = field(default="", metadata=_range(check=path_or_id))
     quantization: Literal["auto", "nf4", "fp4", "int8", "gptq", "none"] = "auto"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -96,13 +53,13 @@ class LoraConfig:
     r: int = field(default=16, metadata=_range(1, 4096))
     alpha: float = field(default=32, metadata=_range(0, 16384, lo_open=True))
     dropout: float = field(default=0.05, metadata=_range(0, 1))
-    target_modules: Union[str, list[str]] = field(default="all-linear", metadata=_range(check=_target_modules))
+    target_modules: Union[str, list[str]] = field(default="all-linear", metadata=_range(check=target_modules))
 
 
 @dataclass
 class DataConfig:
-    train: str = field(default="", metadata=_range(check=_path_or_id))
-    eval: Optional[str] = field(default=None, metadata=_range(check=_path_or_id))
+    train: str = field(default="", metadata=_range(check=path_or_id))
+    eval: Optional[str] = field(default=None, metadata=_range(check=path_or_id))
     eval_fraction: float = field(default=0.0, metadata=_range(0, 0.9))
     format: Literal["auto", "chat", "sharegpt", "alpaca", "completion", "text"] = "auto"
     max_length: int = field(default=1024, metadata=_range(8, 1 << 20))
@@ -145,7 +102,7 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = field(default="runs/default", metadata=_range(check=_path_or_id))
+    dir: str = field(default="runs/default", metadata=_range(check=path_or_id))
 
 
 @dataclass
@@ -252,8 +209,8 @@ def _check_value(value, meta, where: str, source: str):
     for item in value if isinstance(value, list) else [value]:
         if isinstance(item, float) and not math.isfinite(item):
             raise RecipeError(f"{source}: {where} = {item!r} is not a finite number")
-        if isinstance(item, str) and ("\0" in item or not _encodable(item)):
-            raise RecipeError(f"{source}: {where} = {_short(item)} holds a NUL or an invalid Unicode character")
+        if isinstance(item, str) and ("\0" in item or not encodable(item)):
+            raise RecipeError(f"{source}: {where} = {short(item)} holds a NUL or an invalid Unicode character")
     if value is None or not meta:
         return
     lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
@@ -262,17 +219,9 @@ def _check_value(value, meta, where: str, source: str):
         lower = f"> {lo}" if lo_open else f">= {lo}"
         allowed = lower if hi is None else f"{lower} and <= {hi}"
         hint = f"; {meta['hint']}" if meta.get("hint") else ""
-        raise RecipeError(f"{source}: {where} = {_short(value)} is out of range (must be {allowed}{hint})")
+        raise RecipeError(f"{source}: {where} = {short(value)} is out of range (must be {allowed}{hint})")
     if meta.get("check"):
         meta["check"](value, where, source)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate, e.g. from "\ud800" in the YAML
-        return False
-    return True
 
 
 def _build(cls, data, where: str, source: str):
@@ -285,7 +234,7 @@ def _build(cls, data, where: str, source: str):
             full = f"{where}.{key}" if where else str(key)
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
-            raise RecipeError(f"{source}: unknown key {_short(full)}{hint}")
+            raise RecipeError(f"{source}: unknown key {short(full)}{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
@@ -298,7 +247,7 @@ def _build(cls, data, where: str, source: str):
         try:
             value = _coerce(data[name], tp)
         except TypeError:
-            raise RecipeError(f"{source}: {full} = {_short(data[name])} is not valid "
+            raise RecipeError(f"{source}: {full} = {short(data[name])} is not valid "
                               f"(expected {_type_name(tp)})") from None
         _check_value(value, f.metadata, full, source)
         kwargs[name] = value
@@ -342,42 +291,15 @@ def _looks_like_path(value: str) -> bool:
     }
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last one: a
-    second `train:` section would replace the first)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = self.construct_object(key_node)
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise _DuplicateKey(f"duplicate key {_short(key)} at line {line} (first at line {seen[key]}); "
-                                        "a repeated key or section would silently replace the first")
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _parse_yaml(text: str):
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.max_steps=10` -> (['train', 'max_steps'], 10); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set '{text}': expected KEY=VALUE, e.g. --set train.max_steps=10")
     try:
-        value = _parse_yaml(raw) if raw.strip() else ""
-    except _DuplicateKey as e:
-        raise RecipeError(f"--set {_short(text)}: {e}") from None
+        value = parse_yaml(raw) if raw.strip() else ""
+    except DuplicateKey as e:
+        raise RecipeError(f"--set {short(text)}: {e}") from None
     except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip().split("."), value
@@ -421,8 +343,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except OSError as e:
         raise RecipeError(f"{source}: cannot read the recipe ({e.strerror or e})") from None
     try:
-        data = _parse_yaml(text) or {}
-    except _DuplicateKey as e:
+        data = parse_yaml(text) or {}
+    except DuplicateKey as e:
         raise RecipeError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

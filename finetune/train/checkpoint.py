@@ -320,6 +320,14 @@ def read_train_state(path: Path) -> TrainState:
     return TrainState(**{k: v for k, v in data.items() if k in known})
 
 
+def check_world_size(path: Path, world_size: int) -> None:
+    """Per-rank state (RNG, ZeRO partitions) resumes only into as many processes as wrote it."""
+    saved = read_train_state(path).world_size
+    if saved != world_size:
+        raise UserError(f"{path} was written by {saved} processes; resume it with the same number "
+                        f"(this run has {world_size})")
+
+
 def load_optimizer_state(path: Path) -> dict:
     return _load(load_tree, Path(path) / "optimizer.safetensors")
 

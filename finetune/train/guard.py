@@ -17,6 +17,25 @@ from finetune.train.checkpoint import list_checkpoints
 from quant.errors import UserError
 
 
+class NonFiniteGradient(ArithmeticError):
+    """The gradient norm of a step is NaN or infinite; raised before the optimizer applies it (DeepSpeed: after,
+    since its engine clips and steps in one call)."""
+
+    def __init__(self, norm: float):
+        super().__init__(f"gradient norm {norm}")
+        self.norm = norm
+
+
+def finite_norm(norm) -> float | None:
+    """A gradient norm (tensor, DTensor or number; None where unknown) as a float; NonFiniteGradient if NaN/inf."""
+    if norm is None:
+        return None
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not math.isfinite(norm):
+        raise NonFiniteGradient(norm)
+    return norm
+
+
 def likely_cause(recipe: Recipe) -> str:
     t, lora, base = recipe.train, recipe.lora, recipe.base
     if t.learning_rate > 1e-3:

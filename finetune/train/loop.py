@@ -23,13 +23,12 @@ from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
 from finetune.train.checkpoint import TrainState, atomic_dir, write_text_atomic
 from finetune.train.diskspace import disk_space_guard, tensor_bytes
-from finetune.train.guard import check_loss, check_weights
-from finetune.train.guard import stop as guard_stop
+from finetune.train.guard import NonFiniteGradient, check_loss, check_weights, stop as guard_stop
 from finetune.train.loss import causal_lm_loss, fusable_head
 from finetune.train.optim import build_optimizer, build_scheduler
 from finetune.train.resume import SCHEDULE, check_data, data_fingerprint, reapply_schedule
 from finetune.train.rundir import RunStart, prepare_run
-from finetune.train.runtime import NonFiniteGradient, Runtime
+from finetune.train.runtime import Runtime
 from finetune.train.samples import generate_samples, prompts_from_examples
 from finetune.train.tracking import Tracker, format_metrics
 from quant.errors import UserError
@@ -54,6 +53,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print, force: bool = False)
     allow recipe changes that alter the rest of the trajectory (finetune/train/resume.py)."""
     rt = Runtime.create()
     say = echo if rt.is_main else (lambda *a, **k: None)
+    rt.check_base(recipe.base)  # a base this distributed setup cannot train: refused before output.dir is touched
     start = prepare_run(recipe, rt, resume, force, say)  # output.dir checked and locked before anything loads
     try:
         return _train(recipe, rt, start, say)
@@ -67,7 +67,6 @@ def _train(recipe: Recipe, rt: Runtime, start: RunStart, say) -> TrainResult:
     cfg = recipe.train
     rt.seed_everything(cfg.seed)
 
-    rt.check_base(recipe.base)
     base = load_base(recipe.base, rt.device)
     trainable_before, total = count_parameters(base.model)
     model = attach_lora(base.model, recipe.lora, cfg.gradient_checkpointing)

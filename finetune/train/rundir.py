@@ -127,7 +127,7 @@ class RunStart:
             self.lock.release()
 
 
-def _main_part(recipe: Recipe, resume: bool, force: bool, say) -> RunStart:
+def _main_part(recipe: Recipe, resume: bool, force: bool, world_size: int, say) -> RunStart:
     out = check_output_dir(recipe)
     start = RunStart(out, lock=RunLock(out).acquire())
     try:
@@ -144,6 +144,7 @@ def _main_part(recipe: Recipe, resume: bool, force: bool, say) -> RunStart:
         if start.checkpoint is None:
             say(f"--resume: no complete checkpoint in {out}; starting from step 0")
         else:
+            ckpt.check_world_size(start.checkpoint, world_size)  # before the recipe: the more basic mismatch
             start.forced = check_changes(start.checkpoint, recipe, force, say)
         return start
     except BaseException:
@@ -156,7 +157,7 @@ def prepare_run(recipe: Recipe, rt, resume: bool, force: bool, say) -> RunStart:
     start, error = None, None
     if rt.is_main:
         try:
-            start = _main_part(recipe, resume, force, say)
+            start = _main_part(recipe, resume, force, rt.world_size, say)
         except UserError as e:
             error = e
     if rt.from_main(int(error is not None)):

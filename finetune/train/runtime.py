@@ -13,7 +13,6 @@ one CPU process, one GPU, DDP, DeepSpeed ZeRO-2/3 or FSDP2 ranks. What differs b
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import resource
@@ -26,32 +25,11 @@ import torch
 
 from finetune.train import checkpoint as ckpt
 from finetune.train.diskspace import disk_space_guard, tensor_bytes
+from finetune.train.guard import finite_norm
 from finetune.train.state_io import StateFormatError, WeightsOnlyEngine
 from quant.errors import UserError
 
 _MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteGradient(ArithmeticError):
-    """The gradient norm of a step is NaN or infinite; raised before the optimizer applies it (DeepSpeed: after,
-    since its engine clips and steps in one call)."""
-
-    def __init__(self, norm: float):
-        super().__init__(f"gradient norm {norm}")
-        self.norm = norm
-
-
-def _as_float(norm) -> float | None:
-    if norm is None:
-        return None
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(norm)
-
-
-def _finite(norm: float | None) -> float | None:
-    if norm is not None and not math.isfinite(norm):
-        raise NonFiniteGradient(norm)
-    return norm
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -264,10 +242,10 @@ class Runtime:
         """Clip, step the optimizer and the LR schedule, zero the gradients; return the pre-clip grad norm."""
         if self.engine is not None:
             self.engine.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes
-            norm = _finite(_as_float(self.engine.get_global_grad_norm()))
+            norm = finite_norm(self.engine.get_global_grad_norm())
         else:
             # Checked before stepping: a NaN/inf gradient would be written into every LoRA weight.
-            norm = _finite(_as_float(self._clip_grad_norm(model, max_grad_norm)))
+            norm = finite_norm(self._clip_grad_norm(model, max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -341,10 +319,7 @@ class Runtime:
 
     def load_checkpoint(self, path: Path, model, optimizer, scheduler):
         """Restore everything `save_checkpoint` wrote into this rank; refuses a different world size."""
-        saved = ckpt.read_train_state(path).world_size
-        if saved != self.world_size:
-            raise UserError(f"{path} was written by {saved} processes; resume it with the same number "
-                            f"(this run has {self.world_size})")
+        ckpt.check_world_size(path, self.world_size)
         if self.engine is not None:
             # Restores the LoRA weights (fp32 masters included) and the per-rank optimizer partitions.
             # DeepSpeed would unpickle its files with weights_only=False; ours reads them as data only.
