@@ -92,7 +92,9 @@ def test_optimizer_scheduler_and_rng_state_round_trip_exactly(tmp_path):
         loaded = load_tree(tmp_path / "opt.safetensors")
         assert _same(loaded, opt.state_dict())  # int parameter keys, tuples and bnb's nested quant state too
         opt.load_state_dict(loaded)
-    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(params), lambda s: 0.5 ** s)
+    adam = torch.optim.AdamW(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(adam, lambda s: 0.5 ** s)
+    adam.step()
     sched.step()
     save_json_tree(sched.state_dict(), tmp_path / "s.json")
     assert load_json_tree(tmp_path / "s.json") == sched.state_dict()
