@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from quant.errors import UserError
 
@@ -77,7 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key (dotted path; value parsed as YAML); repeatable")
-    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir")
+    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir "
+                     "(one that fails its manifest check is moved aside, with a warning, and the one before used)")
+    sft.add_argument("--force", action="store_true", help="with --resume: accept recipe changes that alter the rest "
+                     "of the run (learning rate, schedule, max_steps, ...); changes of the seed, data, LoRA shape "
+                     "or batch geometry are refused even so")
     sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
     _merge_parser(sub)
@@ -168,8 +174,26 @@ def cmd_sft(args) -> int:
         return 0
     from finetune.train.loop import train
 
-    train(recipe, resume=args.resume)
+    if args.force and not args.resume:
+        raise UserError("--force only applies with --resume")
+    with _sigterm_interrupts():
+        train(recipe, resume=args.resume, force=args.force)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM unwinds like Ctrl-C, so temporary directories are removed on the way out."""
+    import signal
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_merge(args) -> int:
@@ -196,10 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # text from users' files may not be encodable
     try:
         return {"sft": cmd_sft, "merge": cmd_merge}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        from finetune.train.diskspace import is_no_space, no_space_message
+
+        if not is_no_space(e):
+            raise
+        print(f"error: {no_space_message(Path(e.filename or '.') if isinstance(e, OSError) else Path('.'))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume (completed checkpoints are kept)", file=sys.stderr)

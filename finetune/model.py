@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import importlib.util
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 
 from finetune.recipe import BaseConfig, LoraConfig
 from quant.errors import UserError
@@ -51,12 +55,43 @@ def load_base(base: BaseConfig | BaseSpec, device: torch.device, attn_implementa
     attn_implementation then applies); embeddings, norms and lm_head stay unquantized."""
     if isinstance(base, BaseConfig):
         base, attn_implementation = resolve_base(base, device), base.attn_implementation
-    tokenizer = load_tokenizer(base.model_dir, "base.model")
-    attn = None if attn_implementation == "auto" else attn_implementation
-    model = formats.format_of(base).load(base, device, attn)
+    check_attn_implementation(attn_implementation, device)
+    with _loading(base.model):
+        tokenizer = load_tokenizer(base.model_dir, "base.model")
+        attn = None if attn_implementation == "auto" else attn_implementation
+        model = formats.format_of(base).load(base, device, attn)
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedBase(model, tokenizer, base)
+
+
+def check_attn_implementation(name: str, device: torch.device) -> None:
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("base.attn_implementation = 'flash_attention_2' needs the flash-attn package "
+                        "(pip install flash-attn, on a CUDA machine); use 'sdpa' or 'auto'")
+    if device.type != "cuda":
+        raise UserError(f"base.attn_implementation = 'flash_attention_2' runs on CUDA GPUs only (this run is on "
+                        f"{device.type}); use 'sdpa' or 'auto'")
+
+
+@contextlib.contextmanager
+def _loading(spec: str):
+    """A base that transformers cannot read is the user's to fix: one line naming base.model."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"base.model = '{spec}': cannot load it ({_one_line(e)})") from None
+    except (ValueError, KeyError, SafetensorError) as e:
+        raise UserError(f"base.model = '{spec}': not a model transformers can load ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool):
@@ -92,8 +127,11 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         from quant.peft_support import register_quantlinear
 
         register_quantlinear(config)
-    with _quiet_peft_checkpointing_probe():
-        return get_peft_model(model, config)
+    try:
+        with _quiet_peft_checkpointing_probe():
+            return get_peft_model(model, config)
+    except ValueError as e:  # peft refuses a matched module it cannot adapt (a whole decoder layer, ...)
+        raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
 
 
 def _has_quantlinear(model: torch.nn.Module) -> bool:
@@ -126,10 +164,15 @@ def _quiet_peft_checkpointing_probe():
 
 
 def _check_target_modules(model: torch.nn.Module, targets) -> None:
+    names = [name for name, _ in model.named_modules()]
+    if targets == "all-linear":
+        return
     if isinstance(targets, str):
-        return  # 'all-linear' or a regex; peft reports a miss itself
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n, _ in model.named_modules())]
+        # peft matches a string target against the full module names with re.fullmatch.
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        leaf_names = {name.rsplit(".", 1)[-1] for name in names}
+        missing = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n in names)]
     if missing:
         linear_like = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")} - {"lm_head"}

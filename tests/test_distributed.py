@@ -101,9 +101,10 @@ def test_ddp_two_processes_match_one_process_and_resume(tmp_path, tiny_model_dir
                            train={**TWO_PROCESSES, "max_steps": STEPS})
     _ok(_launch("ddp", recipe))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-4", "metrics.jsonl", "recipe.yaml"]
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .lock: the run lock
+    assert visible == ["adapter", "checkpoint-4", "metrics.jsonl", "recipe.yaml"]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
-    assert sorted(p.name for p in (out / "checkpoint-4").glob("rng*")) == ["rng-0.pt", "rng-1.pt"]
+    assert sorted(p.name for p in (out / "checkpoint-4").glob("rng*")) == ["rng-0.safetensors", "rng-1.safetensors"]
     assert [r["step"] for r in _loss_rows(out)] == [1, 2, 3, 4]  # the main process alone writes metrics
     diff = _max_diff(_adapter(out / "adapter"), _adapter(reference / "checkpoint-4" / "adapter"))
     assert diff < 1e-6, diff
@@ -199,7 +200,8 @@ def test_fsdp2_paths_on_cpu_train_gather_and_resume_exactly(tmp_path, tiny_model
     assert result["train_diff"] < 1e-6  # 3 steps sharded == 3 steps on one process
     assert result["norms"] == pytest.approx(result["plain_norms"], rel=1e-5)
     assert result["load_diff"] == 0.0 and result["optim_diff"] == 0.0 and result["step"] == 3
-    assert result["files"] == ["adapter", "optimizer.pt", "rng-0.pt", "rng-1.pt", "scheduler.pt", "trainer_state.json"]
+    assert result["files"] == ["adapter", "manifest.json", "optimizer.safetensors", "rng-0.safetensors",
+                               "rng-1.safetensors", "scheduler.json", "trainer_state.json"]
 
 
 # ----------------------------------------------------------------------------- configs, without launching

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from finetune.train import checkpoint as ckpt
+from finetune.train.diskspace import disk_space_guard, tensor_bytes
+from finetune.train.guard import finite_norm
+from finetune.train.state_io import StateFormatError, WeightsOnlyEngine
 from quant.errors import UserError
-from quant.files import staged
 from quant.formats.base import MIXED_PRECISION, BaseSpec, ShardingSetup
 from quant.formats.registry import sharding_problem
 
@@ -199,14 +201,14 @@ class Runtime:
         """Clip, step the optimizer and the LR schedule, zero the gradients; return the pre-clip grad norm."""
         if self.engine is not None:
             self.engine.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes
-            norm = self.engine.get_global_grad_norm()
+            norm = finite_norm(self.engine.get_global_grad_norm())
         else:
-            norm = self._clip_grad_norm(model, max_grad_norm)
+            # Checked before stepping: a NaN/inf gradient would be written into every LoRA weight.
+            norm = finite_norm(self._clip_grad_norm(model, max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     def _clip_grad_norm(self, model, max_norm: float):
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
@@ -231,21 +233,36 @@ class Runtime:
                 return {n: p.detach().cpu().clone() for n, p in named}
         return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in named}
 
-    def save_checkpoint(self, out_dir: Path, model, optimizer, scheduler, state, keep: int) -> None:
-        """Write `checkpoint-<step>` atomically; every rank calls this (ranks write their own shards)."""
+    def save_checkpoint(self, out_dir: Path, model, optimizer, scheduler, state, keep: int,
+                        recipe_text: str | None = None) -> None:
+        """Write `checkpoint-<step>` all or nothing; every rank calls this (ranks write their own shards).
+
+        A checkpoint that already exists under that name (the one this run resumed from) is complete and is
+        never written again."""
+        final = Path(out_dir) / f"checkpoint-{state.step}"
+        if self.from_main(int(final.is_dir())):
+            if self.is_main:
+                ckpt.prune_checkpoints(Path(out_dir), keep)
+            self.barrier()
+            return
         adapter = self.full_adapter_state(model)
         optimizer_state = self._full_optimizer_state(model, optimizer)
-        final = Path(out_dir) / f"checkpoint-{state.step}"
-        with staged(final, shared=(self.is_main, self.barrier)) as tmp:
-            torch.save(ckpt.rng_state(), tmp / ckpt.rng_file(self.rank, self.world_size))
-            if self.engine is not None:
-                # ZeRO partitions the optimizer state (and master weights) per rank; DeepSpeed writes each part.
-                self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
-                                            exclude_frozen_parameters=True)
+        trainable = [p for p in self.unwrap(model).parameters() if p.requires_grad]
+        needed = 3 * tensor_bytes(trainable) + 2**16  # adapter + two Adam moments + small files
+        with disk_space_guard(final, needed):
+            seal = lambda tmp: ckpt.write_manifest(tmp, state.step)  # noqa: E731
+            with ckpt.shared_atomic_dir(final, self.is_main, self.barrier, seal=seal) as tmp:
+                ckpt.write_rng(tmp, self.rank, self.world_size)
+                if self.engine is not None:
+                    # ZeRO partitions the optimizer state (and master weights) per rank; DeepSpeed writes each
+                    # part with torch.save, and load_checkpoint reads them back weights-only.
+                    self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
+                                                exclude_frozen_parameters=True)
+                if self.is_main:
+                    ckpt.write_state_files(tmp, self.unwrap(model), optimizer_state, scheduler, state, adapter,
+                                           recipe_text)
             if self.is_main:
-                ckpt.write_state_files(tmp, self.unwrap(model), optimizer_state, scheduler, state, adapter)
-        if self.is_main:
-            ckpt.prune_checkpoints(Path(out_dir), keep)
+                ckpt.prune_checkpoints(Path(out_dir), keep)
         self.barrier()
 
     def _full_optimizer_state(self, model, optimizer) -> dict | None:
@@ -261,16 +278,21 @@ class Runtime:
 
     def load_checkpoint(self, path: Path, model, optimizer, scheduler):
         """Restore everything `save_checkpoint` wrote into this rank; refuses a different world size."""
-        saved = ckpt.read_train_state(path).world_size
-        if saved != self.world_size:
-            raise UserError(f"{path} was written by {saved} processes; resume it with the same number "
-                            f"(this run has {self.world_size})")
+        ckpt.check_world_size(path, self.world_size)
         if self.engine is not None:
             # Restores the LoRA weights (fp32 masters included) and the per-rank optimizer partitions.
-            loaded, _ = self.engine.load_checkpoint(str(Path(path) / "deepspeed"), tag="state",
-                                                    load_module_strict=False, load_lr_scheduler_states=False)
+            # DeepSpeed would unpickle its files with weights_only=False; ours reads them as data only.
+            inner = self.engine.checkpoint_engine
+            self.engine.checkpoint_engine = WeightsOnlyEngine(inner)
+            try:
+                loaded, _ = self.engine.load_checkpoint(str(Path(path) / "deepspeed"), tag="state",
+                                                        load_module_strict=False, load_lr_scheduler_states=False)
+            except StateFormatError as e:
+                raise UserError(f"{path}/deepspeed: {e}") from None
+            finally:
+                self.engine.checkpoint_engine = inner
             if loaded is None:
-                raise RuntimeError(f"{path}: DeepSpeed found no state to load")
+                raise UserError(f"{path}: DeepSpeed found no state to load in {path}/deepspeed")
             return ckpt.load_checkpoint(path, None, None, scheduler, self.rank)
         if self.distributed_type == "FSDP":
             return self._load_fsdp(path, model, optimizer, scheduler)
@@ -288,11 +310,11 @@ class Runtime:
         for name in names:
             key = name.replace(".default.", ".")
             if key not in weights:
-                raise RuntimeError(f"{path}/adapter: no tensor for {name}")
+                raise UserError(f"{path}/adapter: no tensor for {name}")
             full[name] = weights[key]
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, full, options=options)
-        optim = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False)
+        optim = ckpt.load_optimizer_state(Path(path))
         set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=optim, options=options)
         return ckpt.load_checkpoint(path, None, None, scheduler, self.rank)
 
@@ -303,6 +325,10 @@ class Runtime:
         t = torch.tensor([float(value), float(count)], dtype=torch.float64, device=self.device)
         t = self.accelerator.reduce(t, reduction="sum")
         return float(t[0]), int(round(float(t[1])))
+
+    def from_main(self, value: int) -> int:
+        """The main process's `value` on every rank (a collective: every rank must call it)."""
+        return self.sum_across(0.0, value if self.is_main else 0)[1]
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -102,8 +102,19 @@ def declared_format(model_dir: str | Path) -> Format | None:
     if not path.is_dir():
         return None
     config = path / "config.json"
-    qc = (json.loads(config.read_text()).get("quantization_config") or None) if config.is_file() else None
+    qc = _quantization_config(config) if config.is_file() else None
     return next((f for f in FORMATS if f.base and f.declares(qc, path)), None)
+
+
+def _quantization_config(config: Path) -> dict | None:
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{config}: not valid JSON ({type(e).__name__}); the model directory is damaged") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config}: not a JSON object; the model directory is damaged")
+    qc = data.get("quantization_config") or None
+    return qc if isinstance(qc, dict) else None
 
 
 def resolve_format(asked: str, model_dir: str | Path, model: str, what: str = "base.quantization",
