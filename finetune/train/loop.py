@@ -8,6 +8,7 @@ and accumulation split of the same global batch gives the same update.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -29,8 +30,10 @@ from finetune.train.runtime import Runtime
 from finetune.train.samples import generate_samples, prompts_from_examples
 from finetune.train.tracking import Tracker, format_metrics
 from quant.errors import UserError
+from quant.files import write_text_atomic
 
 log = logging.getLogger("finetune")
+DATA_REPORT = "data_report.json"  # in output.dir: DataReport.to_dict() of the run's data
 
 
 @dataclass
@@ -100,6 +103,8 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        # What the data pipeline kept, dropped and cut, for `finetune report` (the log line says the same).
+        write_text_atomic(out_dir / DATA_REPORT, json.dumps(data.report.to_dict(), indent=2) + "\n")
 
     def evaluate() -> float | None:
         if data.eval is None:
