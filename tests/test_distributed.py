@@ -99,7 +99,8 @@ def test_ddp_two_processes_match_one_process_and_resume(tmp_path, tiny_model_dir
                            train={**TWO_PROCESSES, "max_steps": STEPS})
     _ok(_launch("ddp", recipe))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-4", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-4", "data_report.json", "metrics.jsonl",
+                                                     "recipe.yaml"]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoint-4").glob("rng*")) == ["rng-0.pt", "rng-1.pt"]
     assert [r["step"] for r in _loss_rows(out)] == [1, 2, 3, 4]  # the main process alone writes metrics
