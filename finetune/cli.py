@@ -20,7 +20,8 @@ parsed as YAML:
   finetune sft recipes/quickstart.yaml --set base.quantization=int8 --set output.dir=runs/int8
   finetune sft recipes/quickstart.yaml --set "lora.target_modules=[q_proj, v_proj]"
 
-Output (output.dir): metrics.jsonl (one JSON object per logged step), checkpoint-<step>/ (adapter,
+Output (output.dir): metrics.jsonl (one JSON object per logged step), data_report.json (rows kept/dropped,
+truncated examples, tokens trained on), checkpoint-<step>/ (adapter,
 optimizer, scheduler, RNG and data position; newest train.save_total_limit kept), adapter/ (final peft
 adapter with tokenizer and resolved recipe; load with peft.PeftModel.from_pretrained), recipe.yaml.
 

@@ -121,7 +121,7 @@ def eval_plot(runs: list[Run], out_dir: Path) -> Plot | None:
             if xs:
                 ax.plot(xs, ys, "o-", color=colors[run.name], label=run.name)
         ax.set_ylabel("eval loss")
-        ax.secondary_yaxis("right", functions=(lambda v: _exp(v), lambda p: _log(p))).set_ylabel("perplexity")
+        ax.secondary_yaxis("right", functions=(_exp, _log)).set_ylabel("perplexity")
     axes[0].legend(fontsize=8)
     return _save(fig, out_dir, "eval", title)
 
@@ -161,25 +161,27 @@ def merge_plot(runs: list[Run], out_dir: Path) -> Plot | None:
         return None
     title = "Merge fidelity: retention of the fine-tune's gain, and KL(adapter || merged) per token"
     width = max(PANEL[0], 0.9 * len(bars) + 2)
-    fig, (ra, ka) = plt.subplots(1, 2, figsize=(2 * width, PANEL[1] + 0.8))
+    fig, (ra, ka) = plt.subplots(1, 2, figsize=(2 * width, PANEL[1] + 1))
     fig.suptitle(title, fontsize=11)
     colors = _colors(runs)
     labels = [b[0] for b in bars]
     x = range(len(bars))
     retention = [b[1].get("retention") for b in bars]
     kl = [b[1].get("kl_adapter_merged") for b in bars]
-    ra.bar(x, [r if r is not None else 0 for r in retention], color=[colors[b[2]] for b in bars])
+    bar_width = 0.6
+    ra.bar(x, [r if r is not None else 0 for r in retention], width=bar_width, color=[colors[b[2]] for b in bars])
     for i, r in enumerate(retention):
         ra.text(i, (r or 0) + 0.01, f"{r:.3f}" if r is not None else "n/a", ha="center", fontsize=8)
     ra.set_ylim(min(0.0, *[r for r in retention if r is not None], 0.0), 1.1)
     ra.set_ylabel("retention (a-c)/(a-b)")
-    ka.bar(x, kl, color=[colors[b[2]] for b in bars])
+    ka.bar(x, kl, width=bar_width, color=[colors[b[2]] for b in bars])
     for i, k in enumerate(kl):
         ka.text(i, k, f"{k:.2g}", ha="center", va="bottom", fontsize=8)
     if kl and min(kl) > 0 and max(kl) / min(kl) > 50:
         ka.set_yscale("log")
     ka.set_ylabel("KL(b || c), nats/token")
     for ax in (ra, ka):
+        ax.set_xlim(-0.5 - max(0, 3 - len(bars)) / 2, len(bars) - 0.5 + max(0, 3 - len(bars)) / 2)  # slim bars
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
