@@ -21,9 +21,9 @@ parsed as YAML:
   finetune sft recipes/quickstart.yaml --set "lora.target_modules=[q_proj, v_proj]"
 
 Output (output.dir): metrics.jsonl (one JSON object per logged step), data_report.json (rows kept/dropped,
-truncated examples, tokens trained on), checkpoint-<step>/ (adapter,
-optimizer, scheduler, RNG and data position; newest train.save_total_limit kept), adapter/ (final peft
-adapter with tokenizer and resolved recipe; load with peft.PeftModel.from_pretrained), recipe.yaml.
+truncated examples, tokens trained on), checkpoint-<step>/ (adapter, optimizer, scheduler, RNG and data
+position; newest train.save_total_limit kept), adapter/ (final peft adapter with tokenizer and resolved
+recipe; load with peft.PeftModel.from_pretrained), recipe.yaml. See them with `finetune report`.
 
 An interrupted run continues from its newest complete checkpoint with --resume and ends with the same
 adapter as an uninterrupted run. Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml

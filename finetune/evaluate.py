@@ -147,14 +147,27 @@ def generation_scores(m: Loaded, refs: list[Reference], batch_size: int, max_new
             "samples": [{"answer": t, "reference": r.answer} for t, r in list(zip(texts, refs))[:3]]}
 
 
-def _score(m: Loaded, label: str, metrics: list[str], path: str, cfg: DataConfig, seed: int, refs, batch_size: int,
-           max_new_tokens: int | None, limit: int | None) -> dict:
+@dataclass
+class Plan:
+    """What every model is scored on, decided once before any model loads."""
+
+    metrics: list[str]
+    path: str  # the eval file
+    data: DataConfig  # the run's data settings, rendering the file as training did
+    seed: int
+    refs: list[Reference] | None  # prompts + reference answers, when a generation metric is asked for
+    batch_size: int
+    max_new_tokens: int | None
+    limit: int | None
+
+
+def _score(m: Loaded, label: str, plan: Plan) -> dict:
     row: dict = {"model": label}
-    if "loss" in metrics:
-        loss, tokens = eval_loss(m.model, m.tokenizer, path, cfg, seed, batch_size, limit)
+    if "loss" in plan.metrics:
+        loss, tokens = eval_loss(m.model, m.tokenizer, plan.path, plan.data, plan.seed, plan.batch_size, plan.limit)
         row.update(loss=loss, ppl=math.exp(min(loss, 50)), label_tokens=tokens)
-    if refs is not None:
-        row.update(generation_scores(m, refs, batch_size, max_new_tokens, label))
+    if plan.refs is not None:
+        row.update(generation_scores(m, plan.refs, plan.batch_size, plan.max_new_tokens, label))
     return row
 
 
@@ -177,6 +190,7 @@ def evaluate(models: list[str], data: str | None = None, metrics: list[str] = ME
     if not Path(path).exists() and Path(path).suffix:
         raise UserError(f"--data {path}: no such file")
     refs = references(path, cfg, limit) if any(m in GENERATION_METRICS for m in metrics) else None
+    plan = Plan(list(metrics), path, cfg, seed, refs, batch_size, max_new_tokens, limit)
     dev = resolve_device(device)
     rows = []
     for model in models:
@@ -184,16 +198,17 @@ def evaluate(models: list[str], data: str | None = None, metrics: list[str] = ME
         echo(f"eval: {model} ({'adapter on its ' + m.source.base.quantization + ' base' if m.is_adapter else m.kind})")
         if m.is_adapter and include_base:
             with m.model.disable_adapter():
-                rows.append(_score(m, f"{model} base ({m.source.base.quantization})", metrics, path, cfg, seed, refs,
-                                   batch_size, max_new_tokens, limit))
-        label = f"{model} adapter" if m.is_adapter else f"{model} ({m.kind})"
-        rows.append(_score(m, label, metrics, path, cfg, seed, refs, batch_size, max_new_tokens, limit))
+                rows.append(_score(m, f"{model} base ({m.source.base.quantization})", plan))
+        rows.append(_score(m, f"{model} adapter" if m.is_adapter else f"{model} ({m.kind})", plan))
         if lm_eval_tasks:
             from finetune.harness import run_lm_eval
 
             rows[-1]["lm_eval"] = run_lm_eval(m, lm_eval_tasks, batch_size, echo)
         del m
     echo(table(rows, path, metrics))
+    for r in rows:
+        if r.get("samples"):
+            echo(f"first answer of {r['model']}: {r['samples'][0]['answer'][:160]!r}")
     if out:
         from quant.files import write_text_atomic
 

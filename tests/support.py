@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from finetune.synthetic import byte_tokenizer, random_model
 
@@ -51,3 +54,15 @@ def tiny_recipe(model_dir, train_file, eval_file, out_dir, **sections) -> dict:
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return recipe
+
+
+@contextmanager
+def single_thread():
+    """Torch on one thread, as each launched process runs: tiny matmuls on a shared 2-core box are far slower
+    with OpenMP hand-offs between 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

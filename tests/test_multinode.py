@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
-from support import tiny_recipe
+from support import single_thread, tiny_recipe
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
 
@@ -69,12 +68,8 @@ def _losses(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
     out = tmp_path_factory.mktemp("one-process") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each launched process runs
-    try:
+    with single_thread():  # as each launched process runs
         train(recipe_from_dict(tiny_recipe(tiny_model_dir, *chat_files, out, train=ONE_PROCESS)), echo=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

@@ -6,21 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from finetune.merge import merge
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
-from support import tiny_recipe
+from support import single_thread, tiny_recipe
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny matmuls on a shared 2-core box: OpenMP hand-offs between 2 threads make them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def _train(out: Path, model_dir: Path, chat_files, **sections) -> Path:
