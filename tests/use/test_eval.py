@@ -82,15 +82,30 @@ def _mc_task(tmp_path: Path, data_file: Path) -> Path:
     return path
 
 
+@torch.no_grad()
+def _best_choice(m, question: str, choices: list[str]) -> int:
+    context = m.tokenizer(question, add_special_tokens=False)["input_ids"]
+    scores = []
+    for choice in choices:
+        whole = m.tokenizer(question + " " + choice, add_special_tokens=False)["input_ids"]
+        logp = torch.log_softmax(m.model(torch.tensor([whole])).logits[0].float(), -1)
+        scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(context), len(whole))))
+    return max(range(len(choices)), key=scores.__getitem__)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is an optional extra")
 def test_lm_eval_runs_a_local_task_and_skips_missing_data(wandb_run, tmp_path):
-    docs = [{"question": f"reverse: {a} {b} {c}", "choices": [f"{c} {b} {a} #ok", f"{a} {b} {c}"], "label": 0}
-            for a, b, c in (("red", "blue", "green"), ("gold", "pink", "gray"), ("blue", "gold", "red"))]
+    docs = [{"question": f"reverse: {' '.join(r)}", "choices": [" ".join(reversed(r)) + " #ok", " ".join(r)],
+             "label": 0} for r in (("red", "blue", "green"), ("gold", "pink", "gray"), ("blue", "gold", "red"),
+                                   ("pink", "red", "gold"), ("gray", "green", "blue"), ("green", "gold", "pink"))]
     data = write_jsonl(tmp_path / "mc.jsonl", docs)
     merged = str(wandb_run / "merges" / "bf16")
     rows = evaluate([merged], metrics=["loss"], lm_eval_tasks=str(_mc_task(tmp_path, data)), echo=_quiet)
-    acc = rows[0]["lm_eval"]["colour_mc"]["acc,none"]
-    assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
+    # lm-eval scored the model we loaded: its accuracy is the share of questions where our model gives the
+    # right choice the higher log-likelihood after the question and lm-eval's " " delimiter.
+    m = load(merged, torch.device("cpu"))
+    right = [_best_choice(m, d["question"], d["choices"]) == d["label"] for d in docs]
+    assert rows[0]["lm_eval"]["colour_mc"]["acc,none"] == pytest.approx(sum(right) / len(docs))
 
     lines = []
     missing = _mc_task(tmp_path, tmp_path / "absent.jsonl")
