@@ -66,6 +66,7 @@ def report(runs: list[str], out: str | None = None, merges: list[str] = (), smoo
                 continue
             if run_id:
                 result.wandb_runs.append(run_id)
-                echo(f"logged the report's charts and merge reports to W&B run {run_id} ({run.name})")
+                merges = f" and {len(run.merges)} merge reports" if run.merges else ""
+                echo(f"logged the report's charts{merges} to W&B run {run_id} ({run.name})")
     echo(f"report: {result.page} ({len(plots)} charts: {', '.join(p.name for p in plots)})")
     return result
