@@ -22,9 +22,10 @@ parsed as YAML:
   finetune sft recipes/quickstart.yaml --set base.quantization=int8 --set output.dir=runs/int8
   finetune sft recipes/quickstart.yaml --set "lora.target_modules=[q_proj, v_proj]"
 
-Output (output.dir): metrics.jsonl (one JSON object per logged step), checkpoint-<step>/ (adapter,
-optimizer, scheduler, RNG and data position; newest train.save_total_limit kept), adapter/ (final peft
-adapter with tokenizer and resolved recipe; load with peft.PeftModel.from_pretrained), recipe.yaml.
+Output (output.dir): metrics.jsonl (one JSON object per logged step), data_report.json (rows kept/dropped,
+truncated examples, tokens trained on), checkpoint-<step>/ (adapter, optimizer, scheduler, RNG and data
+position; newest train.save_total_limit kept), adapter/ (final peft adapter with tokenizer and resolved
+recipe; load with peft.PeftModel.from_pretrained), recipe.yaml. See them with `finetune report`.
 
 An interrupted run continues from its newest complete checkpoint with --resume and ends with the same
 adapter as an uninterrupted run. Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml
@@ -87,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
     _merge_parser(sub)
+    _report_parser(sub)
+    _chat_parser(sub)
+    _generate_parser(sub)
+    _eval_parser(sub)
     return p
 
 
@@ -165,6 +170,160 @@ def merge_config(args):
                        dtype=args.dtype, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
 
 
+REPORT_HELP = """\
+Write one self-contained HTML page (charts embedded) and the charts as PNGs from one or more run directories:
+training loss (raw and smoothed), eval loss/perplexity, learning rate, grad norm, tokens/s and peak memory,
+each against step and against tokens seen, every run overlaid in its own colour; the recipe keys that differ
+between the runs; the data summary (rows kept/dropped, truncated examples, tokens trained on; from the run's
+data_report.json); and the merges' fidelity (retention and KL per output format, from merge_report.json).
+
+Merges of a run: RUN/merges/*/ (finetune merge RUN --out RUN/merges/NAME ...), plus those in --merges DIR (a
+merge output or a folder of them) made from one of the runs' adapters.
+
+When a run's recipe configures W&B, the run's charts (wandb.Image, report/<chart>) and its merge reports
+(wandb.Table, report/merge_reports) are logged to its W&B run; --no-wandb skips that.
+
+  finetune report runs/quickstart
+  finetune report runs/lr-1e-3 runs/lr-3e-4 --out reports/lr --merges merged/
+"""
+
+GEN_EPILOG = """\
+RUN_OR_MODEL: a `finetune sft` run directory, its adapter/ or checkpoint-N/ (the adapter on its quantized base,
+rebuilt as in training), or a model directory (finetune merge output or any Hugging Face checkpoint: bf16/fp16/
+fp32, bitsandbytes nf4/fp4/int8, GPTQ). Prompts are rendered with the model's chat template (as training did).
+"""
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="run directory, adapter, checkpoint-N/ or model directory")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype of a model directory "
+                   "(default: float32 on CPU, its stored half precision on GPU); an adapter uses its recipe's")
+    p.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+
+
+def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    g.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def _report_parser(sub) -> None:
+    r = sub.add_parser("report", help="HTML report with charts of one or more runs", description=REPORT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("runs", nargs="+", metavar="RUN", help="`finetune sft` output directories")
+    r.add_argument("--out", help="output directory (default: the first RUN's report/); replaced when complete")
+    r.add_argument("--merges", action="append", default=[], metavar="DIR",
+                   help="a merge output, or a folder of them, to include (matched to the runs by adapter); repeatable")
+    r.add_argument("--smooth", type=float, default=0.6, help="EMA weight of the smoothed loss, 0 to <1 (default 0.6)")
+    r.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not log to the runs' W&B runs")
+    r.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+
+
+def _chat_parser(sub) -> None:
+    c = sub.add_parser("chat", help="talk to a trained adapter or merged model in the terminal",
+                       description="Interactive chat: each reply is streamed as it is generated and followed by its "
+                       "tokens/s. The conversation so far is the prompt; /reset clears it, /quit or end of input "
+                       "leaves. Reads lines from standard input, so it can be driven by a pipe.",
+                       epilog=GEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(c)
+    c.add_argument("--system", help="system prompt")
+    _add_sampling_args(c)
+
+
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="complete prompts with a trained adapter or merged model",
+                       description="Complete each prompt, streaming the text to standard output (progress and "
+                       "tokens/s on standard error).", epilog=GEN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (the user's message); repeatable")
+    src.add_argument("--prompts", metavar="FILE", help="jsonl rows with 'prompt' or 'messages' (a trailing "
+                     "assistant turn is dropped), or a text file with one prompt per line")
+    g.add_argument("--raw", action="store_true", help="text prompts as plain text, without the chat template "
+                   "(for completion-format runs)")
+    g.add_argument("--out", help="also write JSONL: prompt, completion, new_tokens, tokens_per_s")
+    _add_sampling_args(g)
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="held-out loss and generation metrics of runs and merged models, one table",
+                       description="Score each RUN_OR_MODEL on held-out data: a run gives a row for its quantized "
+                       "base alone and one for the adapter on it; a merged model one row. Metrics: loss (and "
+                       "perplexity) on answer tokens, rendered by the training data pipeline with the first run's "
+                       "data settings; exact_match (greedy answer == reference answer, whitespace-stripped); "
+                       "json_valid (greedy answer parses as JSON).",
+                       epilog=GEN_EPILOG + "\nExample: finetune eval runs/quickstart merged/qs-bf16 merged/qs-gptq "
+                       "--data data/quickstart/eval.jsonl", formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("models", nargs="+", metavar="RUN_OR_MODEL")
+    e.add_argument("--data", help="eval file in any training format (default: the first run's data.eval)")
+    e.add_argument("--metric", default="loss,exact_match,json_valid", help="comma-separated: loss, exact_match, "
+                   "json_valid (default: all)")
+    e.add_argument("--no-base", dest="include_base", action="store_false", help="no 'base' row for runs")
+    e.add_argument("--limit", type=int, help="score only the first N rows")
+    e.add_argument("--batch-size", type=int, default=8, help="(default 8)")
+    e.add_argument("--max-new-tokens", type=int, help="generation cap (default: longest reference + 32 tokens)")
+    e.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (names or task YAML "
+                   "files, comma-separated; needs the lmeval extra and the task data available)")
+    e.add_argument("--out", help="also write the rows as JSON")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype of model directories")
+    e.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+
+
+def _positive(value, name: str, zero_ok: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+        raise UserError(f"{name} {value}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _gen_config(args):
+    from finetune.generation import GenConfig
+
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.temperature, "--temperature", zero_ok=True)
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    return GenConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def cmd_report(args) -> int:
+    from finetune.report import report
+
+    report(args.runs, args.out, args.merges, args.smooth, args.wandb)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from finetune.chat import chat
+
+    chat(args.model, _gen_config(args), args.system, args.device, args.dtype)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from finetune.chat import generate_prompts, read_prompts
+
+    cfg = _gen_config(args)
+    prompts = read_prompts(args.prompts) if args.prompts else [{"text": t} for t in args.prompt]
+    generate_prompts(args.model, prompts, cfg, args.raw, args.out, args.device, args.dtype)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from finetune.evaluate import evaluate, parse_metrics
+
+    metrics = parse_metrics(args.metric)
+    _positive(args.limit, "--limit")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    evaluate(args.models, args.data, metrics, args.include_base, args.batch_size, args.max_new_tokens, args.limit,
+             args.lm_eval, args.device, args.dtype, args.out)
+    return 0
+
+
 def cmd_sft(args) -> int:
     from finetune.recipe import dump_recipe, load_recipe
 
@@ -223,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # text from users' files may not be encodable
     try:
-        return {"sft": cmd_sft, "merge": cmd_merge}[args.command](args)
+        commands = {"sft": cmd_sft, "merge": cmd_merge, "report": cmd_report, "chat": cmd_chat,
+                    "generate": cmd_generate, "eval": cmd_eval}
+        return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -236,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume (completed checkpoints are kept)", file=sys.stderr)
+        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command == "sft"
+              else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from finetune.synthetic import byte_tokenizer, random_model
 
@@ -58,3 +61,15 @@ def quiet_merge(adapter, out, fmt: str, echo=lambda *a: None, **fields):
     from finetune.merge import MergeConfig, merge
 
     return merge(MergeConfig(adapter=adapter, out=out, format=fmt, progress=False, **fields), echo=echo)
+
+
+@contextmanager
+def single_thread():
+    """Torch on one thread, as each launched process runs: tiny matmuls on a shared 2-core box are far slower
+    with OpenMP hand-offs between 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -102,7 +102,7 @@ def test_ddp_two_processes_match_one_process_and_resume(tmp_path, tiny_model_dir
     _ok(_launch("ddp", recipe))
     out = tmp_path / "run"
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .lock: the run lock
-    assert visible == ["adapter", "checkpoint-4", "metrics.jsonl", "recipe.yaml"]
+    assert visible == ["adapter", "checkpoint-4", "data_report.json", "metrics.jsonl", "recipe.yaml"]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoint-4").glob("rng*")) == ["rng-0.safetensors", "rng-1.safetensors"]
     assert [r["step"] for r in _loss_rows(out)] == [1, 2, 3, 4]  # the main process alone writes metrics

@@ -8,6 +8,7 @@ and accumulation split of the same global batch gives the same update.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from quant.errors import UserError
 from quant.formats.base import BaseSpec
 
 log = logging.getLogger("finetune")
+DATA_REPORT = "data_report.json"  # in output.dir: DataReport.to_dict() of the run's data
 
 
 @dataclass
@@ -119,6 +121,8 @@ def _train(recipe: Recipe, rt: Runtime, start: RunStart, spec: BaseSpec, say) ->
     if rt.is_main:
         with disk_space_guard(out_dir / "recipe.yaml", len(recipe_text)):
             write_text_atomic(out_dir / "recipe.yaml", recipe_text)
+            # What the data pipeline kept, dropped and cut, for `finetune report` (the log line says the same).
+            write_text_atomic(out_dir / DATA_REPORT, json.dumps(data.report.to_dict(), indent=2) + "\n")
 
     def save_checkpoint() -> None:
         check_weights(recipe, out_dir, state.step, model)  # a checkpoint is only ever written from finite weights
