@@ -20,7 +20,7 @@ CHAT_COMMANDS = "/reset clears the conversation, /quit (or end of input) leaves"
 
 def describe(m: Loaded) -> str:
     if m.is_adapter:
-        return (f"{m.name}: adapter on its {m.source.base.quantization} base {m.source.base.spec} "
+        return (f"{m.name}: adapter on its {m.source.base.format} base {m.source.base.model} "
                 f"(compute {str(m.dtype).replace('torch.', '')}, {m.device})")
     return f"{m.name}: {m.kind} model (compute {str(m.dtype).replace('torch.', '')}, {m.device})"
 

@@ -195,10 +195,10 @@ def evaluate(models: list[str], data: str | None = None, metrics: list[str] = ME
     rows = []
     for model in models:
         m = load(model, dev, dtype)
-        echo(f"eval: {model} ({'adapter on its ' + m.source.base.quantization + ' base' if m.is_adapter else m.kind})")
+        echo(f"eval: {model} ({'adapter on its ' + m.source.base.format + ' base' if m.is_adapter else m.kind})")
         if m.is_adapter and include_base:
             with m.model.disable_adapter():
-                rows.append(_score(m, f"{model} base ({m.source.base.quantization})", plan))
+                rows.append(_score(m, f"{model} base ({m.source.base.format})", plan))
         rows.append(_score(m, f"{model} adapter" if m.is_adapter else f"{model} ({m.kind})", plan))
         if lm_eval_tasks:
             from finetune.harness import run_lm_eval

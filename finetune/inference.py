@@ -2,7 +2,7 @@
 
 RUN_OR_MODEL is one of
 - a `finetune sft` run directory, its `adapter/` or a `checkpoint-N/`: the adapter on its quantized base,
-  rebuilt exactly as in training (the base is named by the adapter's base_model.txt / the run's recipe.yaml);
+  rebuilt exactly as in training (the base is named by the adapter's base.json, or base_model.txt / the run's recipe.yaml for older ones);
 - a model directory written by `finetune merge` (or any Hugging Face checkpoint): loaded by its standard
   loader, the format read from its config.json (`model_format`).
 
@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
+from quant.formats.registry import FORMATS, stored_output
 
 # What `model_format` recognises, for the one-line error on anything else.
-SUPPORTED = ("run directories and adapters (the adapter on its quantized base), and model directories in "
-             "bf16/fp16/fp32, bitsandbytes nf4/fp4/int8 or GPTQ (config.json quantization_config)")
+SUPPORTED = ("run directories and adapters (the adapter on its quantized base), and model directories stored as "
+             + ", ".join(f.title for f in FORMATS if f.output) + " or unquantized fp32 (read from config.json)")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_FLOAT_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 @dataclass
@@ -49,44 +49,29 @@ def is_adapter_path(path: Path) -> bool:
 
 
 def model_format(model_dir: Path) -> str:
-    """The format of a (merged) model directory, from its config.json: bf16/fp16/fp32, nf4/fp4/int8, gptq.
+    """How a model directory is stored, as the tables name it: its output format (quant.formats.registry reads
+    config.json), or the dtype of another unquantized checkpoint (fp32)."""
+    fmt, config = _stored(Path(model_dir))
+    if fmt.stores(config):
+        return fmt.name
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return {"float32": "fp32"}.get(dtype, dtype)
 
-    The one place that decides which model directories `chat`/`generate`/`eval` can run.
-    """
-    model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
+
+def _stored(model_dir: Path):
+    if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a run, adapter or model directory (no adapter_config.json or "
                         f"config.json); supported: {SUPPORTED}")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file}: not valid JSON ({e})") from None
-    qc = config.get("quantization_config") or {}
-    method = qc.get("quant_method")
-    if method is None:
-        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
-        if dtype in _FLOAT_FORMATS:
-            return _FLOAT_FORMATS[dtype]
-        raise UserError(f"{config_file}: unsupported dtype '{dtype}'; supported: {SUPPORTED}")
-    if method == "gptq":
-        return "gptq"
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit"):
-            kind = qc.get("bnb_4bit_quant_type", "fp4")
-            if kind in ("nf4", "fp4"):
-                return kind
-        elif qc.get("load_in_8bit"):
-            return "int8"
-    raise UserError(f"{model_dir}: cannot run a model quantized as quant_method '{method}'; supported: {SUPPORTED}")
+        return stored_output(model_dir)
+    except UserError as e:
+        raise UserError(f"{e}; supported: {SUPPORTED}") from None
 
 
-def default_dtype(device: torch.device, fmt: str) -> torch.dtype:
-    """Compute dtype for a merged model: fp32 on CPU (bnb/GPTQ CPU kernels are slow or absent in half
-    precision), else the stored half precision (fp16 for GPTQ, whose kernels run in fp16)."""
-    if device.type == "cpu":
-        return torch.float32
-    return {"fp16": torch.float16, "gptq": torch.float16}.get(fmt, torch.bfloat16)
+def default_dtype(device: torch.device, fmt) -> torch.dtype:
+    """Compute dtype for a model directory: fp32 on CPU (bnb/GPTQ CPU kernels are slow or absent in half
+    precision), else the one its format computes in on GPUs (bf16; fp16 for fp16 and GPTQ)."""
+    return torch.float32 if device.type == "cpu" else fmt.gpu_compute_dtype
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -118,10 +103,7 @@ def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Lo
         return Loaded(model, tokenizer, str(path), "adapter", device, compute_dtype, source)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; supported: {SUPPORTED}")
-    from finetune.merge.report import load_merged
-
-    fmt = model_format(path)
+    fmt, _ = _stored(path)
     compute = _DTYPES[dtype] if dtype else default_dtype(device, fmt)
-    # load_merged's float branch is a plain from_pretrained, which serves any unquantized checkpoint.
-    model = load_merged(path, "bf16" if fmt == "fp32" else fmt, device, compute)
-    return Loaded(model, load_tokenizer(str(path), str(path)), str(path), fmt, device, compute)
+    model = fmt.load_merged(path, device, compute)
+    return Loaded(model, load_tokenizer(str(path), str(path)), str(path), model_format(path), device, compute)

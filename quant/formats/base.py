@@ -320,3 +320,11 @@ class Format:
     def load_merged(self, out_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         """A merged output, loaded the way its users would, computing in `dtype` (the fidelity report)."""
         raise NotImplementedError(f"{self.name} is not a merge output")
+
+    # ---- reading a model directory (chat, generate, eval)
+    gpu_compute_dtype = torch.bfloat16  # what a model of this format computes in on a GPU, unless told otherwise
+
+    def stores(self, config: dict) -> bool:
+        """Whether a model directory with this config.json (our merge output or any checkpoint in the format)
+        holds weights in this output format, so that `load_merged` runs it."""
+        return self.declares(config.get("quantization_config"), None)

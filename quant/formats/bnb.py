@@ -272,6 +272,11 @@ def _params_type(name: str):
 class Bnb4Format(_BnbFormat):
     """NF4 or FP4 (bitsandbytes Linear4bit), with double quantization and a storage dtype."""
 
+    def stores(self, config):
+        qc = config.get("quantization_config") or {}
+        return (qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+                and qc.get("bnb_4bit_quant_type", "fp4") == self.name)
+
     summary = f"bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize {BLOCKSIZE})"
 
     def __init__(self, quant_type: str):
@@ -318,6 +323,10 @@ class Int8Format(_BnbFormat):
 
     name = "int8"
     summary = "bitsandbytes LLM.int8 serialization (weight int8 + SCB)"
+
+    def stores(self, config):
+        qc = config.get("quantization_config") or {}
+        return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_8bit"))
 
     def bnb_config(self, compute, double_quant=True, storage=torch.uint8):
         from transformers import BitsAndBytesConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from quant.formats.base import BaseSpec, CastEncoder, EncodeRequest, Format
+from quant.formats.base import BaseSpec, CastEncoder, EncodeRequest, Format, dtype_name
 
 
 class FloatBase(Format):
@@ -32,7 +32,11 @@ class FloatOutput(Format):
     fixed_dtype = True
 
     def __init__(self, name: str, dtype: torch.dtype):
-        self.name, self.default_dtype = name, dtype
+        self.name, self.default_dtype, self.gpu_compute_dtype = name, dtype, dtype
+
+    def stores(self, config):
+        return not config.get("quantization_config") and config.get("torch_dtype", config.get("dtype")) == \
+            dtype_name(self.default_dtype)
         self.summary = "plain Hugging Face checkpoint (AutoModelForCausalLM.from_pretrained)"
 
     def encoder(self, request: EncodeRequest) -> CastEncoder:

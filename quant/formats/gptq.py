@@ -183,6 +183,7 @@ class GPTQFormat(Format):
                "(docs/quantized-formats.md A).")
     base = output = True
     quant_method = QUANT_METHOD
+    gpu_compute_dtype = torch.float16  # the GPTQ GPU kernels (ours, vLLM's) run in fp16
     stored_quantized = True
     options = GPTQOptions
     default_dtype = torch.float16  # what GPTQ readers, vLLM's kernels among them, expect

@@ -106,6 +106,26 @@ def declared_format(model_dir: str | Path) -> Format | None:
     return next((f for f in FORMATS if f.base and f.declares(qc, path)), None)
 
 
+def stored_output(model_dir: str | Path) -> tuple[Format, dict]:
+    """The output format a model directory (a merge output, or any checkpoint in one of our formats) is stored
+    in, and its config.json; an unquantized checkpoint of another float dtype (fp32) is served by the first
+    float output's loader, in the dtype the caller asks for. UserError for anything else, naming what is."""
+    config_file = Path(model_dir) / "config.json"
+    readable = ", ".join(f.name for f in FORMATS if f.output)
+    if not config_file.is_file():
+        raise UserError(f"{model_dir}: no config.json; not a model directory (readable: {readable})")
+    _quantization_config(config_file)  # a damaged file: one line
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    found = next((f for f in FORMATS if f.output and f.stores(config)), None)
+    if found is None and not config.get("quantization_config"):
+        found = next(f for f in FORMATS if f.output and f.fixed_dtype)
+    if found is None:
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        raise UserError(f"{model_dir}: weights quantized as quant_method '{method}', which no format here "
+                        f"reads (readable: {readable})")
+    return found, config
+
+
 def _quantization_config(config: Path) -> dict | None:
     try:
         data = json.loads(config.read_text(encoding="utf-8"))

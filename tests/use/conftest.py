@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.merge import merge
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
-from support import single_thread, tiny_recipe
+from support import quiet_merge, single_thread, tiny_recipe
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,7 +30,7 @@ def wandb_run(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
     out = tmp_path_factory.mktemp("use") / "run-a"
     _train(out, tiny_model_dir, chat_files, train={"gradient_checkpointing": False, "eval_every": 4},
            tracking={"wandb": {"project": "qlora-tests", "name": "report-a", "mode": "offline"}})
-    merge(out, out / "merges" / "bf16", "bf16", device="cpu", progress=False, echo=lambda *a: None)
+    quiet_merge(out, out / "merges" / "bf16", "bf16", device="cpu")
     return out
 
 
