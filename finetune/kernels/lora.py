@@ -11,8 +11,11 @@ again by every projection. `project(projs, x)` does the group (q/k/v, or gate/up
 
 Saved for backward: x and the [tokens, n * r] xa; W_j is dequantized again in backward into the same reused
 buffer as in forward (one layer's weight in bf16, never kept). LoRA dropout is honoured: a projection with
-dropout gets its own dropped input (made outside, so autograd differentiates the dropout) and its own skinny
-GEMM. Numerics equal peft under autocast up to rounding order (the sum is rounded once instead of three times).
+dropout gets its own dropped input (made outside by `torch.native_dropout`, so autograd differentiates the
+dropout) and its own skinny GEMM; what backward keeps of it is the dropout's bool mask, which autograd keeps for
+the dropout anyway, and the dropped input is remade from x and that mask (peft keeps a full copy of the dropped
+input per projection: on CPU in fp32, seven copies of the layer input per decoder layer). Numerics equal peft
+under autocast up to rounding order (the sum is rounded once instead of three times).
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ class _Projections(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, projs, x2d, *tensors):
         n = len(projs)
-        As, Bs, xds = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        As, Bs, xds, keeps = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
         dtype = x2d.dtype
         shared = [j for j in range(n) if xds[j] is None]
         xas = [None] * n
@@ -181,7 +184,7 @@ class _Projections(torch.autograd.Function):
         outs = [lora_plus_base(p, x2d, p.weight(dtype), xas[j], Bs[j].to(dtype)) for j, p in enumerate(projs)]
         ctx.projs, ctx.device_type = projs, x2d.device.type
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2d, *As, *Bs, *xds, *xas)
+        ctx.save_for_backward(x2d, *As, *Bs, *keeps, *xas)
         return tuple(outs)
 
     @staticmethod
@@ -189,7 +192,7 @@ class _Projections(torch.autograd.Function):
         projs = ctx.projs
         n = len(projs)
         saved = ctx.saved_tensors
-        x2d, As, Bs, xds, xas = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n], \
+        x2d, As, Bs, keeps, xas = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n], \
             saved[1 + 3 * n:]
         need = ctx.needs_input_grad
         need_x = need[1]
@@ -203,13 +206,13 @@ class _Projections(torch.autograd.Function):
             dxa[j] = (dy @ Bs[j].to(dtype)).mul_(p.scale)
             if need[2 + n + j]:
                 dB[j] = (dy.t() @ xas[j]).mul_(p.scale).to(Bs[j].dtype)
-        for j in range(n):
-            if xds[j] is not None and dxa[j] is not None:
+        for j, p in enumerate(projs):
+            if keeps[j] is not None and dxa[j] is not None:
                 if need[2 + j]:
-                    dA[j] = (dxa[j].t() @ xds[j]).to(As[j].dtype)
+                    dA[j] = (dxa[j].t() @ dropped(x2d, keeps[j], p.dropout.p)).to(As[j].dtype)
                 if need[2 + 2 * n + j]:
                     dxd[j] = dxa[j] @ As[j].to(dtype)
-        shared = [j for j in range(n) if xds[j] is None and dxa[j] is not None]
+        shared = [j for j in range(n) if keeps[j] is None and dxa[j] is not None]
         if shared:
             g = torch.cat([dxa[j] for j in shared], dim=1) if len(shared) > 1 else dxa[shared[0]]
             if any(need[2 + j] for j in shared):
@@ -226,7 +229,12 @@ class _Projections(torch.autograd.Function):
                 if dys[j] is not None:
                     W = p.weight(dtype)
                     dx = dys[j] @ W if dx is None else dx.addmm_(dys[j], W)
-        return (None, dx, *dA, *dB, *dxd)
+        return (None, dx, *dA, *dB, *dxd, *([None] * n))
+
+
+def dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """What `torch.native_dropout(x, p, True)` returned with this mask, made again (its arithmetic exactly)."""
+    return x.mul(keep.to(x.dtype)).mul_(1.0 / (1.0 - p))
 
 
 def project(projs: Sequence[Projection], x: torch.Tensor) -> list[torch.Tensor]:
@@ -235,10 +243,14 @@ def project(projs: Sequence[Projection], x: torch.Tensor) -> list[torch.Tensor]:
     x = x.to(dtype)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    xds = []
+    xds, keeps = [], []
     for p in projs:
-        xd = p.dropout(x2d) if p.dropout is not None else x2d
-        xds.append(None if xd is x2d else xd)
-    tensors = [p.A for p in projs] + [p.B for p in projs] + xds
+        if p.dropout is not None and p.dropout.training:
+            xd, keep = torch.native_dropout(x2d, p.dropout.p, True)
+        else:
+            xd = keep = None
+        xds.append(xd)
+        keeps.append(keep)
+    tensors = [p.A for p in projs] + [p.B for p in projs] + xds + keeps
     outs = _Projections.apply(tuple(projs), x2d, *tensors)
     return [y.view(*lead, y.shape[-1]) for y in outs]
