@@ -25,13 +25,13 @@ Reading and streaming safetensors:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import shutil
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -53,7 +53,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 def _no_space(e: BaseException | None) -> bool:
     """A full disk or quota, also as the text of a Rust library's error (tokenizers, safetensors)."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno in _NO_SPACE or "No space left on device" in str(e):
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or "No space left on device" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -67,9 +67,12 @@ def _bytes_under(path: Path) -> int:
 def _no_space_message(final: Path, need: int | Callable[[], int | None] | None, written: int) -> str:
     free = shutil.disk_usage(next(p for p in final.absolute().parents if p.exists())).free
     expected = need() if callable(need) else need
-    mib = lambda n: max(1, math.ceil(n / 2**20))  # noqa: E731
-    needed = f"about {mib(expected)} MiB needed" if expected else f"at least {mib(written)} MiB needed"
+    needed = f"about {_mib(expected)} MiB needed" if expected else f"at least {_mib(written)} MiB needed"
     return f"no space left writing {final}; {free // 2**20} MiB free, {needed}"
+
+
+def _mib(n: int) -> int:
+    return max(1, math.ceil(n / 2**20))
 
 
 def disk_needed(total_bytes: int, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
@@ -78,7 +81,7 @@ def disk_needed(total_bytes: int, max_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     return total_bytes + min(total_bytes, max_shard_bytes)
 
 
-@contextmanager
+@contextlib.contextmanager
 def staged(final: str | os.PathLike, directory: bool = True,
            shared: tuple[bool, Callable[[], None]] | None = None,
            need: int | Callable[[], int | None] | None = None) -> Iterator[Path]:
@@ -139,7 +142,7 @@ def _holder(lock_file: Path) -> str:
         return ""
 
 
-@contextmanager
+@contextlib.contextmanager
 def exclusive(path: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
     """Hold the one-writer lock of `path` for the block (module docstring); yields `path`. Held elsewhere ->
     UserError at once, naming `what`, `path` and the holder's pid. One `exclusive` per path per process: a second
@@ -158,13 +161,14 @@ def exclusive(path: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
     except OSError as e:
         raise UserError(f"{what} {path}: cannot create the lock file {lock_file} ({e.strerror})") from None
     try:
-        lock_file.write_text(f"{os.getpid()}\n")
+        with contextlib.suppress(OSError):  # the pid is for the refusal message only
+            lock_file.write_text(f"{os.getpid()}\n")
         yield path
     finally:
         lock.release()
 
 
-@contextmanager
+@contextlib.contextmanager
 def claim_output(final: str | os.PathLike, overwrite: bool, what: str = "--out",
                  action: str = "write") -> Iterator[Path]:
     """Hold `final` for a command that writes it (module docstring): lock, recover, and refuse an existing file

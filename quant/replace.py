@@ -147,9 +147,11 @@ def temporaries(final: Path) -> list[tuple[Path, int | None, str]]:
 
 
 def alive(pid: int | None) -> bool:
+    """Whether process `pid` may still run (a reused pid reads as alive: its entry is kept, never wrongly
+    removed). None, a name that recorded no owner: not alive."""
     if pid is None:
         return False
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name != "posix":  # os.kill(pid, 0) is no probe on Windows
         return True
     try:
         os.kill(pid, 0)

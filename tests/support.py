@@ -58,3 +58,10 @@ def quiet_merge(adapter, out, fmt: str, echo=lambda *a: None, **fields):
     from finetune.merge import MergeConfig, merge
 
     return merge(MergeConfig(adapter=adapter, out=out, format=fmt, progress=False, **fields), echo=echo)
+
+
+def error_line(stderr: str) -> str:
+    """The one `error: ...` line a CLI printed for bad input (and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]

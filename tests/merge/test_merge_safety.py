@@ -9,6 +9,7 @@ import re
 from types import SimpleNamespace
 
 from kill_points import run_killed
+from support import error_line
 
 from finetune.cli import main
 from finetune.merge.pipeline import _OutputSize
@@ -25,12 +26,6 @@ def _dtype(out) -> str:
     return json.loads((out / "config.json").read_text())["dtype"]
 
 
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_a_second_merge_into_the_same_out_is_refused_at_once(nf4_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
 
@@ -40,7 +35,7 @@ def test_a_second_merge_into_the_same_out_is_refused_at_once(nf4_run, tmp_path, 
     monkeypatch.setattr("finetune.merge.pipeline.read_adapter", no_read)
     with files.exclusive(out):
         code, err = _merge(nf4_run, out, capsys, "bf16")
-    assert code == 2 and _error_line(err) == (f"error: --out {out} is being written by another process (pid "
+    assert code == 2 and error_line(err) == (f"error: --out {out} is being written by another process (pid "
                                               f"{os.getpid()}); wait for it to finish or choose another --out")
     assert not out.exists()
 
@@ -59,7 +54,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_model(nf4_run, tmp_path,
     monkeypatch.setattr(files._Shard, "add", full_at_layer_1)
     code, err = _merge(nf4_run, out, capsys, "fp16", "--overwrite")
     assert code == 2 and re.fullmatch(rf"error: no space left writing {re.escape(str(out))}; \d+ MiB free, about "
-                                      r"1 MiB needed", _error_line(err))
+                                      r"1 MiB needed", error_line(err))
     assert (out / "model.safetensors").read_bytes() == before and _dtype(out) == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
 

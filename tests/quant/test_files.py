@@ -67,15 +67,22 @@ def test_files_and_shared_directories(tmp_path):
 # ------------------------------------------------------------------------------------------ kills, locks, full disks
 
 
-def _in_child(fn) -> int:
-    """fn() in a forked child; its exit code, or minus the signal that killed it."""
+def _fork(fn) -> int:
+    """Run fn() in a forked child, which exits 0, or 1 if fn raised; returns its pid."""
     pid = os.fork()
     if pid == 0:
+        code = 1
         try:
             fn()
+            code = 0
         finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
+            os._exit(code)
+    return pid
+
+
+def _in_child(fn) -> int:
+    """fn() in a forked child; its exit code, or minus the signal that killed it."""
+    _, status = os.waitpid(_fork(fn), 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
@@ -153,12 +160,7 @@ def test_one_writer_per_output_and_a_killed_holder_never_blocks(tmp_path):
             os.write(ready_w, b"x")
             time.sleep(60)
 
-    holder = os.fork()
-    if holder == 0:
-        try:
-            hold()
-        finally:
-            os._exit(0)
+    holder = _fork(hold)
     try:
         assert os.read(ready_r, 1) == b"x"
         with pytest.raises(UserError, match=rf"^--out {out} is being written by another process \(pid {holder}\); "

@@ -9,6 +9,7 @@ import os
 import re
 
 from kill_points import run_killed
+from support import error_line
 
 from quant import files
 from quant.cli import main
@@ -29,18 +30,12 @@ def _bits(out) -> int:
     return json.loads((out / "quantize_config.json").read_text())["bits"]
 
 
-def _one_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_a_non_empty_out_is_refused_without_overwrite(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "q"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     code, err = _quant(tiny_model_dir, out, capsys)
-    assert code == 2 and _one_error(err) == (f"error: --out {out} already exists; pass --overwrite to replace it "
+    assert code == 2 and error_line(err) == (f"error: --out {out} already exists; pass --overwrite to replace it "
                                              "(only after a successful quantization)")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert _quant(tiny_model_dir, out, capsys, "--overwrite")[0] == 0
@@ -57,7 +52,7 @@ def test_a_second_writer_is_refused_before_any_model_loads(tmp_path, tiny_model_
     monkeypatch.setattr("quant.loading.load_float_model", no_load)
     with files.exclusive(out):
         code, err = _quant(tiny_model_dir, out, capsys)
-    assert code == 2 and _one_error(err) == (f"error: --out {out} is being written by another process (pid "
+    assert code == 2 and error_line(err) == (f"error: --out {out} is being written by another process (pid "
                                              f"{os.getpid()}); wait for it to finish or choose another --out")
     assert not out.exists()
 
@@ -73,7 +68,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_model(tmp_path, tiny_mod
     monkeypatch.setattr(files._Shard, "add", full)
     code, err = _quant(tiny_model_dir, out, capsys, "--overwrite")
     assert code == 2 and re.fullmatch(rf"error: no space left writing {re.escape(str(out))}; \d+ MiB free, about "
-                                      r"\d+ MiB needed", _one_error(err))
+                                      r"\d+ MiB needed", error_line(err))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "quant_log.json"} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [".q.lock", "q"]
 
