@@ -15,7 +15,8 @@ finished model), then does what the next run for --out does first (quant.files.e
 - missing at the kill: --out absent at the moment of the kill (0 with RENAME_EXCHANGE; the fallback scheme has
   one such moment between its two renames, which recover undoes).
 Half the trials force the fallback (a filesystem without RENAME_EXCHANGE). The driver sleeps --slow seconds
-before each rename/exchange/unlink/rmdir of the replacement, so that random kills land there too.
+before each rename/exchange/rmdir of the replacement and before its first unlink (removing the old model), so
+that random kills land there too.
 
     PYTHONPATH=. python scripts/kill_outputs.py --kills 20 --json /tmp/kill_outputs.json    # 20 per command
 """
@@ -45,18 +46,17 @@ import os, sys, time
 import quant.files as files, quant.replace as replace
 slow, scheme, module, argv = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 mark = lambda what: print(what, flush=True)
-placing = [False]
+placing, unlinks = [False], [0]
 def slowed(fn, name):
     def step(*a, **k):
-        if placing[0]:
+        if placing[0] and (name != "unlink" or unlinks[0] == 0):  # the first unlink only: the others are alike
             mark("step " + name)
             time.sleep(slow)
+        unlinks[0] += placing[0] and name == "unlink"
         return fn(*a, **k)
     return step
-if scheme == "aside":
-    replace.exchange = lambda a, b: False
 os.replace, os.unlink, os.rmdir = slowed(os.replace, "rename"), slowed(os.unlink, "unlink"), slowed(os.rmdir, "rmdir")
-replace.exchange = slowed(replace.exchange, "exchange")
+replace.exchange = (lambda a, b: False) if scheme == "aside" else slowed(replace.exchange, "exchange")
 real_exclusive, real_staged, real_put = files.exclusive, files.staged, files.put_in_place
 def exclusive(*a, **k):
     with real_exclusive(*a, **k) as path:
@@ -154,9 +154,9 @@ class Child:
         return phases[-1] if phases else "starting"
 
 
-def reference(module: str, argv: list[str], slow: float) -> tuple[dict, float]:
+def reference(module: str, argv: list[str], slow: float, scheme: str) -> tuple[dict, float]:
     """Fingerprint of an uninterrupted run, and its time from the start of writing until the model was in place."""
-    child = Child(module, argv, slow, "exchange")
+    child = Child(module, argv, slow, scheme)
     child.proc.wait()
     if child.proc.returncode != 0:
         raise SystemExit(f"reference run failed: {' '.join(argv)}\n{''.join(child.stderr)}")
@@ -176,17 +176,21 @@ def recover_like_the_next_run(out: Path) -> list[Path]:
 
 def trials(name: str, module: str, settings: list[list[str]], kills: int, slow: float, rng: random.Random) -> dict:
     out = Path(settings[0][settings[0].index("--out") + 1])
-    refs = [reference(module, argv, slow) for argv in settings]  # leaves --out holding setting 1's model
-    prints, durations = [r[0] for r in refs], [r[1] for r in refs]
+    schemes = ("exchange", "aside")
+    reference(module, settings[1], slow, "exchange")  # so that every measured run below replaces a model
+    # Each setting under each scheme (the fallback has more steps); leaves --out holding setting 1's model.
+    refs = {(i, scheme): reference(module, argv, slow, scheme) for scheme in schemes for i, argv in enumerate(settings)}
+    prints = [refs[i, "exchange"][0] for i in range(2)]
+    assert all(refs[i, "aside"][0] == prints[i] for i in range(2)), "both schemes write the same model"
     current, stats = 1, collections.Counter()
     phases = collections.Counter()
     for i in range(kills):
-        scheme = "aside" if i % 2 else "exchange"
+        scheme = schemes[i % 2]
         new = 1 - current
         child = Child(module, settings[new], slow, scheme)
         if not child.writing.wait(timeout=600):
             raise SystemExit(f"{name}: no marker from the child\n{''.join(child.stderr)}")
-        time.sleep(rng.uniform(0, durations[new] * 1.1))
+        time.sleep(rng.uniform(0, refs[new, scheme][1] * 1.1))
         phase = child.phase()
         child.proc.send_signal(signal.SIGKILL)
         child.proc.wait()
@@ -206,7 +210,7 @@ def trials(name: str, module: str, settings: list[list[str]], kills: int, slow: 
               f"{' (missing at the kill)' if at_kill is None else ''}{f', {len(left)} left over' if left else ''}",
               flush=True)
     return {"command": name, **stats, "phases": dict(sorted(phases.items())),
-            "seconds_per_run": [round(d, 1) for d in durations]}
+            "seconds_writing": {f"{settings[i][-1]} {scheme}": round(ref[1], 1) for (i, scheme), ref in refs.items()}}
 
 
 def main() -> None:
