@@ -52,7 +52,11 @@ Formats (--format):
 
 Memory: one decoder layer at a time is read from the base's safetensors, merged, encoded and written
 (plus, for gptq, one set of calibration activations). Output goes to a temporary directory next to
---out that is renamed only when complete; a failed or interrupted merge leaves no --out.
+--out that is renamed only when complete; with --overwrite the previous --out is swapped out in the same
+atomic step. A failed, interrupted or killed merge leaves --out as it was, never a partial model, and the
+next merge for that --out removes what a killed one left (on a filesystem without an atomic exchange, e.g.
+NFS, a kill at the swap leaves the old model aside under a hidden name until then). One merge per --out at a
+time: a second is refused with the first one's pid. A full disk is one line with the space free and needed.
 
 Fidelity report (merge_report.json in --out, printed as a table, logged to W&B when the run's recipe
 configures it): on held-out data (--eval, default: the run's data.eval rendered like training, loss on

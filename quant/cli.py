@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from quant.errors import UserError
@@ -25,7 +26,10 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gptq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to a GPTQ checkpoint")
     g.add_argument("model")
-    g.add_argument("--out", required=True, help="output checkpoint directory")
+    g.add_argument("--out", required=True, help="output checkpoint directory (must not exist, or be empty, unless "
+                   "--overwrite)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new checkpoint is "
+                   "complete (in one atomic step: a kill at any moment leaves the old or the new one)")
     g.add_argument("--bits", type=int, default=4)
     g.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
@@ -76,7 +80,8 @@ def _run_gptq(a) -> None:
     cfg.desc_act = cfg.calibrated if a.desc_act is None else a.desc_act  # act-order is GPTQ's default
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
-                      device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress)
+                      device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress,
+                      overwrite=a.overwrite)
     err = report.mean_error()
     print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
           f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {a.out}")
@@ -99,12 +104,23 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         args.run(args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        print("interrupted" + (f"; {out} was left as it was" if out else ""), file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # unwinds through quant.files.staged, which removes its temporary directory
 
 
 if __name__ == "__main__":

@@ -1,9 +1,23 @@
 """Every file and directory the program writes, and the safetensors model directories it reads.
 
-- `staged(final)`: the one temp-then-rename helper. Work happens under a hidden temporary name next to `final`,
-  which is renamed into place only when the block completes; an existing `final` is replaced only then. A failed
-  or interrupted write leaves `final` as it was. Checkpoints written by several processes share one temporary
-  directory (`shared=`), renamed by the main process once every rank is done.
+Writing an output so that nothing is ever lost:
+- `claim_output(final, overwrite)`: what a command that writes a model holds for its whole run (`finetune merge`,
+  `quant gptq`; every command that writes a model should use it): `exclusive(final)`, then `recover(final)`,
+  then the refusal of an existing non-empty `final` without `overwrite`.
+- `exclusive(path, what)`: one writer per output: an flock (filelock) on the sibling file `.<name>.lock`, which
+  records the holder's pid. Another process is refused at once with one line naming that pid. The kernel drops
+  the lock when its holder exits, however it dies, so a killed run never blocks the next one. The lock file stays
+  after release (filelock's Unix design: unlinking it would let two processes lock two different inodes).
+- `staged(final)`: the one temp-then-rename helper. Work happens under a hidden temporary name next to `final`
+  (`.tmp-<name>-<pid>-<8 hex>`), put in place when the block completes and removed when it fails. An existing
+  `final` is replaced only then, and atomically: at every instant `final` holds the old or the new version (a
+  swap by renameat2 RENAME_EXCHANGE; quant.replace says how, why, and the fallback where the system lacks it).
+  A full disk becomes one UserError line, "no space left writing PATH; N MiB free, about M needed", with nothing
+  left behind.
+- `recover(final)` (quant.replace): undoes what killed writers of `final` left, never touching an entry of a
+  live process.
+
+Reading and streaming safetensors:
 - `ShardWriter`: the one streaming safetensors writer (tensor bytes go to disk as they are added; the header,
   which safetensors puts first, is written when a shard closes), sharded and indexed like `save_pretrained`.
 - `Checkpoint`: a safetensors model directory read one tensor at a time (memory-mapped).
@@ -11,73 +25,79 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from quant.errors import UserError
+from quant.replace import TMP_PREFIX, exists, new_tmp, plain, put_in_place, recover, remove, tmp_name
 
-TMP_PREFIX = ".tmp-"  # every temporary name starts with `.tmp-<final name>-` (checkpoint pruning relies on it)
+__all__ = ["TMP_PREFIX", "DEFAULT_SHARD_BYTES", "staged", "write_text", "exclusive", "claim_output", "recover",
+           "disk_needed", "ShardWriter", "safetensors_files", "Checkpoint"]
+
 DEFAULT_SHARD_BYTES = 4 * 2**30
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _tmp_name(final: Path, tag: str) -> Path:
-    return final.with_name(f"{TMP_PREFIX}{final.name}-{tag}")
+# ------------------------------------------------------------------------------------------ staged writes
 
 
-def _readable(path: Path) -> None:
-    """Model directories are meant to be shared: safetensors and mkdtemp create 0600/0700 entries."""
-    if path.is_dir():
-        path.chmod(0o755)
-        for f in path.iterdir():
-            if f.is_file():
-                f.chmod(0o644)
-    else:
-        path.chmod(0o644)
+def _no_space(e: BaseException | None) -> bool:
+    """A full disk or quota, also as the text of a Rust library's error (tokenizers, safetensors)."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
-def _put_in_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is moved aside first and removed only after the rename."""
-    _readable(tmp)
-    if tmp.is_dir() and (final.exists() or final.is_symlink()):
-        old = _tmp_name(final, "old")
-        _remove(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _remove(old)
-    else:
-        os.replace(tmp, final)  # a file replaces a file atomically
+def _bytes_under(path: Path) -> int:
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.lstat().st_size for p in files if exists(p))
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _no_space_message(final: Path, need: int | Callable[[], int | None] | None, written: int) -> str:
+    free = shutil.disk_usage(next(p for p in final.absolute().parents if p.exists())).free
+    expected = need() if callable(need) else need
+    needed = f"about {_mib(expected)} MiB needed" if expected else f"at least {_mib(written)} MiB needed"
+    return f"no space left writing {final}; {free // 2**20} MiB free, {needed}"
 
 
-@contextmanager
+def _mib(n: int) -> int:
+    return max(1, math.ceil(n / 2**20))
+
+
+def disk_needed(total_bytes: int, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """Peak disk use of writing `total_bytes` of tensors through ShardWriter: each shard's data is copied once
+    behind its header, so the largest shard is on disk twice for a moment."""
+    return total_bytes + min(total_bytes, max_shard_bytes)
+
+
+@contextlib.contextmanager
 def staged(final: str | os.PathLike, directory: bool = True,
-           shared: tuple[bool, Callable[[], None]] | None = None) -> Iterator[Path]:
-    """Yield a temporary directory (or, with `directory=False`, a file path) next to `final`; rename it to `final`
-    when the block completes, replacing an existing `final` only then; remove it if the block fails.
+           shared: tuple[bool, Callable[[], None]] | None = None,
+           need: int | Callable[[], int | None] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory (or, with `directory=False`, a file path) next to `final`; put it in place
+    when the block completes, replacing an existing `final` only then; remove it if the block fails. A full disk
+    raises UserError; `need` (bytes, or a function estimating them when asked) is the size it reports needed.
 
     `shared=(is_main, barrier)`: several processes write into one directory of a fixed temporary name; the main
     process creates it, every rank writes, and the main process renames it once all ranks left the block (every
     rank must enter and leave it). A failed shared write is left for the next write of `final` to remove: other
     ranks may still be writing into it.
     """
-    final = Path(final)
+    final = plain(final)
     if shared is not None:
         is_main, barrier = shared
-        tmp = _tmp_name(final, "shared")
+        tmp = tmp_name(final, "shared")
         if is_main:
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,21 +106,23 @@ def staged(final: str | os.PathLike, directory: bool = True,
         yield tmp
         barrier()
         if is_main:
-            _put_in_place(tmp, final)
+            put_in_place(tmp, final)
         return
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{TMP_PREFIX}{final.name}-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = new_tmp(final, directory)
     try:
         yield tmp
-        _put_in_place(tmp, final)
+    except BaseException as e:
+        full = _no_space(e)
+        written = _bytes_under(tmp) if full else 0
+        remove(tmp)
+        if full:
+            raise UserError(_no_space_message(final, need, written)) from None
+        raise
+    try:
+        put_in_place(tmp, final)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)  # the new version, or the old one once swapped out
         raise
 
 
@@ -108,6 +130,55 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a whole text file through `staged`: readers see the old file or the new one, never a part."""
     with staged(path, directory=False) as tmp:
         tmp.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------ one writer
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        return f" (pid {int(lock_file.read_text().strip())})"
+    except (OSError, ValueError):
+        return ""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
+    """Hold the one-writer lock of `path` for the block (module docstring); yields `path`. Held elsewhere ->
+    UserError at once, naming `what`, `path` and the holder's pid. One `exclusive` per path per process: a second
+    one in the same process is refused like another process's."""
+    from filelock import FileLock, Timeout
+
+    path = plain(path)
+    lock_file = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{what} {path} is being written by another process{_holder(lock_file)}; wait for it "
+                        f"to finish or choose another {what}") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot create the lock file {lock_file} ({e.strerror})") from None
+    try:
+        with contextlib.suppress(OSError):  # the pid is for the refusal message only
+            lock_file.write_text(f"{os.getpid()}\n")
+        yield path
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def claim_output(final: str | os.PathLike, overwrite: bool, what: str = "--out",
+                 action: str = "write") -> Iterator[Path]:
+    """Hold `final` for a command that writes it (module docstring): lock, recover, and refuse an existing file
+    or non-empty directory unless `overwrite`, which `staged` honours by replacing it only once complete."""
+    with exclusive(final, what) as path:
+        recover(path)
+        if not overwrite and exists(path) and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"{what} {path} already exists; pass --overwrite to replace it (only after a "
+                            f"successful {action})")
+        yield path
 
 
 # ------------------------------------------------------------------------------------------ safetensors

@@ -64,6 +64,9 @@ def materialize(spec: str, what: str = "model") -> str:
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return str(target)
+    from quant.replace import recover
+
+    recover(target)  # the temporary directory of a conversion killed earlier
     log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
     try:
         _convert_gguf(gguf, target)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quant.errors import UserError
-from quant.files import safetensors_files
+from quant.files import claim_output, safetensors_files
 from quant.formats.gptq import QUANT_METHOD, quantization_config, read_quant_config, write_checkpoint
 from quant.formats.gptq_pack import resolve_checkpoint_format
 from quant.gptq import GPTQConfig, group_count
@@ -120,8 +120,14 @@ def _report_dict(report: QuantReport) -> dict:
 
 def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_samples: int = 128,
              calib_seqlen: int = 512, text_field: str = "text", calib_split: str = "train", device=None,
-             dtype=None, checkpoint_format: str = "auto", seed: int = 0, progress: bool = True) -> QuantReport:
-    """`quant gptq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir."""
+             dtype=None, checkpoint_format: str = "auto", seed: int = 0, progress: bool = True,
+             overwrite: bool = False) -> QuantReport:
+    """`quant gptq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir.
+
+    out_dir is held for the whole run (quant.files.claim_output): one writer at a time, leftovers of a killed
+    earlier run undone, and an existing non-empty out_dir refused unless `overwrite`, which replaces it only
+    once the new checkpoint is complete.
+    """
     from transformers import AutoTokenizer
 
     from quant.calibration import calibration_chunks, load_texts
@@ -131,23 +137,24 @@ def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_sample
     checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
     if cfg.calibrated and not calib:
         raise UserError("--calib is required for --method gptq (a text/jsonl/parquet file, directory or hub dataset)")
-    src = materialize(model_spec)
-    if Path(out_dir).resolve() == Path(src).resolve():
-        raise UserError(f"--out {out_dir} is the source model directory; choose another directory")
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    chunks = None
-    if cfg.calibrated:
-        texts = load_texts(calib, text_field=text_field, split=calib_split)
-        chunks = calibration_chunks(texts, tokenizer, calib_samples, calib_seqlen, seed=seed)
-        if len(chunks) < calib_samples:
-            log.warning("calibration text holds only %d samples of %d tokens (asked for %d)",
-                        len(chunks), calib_seqlen, calib_samples)
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    model = load_float_model(src, dtype=dtype)
-    report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
-                            progress=progress)
-    save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
+    with claim_output(out_dir, overwrite, action="quantization"):
+        src = materialize(model_spec)
+        if Path(out_dir).resolve() == Path(src).resolve():
+            raise UserError(f"--out {out_dir} is the source model directory; choose another directory")
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        chunks = None
+        if cfg.calibrated:
+            texts = load_texts(calib, text_field=text_field, split=calib_split)
+            chunks = calibration_chunks(texts, tokenizer, calib_samples, calib_seqlen, seed=seed)
+            if len(chunks) < calib_samples:
+                log.warning("calibration text holds only %d samples of %d tokens (asked for %d)",
+                            len(chunks), calib_seqlen, calib_samples)
+        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+        model = load_float_model(src, dtype=dtype)
+        report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
+                                progress=progress)
+        save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
     return report
 
 

@@ -73,3 +73,10 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def error_line(stderr: str) -> str:
+    """The one `error: ...` line a CLI printed for bad input (and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]

@@ -1,6 +1,7 @@
 """`finetune merge`: adapter + base -> dequantize as trained -> add LoRA -> encode in the output format, streamed
 one decoder layer at a time into a temporary directory that is renamed to --out only when the model, its config,
-tokenizer and merge_report.json are all complete.
+tokenizer and merge_report.json are all complete. The merge holds --out for its whole run (quant.files.claim_output:
+one writer, what a killed earlier merge left undone, no silent replacement without --overwrite).
 
 Both ends are format objects (quant.formats.registry): the base's format rebuilds the weights training saw, the
 output format encodes the merged ones; nothing here depends on which formats they are.
@@ -23,7 +24,7 @@ from finetune.merge.source import block_prefix, plan_units, skeleton
 from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
 from finetune.merge.writers import write_config, write_extras
 from quant.errors import UserError
-from quant.files import Checkpoint, staged
+from quant.files import Checkpoint, claim_output, disk_needed, staged
 from quant.formats import registry as formats
 from quant.formats.base import EncodeRequest, Format, Rebuilder, dtype_name
 
@@ -86,9 +87,7 @@ def resolve_merge_into(merge_into: str, fmt: Format, base_fmt: Format) -> tuple[
     return "dequantized", "auto: the weights the adapter was trained against"
 
 
-def _check_out(out: Path, overwrite: bool, source: AdapterSource) -> None:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists; pass --overwrite to replace it (only after a successful merge)")
+def _check_out(out: Path, source: AdapterSource) -> None:
     for other in (source.adapter_dir, source.run_dir, Path(source.base.model_dir)):
         if other is not None and out.resolve() == Path(other).resolve():
             raise UserError(f"--out {out} is the adapter, run or base directory; choose a new directory")
@@ -110,6 +109,23 @@ def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] 
                            cfg.calib_seqlen)
 
 
+class _OutputSize:
+    """The merged model's peak size on disk, extrapolated from the units written so far (what the no-space
+    message reports as needed); None before the first decoder layer is written."""
+
+    def __init__(self, n_units: int, max_shard_bytes: int):
+        self.n_units, self.max_shard, self.writer, self.written = n_units, max_shard_bytes, None, []
+
+    def unit_done(self) -> None:
+        self.written.append(self.writer.total)
+
+    def __call__(self) -> int | None:
+        if len(self.written) < 2:
+            return None
+        per_layer = (self.written[-1] - self.written[0]) / (len(self.written) - 1)
+        return disk_needed(int(self.written[0] + per_layer * (self.n_units - 1)), self.max_shard)
+
+
 def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     """Merge the LoRA adapter `cfg.adapter` into its base and write a `cfg.format` model directory at `cfg.out`.
 
@@ -118,13 +134,18 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     a GPTQ base); 'auto' picks (see resolve_merge_into). `report`: measure fidelity on `eval_data` (default: the
     run's data.eval) and print the table.
     """
-    started = time.perf_counter()
     cfg = cfg.validate()
+    with claim_output(cfg.out, cfg.overwrite, action="merge"):
+        return _merge(cfg, echo)
+
+
+def _merge(cfg: MergeConfig, echo) -> MergeResult:
+    started = time.perf_counter()
     fmt, device = cfg.fmt, cfg.torch_device
     source = read_adapter(cfg.adapter, cfg.base, device)
     base_fmt = formats.format_of(source.base)
     out = cfg.out
-    _check_out(out, cfg.overwrite, source)
+    _check_out(out, source)
     merge_into, merge_into_reason = resolve_merge_into(cfg.merge_into, fmt, base_fmt)
     ckpt = _source_checkpoint(source, merge_into, cfg.base_original)
 
@@ -145,13 +166,15 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
                           if cfg.calib else None,
                           "calib_samples": len(calib) if calib else 0, "calib_seqlen": cfg.calib_seqlen}
 
-    with staged(out) as tmp:
-        writer = encoder.sink(tmp, cfg.max_shard_bytes)
+    size = _OutputSize(len(units), cfg.max_shard_bytes)
+    with staged(out, need=size) as tmp:
+        writer = size.writer = encoder.sink(tmp, cfg.max_shard_bytes)
         try:
             bar = tqdm(total=len(units), desc=f"merge -> {fmt.name}", unit="layer", disable=not cfg.progress)
             stream_started = time.perf_counter()
             with PeakMemory(device) as mem:
-                merged = stream_units(weights, units, source.loras, encoder, writer.add, lambda u: bar.update(1))
+                merged = stream_units(weights, units, source.loras, encoder, writer.add,
+                                      lambda u: (bar.update(1), size.unit_done()))
                 writer.close()
             bar.close()
         except BaseException:

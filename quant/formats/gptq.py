@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
-from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, staged
+from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, disk_needed, staged
 from quant.formats.base import REQUIRED, EncodeRequest, Format, Rebuilder, option
 from quant.formats.gptq_pack import V1, resolve_checkpoint_format, zero_offset
 from quant.gptq import METHODS
@@ -96,7 +96,8 @@ def write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config_dict: dic
     is replaced only after the new one is complete.
     """
     out = Path(out_dir)
-    with staged(out) as tmp:
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with staged(out, need=disk_needed(total, max_shard_bytes)) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         try:
             for k, v in tensors.items():
