@@ -306,3 +306,17 @@ class Checkpoint:
 
     def quantization_config(self) -> dict | None:
         return self.config.get("quantization_config")
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`, None when there is no such file; a file that is not one is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data

@@ -121,7 +121,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def load_tokenizer(spec: str, what: str = "model"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(materialize(spec, what))
+    # A directory is taken as is: an adapter directory holds a tokenizer but no config.json (not a model source).
+    tokenizer = AutoTokenizer.from_pretrained(spec if Path(spec).is_dir() else materialize(spec, what))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from finetune.train.resume import flatten
 from quant.errors import UserError
+from quant.files import read_json_object
 
 MERGES_DIR = "merges"
 DATA_REPORT = "data_report.json"  # written by finetune.train.loop
@@ -85,18 +87,6 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -116,9 +106,9 @@ def read_run(path: str | Path) -> Run:
         except yaml.YAMLError as e:
             raise UserError(f"{path / 'recipe.yaml'}: not valid YAML ({e})") from None
     merges = [Merge(p.parent, rep) for p in sorted((path / MERGES_DIR).glob("*/merge_report.json"))
-              if (rep := _read_json(p)) is not None]
+              if (rep := read_json_object(p)) is not None]
     return Run(path, path.name, train, evals, recipe if isinstance(recipe, dict) else {},
-               _read_json(path / DATA_REPORT), merges)
+               read_json_object(path / DATA_REPORT), merges)
 
 
 def attach_merges(runs: list[Run], dirs: list[str]) -> list[str]:
@@ -134,7 +124,7 @@ def attach_merges(runs: list[Run], dirs: list[str]) -> list[str]:
         if not reports:
             raise UserError(f"--merges {d}: no merge_report.json in it or its subdirectories")
         for p in reports:
-            report = _read_json(p)
+            report = read_json_object(p)
             owner = _owner(runs, report.get("adapter"))
             if owner is None:
                 notes.append(f"{p.parent}: made from {report.get('adapter')}, which is none of the runs; left out")
@@ -159,17 +149,6 @@ def unique_names(runs: list[Run]) -> None:
     names = [r.path.name for r in runs]
     for run in runs:
         run.name = run.path.name if names.count(run.path.name) == 1 else str(run.path)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 # Keys that differ between any two runs without saying anything about training.

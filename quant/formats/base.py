@@ -96,16 +96,11 @@ class BaseSpec:
     @classmethod
     def read(cls, directory: str | Path) -> "BaseSpec | None":
         """The record saved in `directory`, or None when there is none."""
+        from quant.files import read_json_object
+
         path = Path(directory) / cls.FILE
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, str(path))
+        data = read_json_object(path)
+        return None if data is None else cls.from_dict(data, str(path))
 
 
 # ------------------------------------------------------------------------------------------ sharding
