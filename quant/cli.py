@@ -1,4 +1,5 @@
-"""`quant` command line: `quant gptq` (quantize to a GPTQ checkpoint) and `quant eval` (perplexity).
+"""`quant` command line: `quant gptq` / `quant awq` (quantize to a GPTQ / AWQ checkpoint) and `quant eval`
+(perplexity).
 
 Parsing only; each subcommand calls one public function. A UserError becomes one line on stderr and
 exit code 2.
@@ -14,8 +15,17 @@ import sys
 from quant.errors import UserError
 
 
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", action="append", help="text/md/jsonl/parquet file, directory, pkg:... or hub dataset "
+                   "(repeatable)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-split", default="train")
+    p.add_argument("--text-field", default="text")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quant", description="GPTQ quantization and perplexity evaluation")
+    p = argparse.ArgumentParser(prog="quant", description="GPTQ and AWQ quantization and perplexity evaluation")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy small box 1 is often fastest)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -35,17 +45,38 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mse", type=float, default=0.0, help="clipping search norm (e.g. 2.4); 0 = min-max")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
-    g.add_argument("--calib", action="append", help="text/md/jsonl/parquet file, directory, pkg:... or hub dataset "
-                   "(repeatable)")
-    g.add_argument("--calib-samples", type=int, default=128)
-    g.add_argument("--calib-seqlen", type=int, default=512)
-    g.add_argument("--calib-split", default="train")
-    g.add_argument("--text-field", default="text")
+    _calibration_args(g)
     g.add_argument("--format", dest="checkpoint_format", choices=["auto", "gptq", "gptq_v2"], default="auto",
                    help="auto: gptq (v1) when symmetric, gptq_v2 when asymmetric")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", dest="progress", action="store_false")
+
+    w = sub.add_parser("awq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to an AWQ (gemm) checkpoint",
+                       description="Activation-aware weight quantization: per input channel, scales "
+                       "s = mean|x|^alpha (alpha searched on a grid) that minimise the output error of the "
+                       "attention/MLP block on the calibration data are folded into the preceding norm or "
+                       "projection, then each group of weights is clipped (searched) and rounded to 4 bits with a "
+                       "zero point. The checkpoint loads in vLLM (awq, awq_marlin), transformers and GPTQModel.")
+    w.add_argument("model")
+    w.add_argument("--out", required=True, help="output checkpoint directory")
+    w.add_argument("--bits", type=int, default=4, help="4 (the only width of the AWQ gemm format)")
+    w.add_argument("--group-size", type=int, default=128,
+                   help="32, 64 or 128 input channels per scale/zero (default 128); pick one that divides every layer's "
+                   "in_features for vLLM (SmolLM2's 576 needs 32 or 64)")
+    w.add_argument("--method", choices=["awq", "rtn"], default="awq", help="rtn: plain round-to-nearest on the "
+                   "same grid, no calibration (for comparison)")
+    w.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="search per-group clipping of the weight range (--no-clip: min-max range)")
+    w.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=False,
+                   help="AutoAWQ's variant: s = mean|x|^a / mean|w|^(1-a)")
+    w.add_argument("--grid", type=int, default=20, help="points of the alpha grid (and 1/grid clipping steps)")
+    w.add_argument("--search-tokens", type=int, default=8192, help="calibration tokens forwarded per scale "
+                   "candidate through attention/MLP (statistics always use every token)")
+    _calibration_args(w)
+    w.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--no-progress", dest="progress", action="store_false")
 
     e = sub.add_parser("eval", help="perplexity of MODEL on held-out text")
     e.add_argument("model")
@@ -53,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                    "or hub dataset (repeatable)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-chunks", type=int, default=None)
-    e.add_argument("--quantization", choices=["auto", "none", "nf4", "int8", "gptq"], default="auto")
+    e.add_argument("--quantization", choices=["auto", "none", "nf4", "int8", "gptq", "awq"], default="auto")
     e.add_argument("--text-field", default="text")
     e.add_argument("--device", default=None)
     e.add_argument("--no-progress", dest="progress", action="store_false")
@@ -75,6 +106,19 @@ def _run_gptq(a) -> None:
           f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {a.out}")
 
 
+def _run_awq(a) -> None:
+    from quant.awq import AWQConfig
+    from quant.awq_model import quantize_awq
+
+    cfg = AWQConfig(bits=a.bits, group_size=a.group_size, method=a.method, clip=a.clip, n_grid=a.grid,
+                    duo_scaling=a.duo_scaling, search_tokens=a.search_tokens)
+    report = quantize_awq(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
+                          calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
+                          device=a.device, seed=a.seed, progress=a.progress)
+    print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
+          f"mean rel. error {report.mean_error():.3e}, {report.seconds:.1f}s")
+
+
 def _run_eval(a) -> None:
     from quant.eval import evaluate
 
@@ -93,10 +137,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        if args.command == "gptq":
-            _run_gptq(args)
-        else:
-            _run_eval(args)
+        {"gptq": _run_gptq, "awq": _run_awq, "eval": _run_eval}[args.command](args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on held-out text: float, GPTQ, or bitsandbytes NF4/int8 quantized on load.
+"""Perplexity of a causal LM on held-out text: float, GPTQ, AWQ, or bitsandbytes NF4/int8 quantized on load.
 
 Text is tokenized as one stream (documents joined by EOS) and cut into non-overlapping chunks of
 `seqlen` tokens; a trailing partial chunk is dropped so every chunk has the same context length.
@@ -22,7 +22,7 @@ from quant.formats.bnb import keep_reference_layout
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("auto", "none", "nf4", "int8", "gptq")
+QUANTIZATIONS = ("auto", "none", "nf4", "int8", "gptq", "awq")
 
 
 @torch.no_grad()
@@ -60,6 +60,8 @@ def load_eval_model(spec: str, quantization: str = "auto", device=None):
     """(model, tokenizer, resolved quantization) for `spec` (HF dir, hub id, .gguf, pkg:..., GPTQ dir)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from quant.awq_model import load_awq_model
+    from quant.formats.awq import is_awq_checkpoint
     from quant.loading import materialize
     from quant.model import load_gptq_model
 
@@ -67,14 +69,16 @@ def load_eval_model(spec: str, quantization: str = "auto", device=None):
         raise UserError(f"--quantization must be one of {', '.join(QUANTIZATIONS)} (got {quantization!r})")
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src = materialize(spec)
-    gptq_dir = Path(src).exists() and _is_gptq_dir(src)
+    packed = "gptq" if Path(src).exists() and _is_gptq_dir(src) else "awq" if is_awq_checkpoint(src) else None
     if quantization == "auto":
-        quantization = "gptq" if gptq_dir else "none"
-    if gptq_dir and quantization != "gptq":
-        raise UserError(f"{spec} is a GPTQ checkpoint; evaluate it with --quantization gptq (or auto)")
+        quantization = packed or "none"
+    if packed and quantization != packed:
+        raise UserError(f"{spec} is a {packed.upper()} checkpoint; evaluate it with --quantization {packed} (or auto)")
     tokenizer = AutoTokenizer.from_pretrained(src)
     if quantization == "gptq":
         return load_gptq_model(src, device=device), tokenizer, quantization
+    if quantization == "awq":
+        return load_awq_model(src, device=device), tokenizer, quantization
     # CPU: fp32 compute (bf16 backward/forward on CPU is many times slower, docs/offline-assets.md).
     compute = torch.float32 if device.type == "cpu" else torch.bfloat16
     kwargs = {"dtype": compute}

@@ -18,3 +18,14 @@ def register_quantlinear(lora_config):
 
     lora_config._register_custom_module({QuantLinear: GPTQLoraLinear})
     return lora_config
+
+
+def register_awqlinear(lora_config):
+    """The same for AWQLinear: peft's own AWQ dispatcher only recognises GPTQModel's AWQ layers, and its GPTQ
+    LoRA layer (base output + LoRA path, never merged) fits any frozen packed layer."""
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    from quant.nn_awq import AWQLinear
+
+    lora_config._register_custom_module({AWQLinear: GPTQLoraLinear})
+    return lora_config
