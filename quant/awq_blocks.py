@@ -27,23 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quant.awq import AWQConfig, AWQResult, ScaleChoice, hessian_loss, quantize_weight, search_clip, search_scales
 from quant.errors import UserError
 from quant.gptq import HessianAccumulator, relative_error
 from quant.nn_awq import AWQLinear
-from quant.sequential import (
-    LayerLog,
-    QuantReport,
-    _linear_groups,
-    _move_outside,
-    _run_block,
-    _Stop,
-    block_linears,
-    capture_inputs,
-    find_blocks,
-)
+from quant.sequential import LayerLog, QuantReport, _linear_groups, _run_block, _Stop, block_linears, drive_blocks
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +237,6 @@ def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: 
     return res, entry
 
 
-def _swap_in(block, name: str, res: AWQResult, linear: nn.Linear) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, child, AWQLinear.from_codes(res.q, res.scales, res.zeros, res.group_size, bias=linear.bias))
-
-
 def _scale_entry(prefix, group, fold, choice: ScaleChoice | None) -> dict:
     e = {"layers": [f"{prefix}.{n}" for n in group], "fold": fold.name if fold else None}
     if choice is not None:
@@ -292,7 +275,6 @@ def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report) -> dict[str
     return results
 
 
-@torch.no_grad()
 def quantize_blocks_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg: AWQConfig, device=None,
                         progress: bool = True) -> AWQReport:
     """Quantize every nn.Linear inside the decoder blocks of `model` in place (they become AWQLinear).
@@ -300,39 +282,16 @@ def quantize_blocks_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg:
     `calib`: a list of [1, T] token id tensors (None is fine for cfg.method 'rtn'). `device`: where blocks
     are processed (default: where the model is); the model stays on its original device.
     """
-    t_start = time.perf_counter()
-    prefix, blocks = find_blocks(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    report = AWQReport(method=cfg.method)
     data_free = cfg.method == "rtn"
     if not data_free and not calib:
         raise UserError("AWQ needs calibration data: the calibration set is empty")
-    hidden = kwargs_list = None
-    if not data_free:
-        report.calib_samples = len(calib)
-        report.calib_tokens = sum(int(c.numel()) for c in calib)
-        _move_outside(model, prefix, device)
-        hidden, kwargs_list = capture_inputs(model, blocks, calib, device)
-        _move_outside(model, prefix, home)
+    report = AWQReport(method=cfg.method)
 
-    bar = tqdm(total=len(blocks), desc=f"{cfg.method} {cfg.bits}-bit g{cfg.group_size}", unit="block",
-               disable=not progress)
-    for i, block in enumerate(blocks):
-        block.to(device)
+    def quantize_block(block, name, hidden, kwargs_list):
         linears = block_linears(block)
-        results = _quantize_block(block, f"{prefix}.{i}", hidden, kwargs_list, cfg, report)
-        if hidden is not None and i + 1 < len(blocks):
-            for j in range(len(hidden)):  # outputs overwrite inputs: one set of activations at a time
-                hidden[j] = _run_block(block, hidden[j], kwargs_list[j])
-        for n, res in results.items():
-            _swap_in(block, n, res, linears[n])
-        block.to(home)
-        errs = [e.rel_error for e in report.layers[len(report.layers) - len(results):]]
-        bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}" if errs else "-")
-        bar.update(1)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
-    report.seconds = time.perf_counter() - t_start
-    return report
+        results = _quantize_block(block, name, hidden, kwargs_list, cfg, report)
+        return {n: AWQLinear.from_codes(r.q, r.scales, r.zeros, r.group_size, bias=linears[n].bias)
+                for n, r in results.items()}
+
+    return drive_blocks(model, None if data_free else calib, report, quantize_block, device=device,
+                        desc=f"{cfg.method} {cfg.bits}-bit g{cfg.group_size}", progress=progress)

@@ -17,7 +17,7 @@ from quant.awq_blocks import AWQReport, quantize_blocks_awq
 from quant.errors import UserError
 from quant.formats.awq import PACK, group_count, quantization_config, read_quant_config
 from quant.nn_awq import AWQLinear
-from quant.packed import build_packed_model, local_dir, read_state, save_packed
+from quant.packed import load_packed_model, local_dir, save_packed
 from quant.sequential import block_linears, find_blocks
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,8 @@ def load_awq_model(path, device=None, dtype=None) -> nn.Module:
     """
     path = local_dir(path, "AWQ checkpoint")
     q = read_quant_config(path)
-    device = torch.device(device) if device else torch.device("cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    state = read_state(path)
-    qnames = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
-    if not qnames:
-        raise UserError(f"{path}: no '*.qweight' tensors; not an AWQ checkpoint")
 
-    def make_layer(name: str, old: nn.Linear) -> AWQLinear:
+    def make_layer(name: str, old: nn.Linear, state: dict) -> AWQLinear:
         gs = _layer_group_size(path, name, state, old.in_features, q["group_size"])
         scales = state[f"{name}.scales"]
         if f"{name}.bias" in state:
@@ -131,7 +125,4 @@ def load_awq_model(path, device=None, dtype=None) -> nn.Module:
         return AWQLinear(old.in_features, old.out_features, gs, bias=f"{name}.bias" in state, device="meta",
                          scales_dtype=scales.dtype)
 
-    model = build_packed_model(path, state, qnames, make_layer, dtype, q["raw"], "AWQ")
-    model.to(device)
-    model.eval()
-    return model
+    return load_packed_model(path, q["raw"], make_layer, "AWQ", device=device, dtype=dtype)

@@ -73,7 +73,8 @@ def load_eval_model(spec: str, quantization: str = "auto", device=None):
     if quantization == "auto":
         quantization = packed or "none"
     if packed and quantization != packed:
-        raise UserError(f"{spec} is a {packed.upper()} checkpoint; evaluate it with --quantization {packed} (or auto)")
+        raise UserError(f"{spec} is a {packed.upper()}-format checkpoint; evaluate it with --quantization {packed} "
+                        "(or auto)")
     tokenizer = AutoTokenizer.from_pretrained(src)
     if quantization == "gptq":
         return load_gptq_model(src, device=device), tokenizer, quantization

@@ -17,7 +17,7 @@ from quant.errors import UserError
 from quant.formats.gptq import quantization_config, read_quant_config, zero_offset
 from quant.gptq import GPTQConfig, group_count
 from quant.nn import QuantLinear
-from quant.packed import build_packed_model, local_dir, read_state, save_packed
+from quant.packed import load_packed_model, local_dir, save_packed
 from quant.sequential import QuantReport, block_linears, find_blocks, quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -167,21 +167,12 @@ def load_gptq_model(path, device=None, dtype=None, kernel: str = "auto") -> nn.M
     """
     path = local_dir(path, "GPTQ checkpoint")
     q = read_quant_config(path)
-    device = torch.device(device) if device else torch.device("cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    state = read_state(path)
-    qnames = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
-    if not qnames:
-        raise UserError(f"{path}: no '*.qweight' tensors; not a GPTQ checkpoint")
 
-    def make_layer(name: str, old: nn.Linear) -> QuantLinear:
+    def make_layer(name: str, old: nn.Linear, state: dict) -> QuantLinear:
         bits, gs = _layer_params(path, name, state, old.in_features, q["bits"], q["group_size"])
         if f"{name}.g_idx" not in state:  # very old checkpoints: the default layout
             state[f"{name}.g_idx"] = (torch.arange(old.in_features) // (gs if gs != -1 else old.in_features)).to(torch.int32)
         return QuantLinear(old.in_features, old.out_features, bits, gs, bias=f"{name}.bias" in state,
                            checkpoint_format=q["checkpoint_format"], device="meta", kernel=kernel)
 
-    model = build_packed_model(path, state, qnames, make_layer, dtype, q["raw"], "GPTQ")
-    model.to(device)
-    model.eval()
-    return model
+    return load_packed_model(path, q["raw"], make_layer, "GPTQ", device=device, dtype=dtype)

@@ -44,17 +44,22 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_packed_model(path: Path, state: dict[str, torch.Tensor], qnames: list[str],
-                       make_layer: Callable[[str, nn.Linear], nn.Module], dtype, raw_qconfig: dict,
-                       what: str) -> nn.Module:
-    """The HF model of `path`'s config.json with the Linears in `qnames` replaced by make_layer(name, linear)
-    (built on the meta device) and `state` assigned directly (no random init, no copy).
-
-    Tensors that do not belong to a packed layer are cast to `dtype`. The model is on the CPU.
+def load_packed_model(path: Path, raw_qconfig: dict, make_layer: Callable[[str, nn.Linear, dict], nn.Module],
+                      what: str, device=None, dtype=None) -> nn.Module:
+    """The HF model of `path`'s config.json with every Linear that has a `qweight` in the checkpoint replaced by
+    make_layer(name, linear, state) (built on the meta device), and the safetensors assigned directly (no
+    random init, no copy). Tensors outside the packed layers are cast to `dtype` (default fp32 on CPU, fp16 on
+    GPU); `make_layer` may adjust `state` for its layer. The model is returned on `device`, in eval mode.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    device = torch.device(device) if device else torch.device("cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    state = read_state(path)
+    qnames = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    if not qnames:
+        raise UserError(f"{path}: no '*.qweight' tensors, so no {what} layers to load")
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # otherwise transformers would hand the model to its own quantizer
@@ -68,7 +73,7 @@ def build_packed_model(path: Path, state: dict[str, torch.Tensor], qnames: list[
         if not isinstance(old, nn.Linear):
             raise UserError(f"{path}: {name} is a {type(old).__name__}, not a Linear; cannot hold {what} weights")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make_layer(name, old))
+        setattr(model.get_submodule(parent) if parent else model, child, make_layer(name, old, state))
     packed = set(qnames)
     for k, t in state.items():
         if t.is_floating_point() and k.rpartition(".")[0] not in packed:
@@ -85,6 +90,8 @@ def build_packed_model(path: Path, state: dict[str, torch.Tensor], qnames: list[
     if still_meta:
         raise UserError(f"{path}: checkpoint lacks {len(still_meta)} tensors, e.g. {still_meta[:3]}")
     model.config.quantization_config = raw_qconfig
+    model.to(device)
+    model.eval()
     return model
 
 
