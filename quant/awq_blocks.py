@@ -9,10 +9,12 @@ GPTQ (quant.sequential, whose block capture this reuses). Per block:
    channels map one-to-one onto it. Every fold is checked before use: scaling by random powers of two
    (exact in floating point) must leave the block's output unchanged, else the group is left unscaled.
    So v -> o is used only without grouped-query attention, and a Gemma-style (1 + weight) norm is skipped.
-2. Group by group, on the float block with earlier folds applied: the group's input statistics (mean |x|
-   and H = Σ x xᵀ over all calibration tokens), the scale search (loss: the output error of the smallest
-   module containing the group, forwarded on `search_tokens` tokens; for a single Linear the exact error
-   through H), and the fold.
+2. One pass over the calibration samples records, per group, the input statistics (mean |x| and
+   H = Σ x xᵀ over all tokens) and the inputs of the smallest module containing the group on
+   `search_tokens` tokens. Then group by group, on the float block with earlier folds applied: the scale
+   search (loss: that module's output error on those tokens; for a single Linear the exact error through
+   H) and the fold, whose only effect inside the block is on the group's own input (x -> x / s), applied
+   to its statistics directly.
 3. Per Linear: the clipping search (not q/k: their errors pass through the softmax), the final
    quantization, and its relative output error on the calibration inputs, logged.
 4. The quantized block produces the next block's inputs; its Linears become AWQLinear.
@@ -32,7 +34,7 @@ from quant.awq import AWQConfig, AWQResult, ScaleChoice, hessian_loss, quantize_
 from quant.errors import UserError
 from quant.gptq import HessianAccumulator, relative_error
 from quant.nn_awq import AWQLinear
-from quant.sequential import LayerLog, QuantReport, _linear_groups, _run_block, _Stop, block_linears, drive_blocks
+from quant.sequential import LayerLog, QuantReport, _linear_groups, _run_block, block_linears, drive_blocks
 
 log = logging.getLogger(__name__)
 
@@ -142,39 +144,53 @@ def _find_folds(block, linears, groups, owner, h, kw) -> dict[str, Fold]:
     return folds
 
 
-def _collect(block, linears, group, owner, lca, hidden, kwargs_list, subset):
-    """Input statistics of the group's shared input over all samples, and the LCA's inputs on `subset`."""
-    o = owner[group[0]]
-    lin = linears[o]
-    dev = lin.weight.device
-    acc = HessianAccumulator(lin.in_features, dev)
-    absum = torch.zeros(lin.in_features, dtype=torch.float32, device=dev)
-    captured, want = [], [False]
+@dataclass
+class GroupInputs:
+    """What one pass over the calibration samples records for a group of Linears sharing an input."""
 
-    def on_input(_m, args):
-        x = args[0].detach()
-        acc.add(x)
-        absum.add_(x.reshape(-1, x.shape[-1]).float().abs().sum(dim=0))
-        raise _Stop
+    acc: HessianAccumulator  # H = (2/n) Σ x xᵀ over every token
+    absum: torch.Tensor  # Σ |x| per channel
+    lca: nn.Module  # the smallest module containing the group
+    captured: list = field(default_factory=list)  # the LCA's (args, kwargs) on the search samples
 
-    def on_lca(_m, args, kwargs):
-        if want[0]:
-            captured.append((args, dict(kwargs)))
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return self.absum / max(self.acc.n, 1)
 
-    handles = [lin.register_forward_pre_hook(on_input)]
-    if lca is not None:
-        handles.append(lca.register_forward_pre_hook(on_lca, with_kwargs=True))
+
+def _collect(block, linears, groups, owner, hidden, kwargs_list, subset) -> list[GroupInputs]:
+    """One pass over all samples for every group at once. Later folds need no second pass: a fold that passed
+    _fold_is_exact changes no tensor of the block but its own group's input, which becomes x / s, and
+    _search_group applies that to the group's statistics directly."""
+    stats, handles, want = [], [], [False]
+    for group in groups:
+        lin = linears[owner[group[0]]]
+        lca_name = _lca(group)
+        lca = block.get_submodule(lca_name) if lca_name else block
+        g = GroupInputs(HessianAccumulator(lin.in_features, lin.weight.device),
+                        torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device), lca)
+        stats.append(g)
+
+        def on_input(_m, args, g=g):
+            x = args[0].detach()
+            g.acc.add(x)
+            g.absum.add_(x.reshape(-1, x.shape[-1]).float().abs().sum(dim=0))
+
+        def on_lca(_m, args, kwargs, g=g):
+            if want[0]:
+                g.captured.append((args, dict(kwargs)))
+
+        handles.append(lin.register_forward_pre_hook(on_input))
+        if not isinstance(lca, nn.Linear):  # a lone Linear's loss comes from H, not from forwards
+            handles.append(lca.register_forward_pre_hook(on_lca, with_kwargs=True))
     try:
         for j, (h, kw) in enumerate(zip(hidden, kwargs_list)):
             want[0] = j in subset
-            try:
-                _run_block(block, h, kw)
-            except _Stop:
-                pass
+            _run_block(block, h, kw)
     finally:
         for hd in handles:
             hd.remove()
-    return acc, absum / max(acc.n, 1), captured
+    return stats
 
 
 def _first(out):
@@ -198,25 +214,21 @@ def _module_loss(module, group_linears, captured):
     return loss
 
 
-def _search_group(block, linears, group, owner, fold, hidden, kwargs_list, subset, cfg):
-    """Statistics, scale search and fold of one group; returns (H of the now-scaled input, choice or None)."""
-    names = group
-    lca_name = _lca(names)
-    lca = block.get_submodule(lca_name) if lca_name else block
-    single = isinstance(lca, nn.Linear)
-    acc, x_mean, captured = _collect(block, linears, group, owner, None if single or fold is None else lca,
-                                     hidden, kwargs_list, subset)
-    if fold is None or cfg.method != "awq" or acc.n == 0:
-        return acc, None
-    group_linears = [linears[n] for n in names]
+def _search_group(linears, group, fold, g: GroupInputs, cfg) -> ScaleChoice | None:
+    """The scale search and fold of one group; afterwards g.acc.H is that of the now-scaled input."""
+    if fold is None or cfg.method != "awq" or g.acc.n == 0:
+        return None
+    group_linears = [linears[n] for n in group]
     weights = [lin.weight.data for lin in group_linears]
-    loss_fn = hessian_loss(weights, acc.H) if single else _module_loss(lca, group_linears, captured)
-    choice = search_scales(weights, x_mean, loss_fn, cfg)
+    single = isinstance(g.lca, nn.Linear)
+    loss_fn = hessian_loss(weights, g.acc.H) if single else _module_loss(g.lca, group_linears, g.captured)
+    choice = search_scales(weights, g.x_mean, loss_fn, cfg)
     s = choice.scales.to(weights[0].dtype).float()  # the value the fold will actually use
     _apply_fold(fold, group_linears, s)
-    s = s.to(acc.H.device)
-    acc.H.div_(s.view(-1, 1)).div_(s.view(1, -1))
-    return acc, choice
+    s = s.to(g.acc.H.device)
+    g.acc.H.div_(s.view(-1, 1)).div_(s.view(1, -1))
+    g.captured.clear()
+    return choice
 
 
 def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: AWQConfig):
@@ -260,12 +272,11 @@ def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report) -> dict[str
     per_sample = hidden[0].shape[-2]
     n_search = min(len(hidden), max(1, math.ceil(cfg.search_tokens / per_sample)))
     subset = {round(i * len(hidden) / n_search) for i in range(n_search)}
-    accs = []
-    for group in groups:
+    stats = _collect(block, linears, groups, owner, hidden, kwargs_list, subset)
+    for group, g in zip(groups, stats):
         fold = folds.get(owner[group[0]])
-        acc, choice = _search_group(block, linears, group, owner, fold, hidden, kwargs_list, subset, cfg)
-        accs.append(acc)
-        report.scales.append(_scale_entry(prefix, group, fold, choice))
+        report.scales.append(_scale_entry(prefix, group, fold, _search_group(linears, group, fold, g, cfg)))
+    accs = [g.acc for g in stats]
     for group, acc in zip(groups, accs):
         for n in group:
             if acc.n == 0:

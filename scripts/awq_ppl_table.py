@@ -178,8 +178,9 @@ def rtn_reference(method: str) -> str:
 
 
 def print_tables(results: dict, evals: list[str]) -> None:
-    for calib in sorted({r["calib"] for r in results.values()}):
-        rows = [r for r in results.values() if r["calib"] == calib]
+    models = [r for k, r in results.items() if not k.startswith("fp32|")]
+    for calib in sorted({r["calib"] for r in models}):
+        rows = [r for r in models if r["calib"] == calib]
         print(f"\n### calibration: {calib}\n")
         head = " | ".join(f"{e} ppl (gap ratio)" for e in evals)
         print(f"| config | method | {head} | quantize s |\n|---|---|{'---|' * len(evals)}---|")

@@ -11,7 +11,8 @@
 2. Quantizes the same float model with OUR AWQ (g32, g64; awq and rtn), loads each checkpoint into GPTQModel
    and into transformers (its AWQ integration runs through GPTQModel's kernels; on CPU the torch one) and
    checks weights, layer outputs and logits against ours. One line per check; exit 1 on any mismatch.
---checkpoint DIR runs only the checks of 2. on an existing checkpoint of ours (e.g. SmolLM2 from `quant awq`).
+--checkpoint DIR runs only the checks of 2. on an existing checkpoint of ours (e.g. SmolLM2 from `quant awq`),
+   comparing transformers with our loader on real text.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
-from interop_gptqmodel import FAILED, build_float_model, calibration, check, fixed_inputs  # noqa: E402
+from interop_gptqmodel import (  # noqa: E402
+    FAILED,
+    build_float_model,
+    calibration,
+    check,
+    fixed_inputs,
+    transformers_logits,
+    transformers_on_text,
+)
 
 RECORD_WEIGHTS = ("self_attn.k_proj",)
 
@@ -114,16 +123,6 @@ def our_quantize(src: Path, out: Path, **ckw) -> None:
     save_awq(model, out, tokenizer=AutoTokenizer.from_pretrained(src), report=report)
 
 
-def transformers_logits(ckpt: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), device_map="cpu", dtype=torch.float16)
-    kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qzeros")})
-    print(f"      transformers built {', '.join(kinds)}")
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
 def reader_checks(ckpt: Path, name: str) -> None:
     """Our checkpoint read by GPTQModel (weights, layer outputs, logits vs ours) and by transformers (logits)."""
     rec = gptqmodel_records(ckpt)
@@ -135,26 +134,6 @@ def reader_checks(ckpt: Path, name: str) -> None:
         check(f"ours {name} -> transformers: logits (fp16)", d < 5e-3, f"max rel. diff vs GPTQModel {d:.2e}")
     except Exception as e:  # report and go on: one loader failing must not hide the others
         check(f"ours {name} -> transformers: loads", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
-
-
-def text_checks(ckpt: Path, name: str) -> None:
-    """A real model: our loader vs transformers' AWQ integration on real text (next-token loss, greedy tokens)."""
-    from transformers import AutoTokenizer
-
-    from quant.awq_model import load_awq_model
-
-    text = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
-            "arrows of outrageous fortune, or to take arms against a sea of troubles.")
-    ids = AutoTokenizer.from_pretrained(ckpt)(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ours = load_awq_model(ckpt, dtype=torch.float16)(input_ids=ids).logits.float()
-    theirs = transformers_logits(ckpt, ids)
-    nll = [torch.nn.functional.cross_entropy(l[0, :-1], ids[0, 1:]).item() for l in (ours, theirs)]
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    d = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-    check(f"ours {name} -> transformers: next-token loss on text", abs(nll[0] - nll[1]) < 0.01 * nll[0],
-          f"ours {nll[0]:.4f}, transformers {nll[1]:.4f}; max rel. logit diff {d:.2e}")
-    check(f"ours {name} -> transformers: greedy next tokens", agree >= 0.95, f"{agree:.0%} agree")
 
 
 def write_fixture(ckpt: Path, rec: dict, dest: Path) -> None:
@@ -182,7 +161,9 @@ def main() -> int:
     if a.checkpoint:
         ckpt = Path(a.checkpoint)
         compare_with_ours(ckpt, gptqmodel_records(ckpt), f"ours {ckpt.name} -> GPTQModel")
-        text_checks(ckpt, ckpt.name)
+        from quant.awq_model import load_awq_model
+
+        transformers_on_text(ckpt, ckpt.name, load_awq_model)
         print(f"\n{'all checks passed' if not FAILED else 'FAILED: ' + '; '.join(FAILED)}")
         return 1 if FAILED else 0
 
