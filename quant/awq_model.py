@@ -15,7 +15,7 @@ from torch import nn
 from quant.awq import AWQConfig
 from quant.awq_blocks import AWQReport, quantize_blocks_awq
 from quant.errors import UserError
-from quant.formats.awq import PACK, group_count, quantization_config, read_quant_config
+from quant.formats.awq import PACK, layer_group_size, quantization_config, read_quant_config
 from quant.nn_awq import AWQLinear
 from quant.packed import load_packed_model, local_dir, save_packed
 from quant.sequential import block_linears, find_blocks
@@ -95,18 +95,6 @@ def quantize_awq(model_spec: str, out_dir, cfg: AWQConfig, calib=None, calib_sam
     return report
 
 
-def _layer_group_size(path, name: str, state: dict, K: int, group_size: int) -> int:
-    """The group size of one layer: the config's, checked against the rows of its scales (one row: one group,
-    as group_size -1 in a config means)."""
-    groups = state[f"{name}.scales"].shape[0]
-    if groups == 1:
-        return K
-    if group_size <= 0 or groups != group_count(K, group_size):
-        raise UserError(f"{path}: {name}.scales has {groups} groups, which {K} inputs in groups of {group_size} "
-                        "do not make")
-    return group_size
-
-
 def load_awq_model(path, device=None, dtype=None) -> nn.Module:
     """An AWQ gemm checkpoint (ours, GPTQModel's, AutoAWQ's) as an HF model with AWQLinear layers.
 
@@ -118,8 +106,8 @@ def load_awq_model(path, device=None, dtype=None) -> nn.Module:
     q = read_quant_config(path)
 
     def make_layer(name: str, old: nn.Linear, state: dict) -> AWQLinear:
-        gs = _layer_group_size(path, name, state, old.in_features, q["group_size"])
         scales = state[f"{name}.scales"]
+        gs = layer_group_size(old.in_features, scales.shape[0], q["group_size"], f"{path}: {name}")
         if f"{name}.bias" in state:
             state[f"{name}.bias"] = state[f"{name}.bias"].to(scales.dtype)
         return AWQLinear(old.in_features, old.out_features, gs, bias=f"{name}.bias" in state, device="meta",

@@ -29,6 +29,7 @@ import gc
 import json
 import math
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -216,6 +217,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="accumulate results here (rerunning skips what is there)")
+    ap.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: a temporary directory, "
+                    "removed at the end)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -239,7 +242,7 @@ def main():
         save()
     texts = calib_texts(a.calib, tok)
     calib_cache: dict[int, list] = {}
-    work = Path(tempfile.mkdtemp(prefix="awq-ppl-"))
+    work = Path(a.save_dir) if a.save_dir else Path(tempfile.mkdtemp(prefix="awq-ppl-"))
     for spec in a.configs.split(","):
         bits, gs = map(int, spec.split(":"))
         for order, method in enumerate(a.methods.split(",")):
@@ -262,6 +265,8 @@ def main():
                   flush=True)
             del model
             gc.collect()
+    if not a.save_dir:
+        shutil.rmtree(work, ignore_errors=True)
     print_tables(results, evals)
 
 

@@ -25,6 +25,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_ORDER[i] of it
 AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a run of 8 sits in nibble AWQ_REVERSE[j]
 GROUP_SIZES = (32, 64, 128)
 VERSION = "gemm"
+PARTS = ("qweight", "qzeros", "scales")  # the packed tensors of one layer (plus an optional bias)
 _SHIFTS = tuple(BITS * i for i in range(PACK))
 
 
@@ -62,6 +63,24 @@ def encode(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[s
         raise ValueError("AWQ codes and zero points must lie in 0..15")
     return {"qweight": pack(q.T.contiguous()), "qzeros": pack(zeros.round().T.contiguous()),
             "scales": scales.T.contiguous().to(torch.float16)}
+
+
+def layer_group_size(in_features: int, scales_rows: int, group_size: int, where: str = "layer") -> int:
+    """One layer's group size: the config's, checked against the rows of its scales (one row is one group,
+    which is also what group_size -1 in a config means)."""
+    if scales_rows == 1:
+        return in_features
+    if group_size <= 0 or scales_rows != group_count(in_features, group_size):
+        raise UserError(f"{where}: scales has {scales_rows} groups, which {in_features} inputs in groups of "
+                        f"{group_size} do not make")
+    return group_size
+
+
+def dequantize_layer(parts: dict[str, torch.Tensor], group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """nn.Linear-layout weight [out, in] of one layer from its qweight / qzeros / scales (as stored)."""
+    from quant.kernels.torch_awq import awq_dequantize
+
+    return awq_dequantize(parts["qweight"], parts["qzeros"], parts["scales"], group_size, out_dtype=dtype).T.contiguous()
 
 
 def quantization_config(bits: int, group_size: int, meta: dict | None = None,

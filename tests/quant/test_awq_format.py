@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from quant.awq import AWQConfig
 from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
 from quant.errors import UserError
-from quant.formats.awq import pack, read_quant_config, unpack
+from quant.formats.awq import dequantize_layer, layer_group_size, pack, read_quant_config, unpack
 from quant.kernels.torch_awq import awq_dequantize
 from quant.nn_awq import AWQLinear
 
@@ -53,6 +53,9 @@ def test_spec_worked_example_packs_unpacks_and_dequantizes():
     assert torch.equal(unpack(qweight).long(), codes) and torch.equal(unpack(qzeros).long(), zeros)
     W = awq_dequantize(qweight, qzeros, scales, gs)
     assert torch.equal(W, torch.tensor(ex["W"]))
+    # What a merge rebuilds from the stored tensors: the nn.Linear-layout weight
+    parts = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
+    assert torch.equal(dequantize_layer(parts, layer_group_size(2, 1, 128)), W.T)
     layer = AWQLinear.from_codes(codes.T, scales.T.float(), zeros.T.float(), gs)  # nn.Linear layout in
     assert u32(layer.qweight) == u32(qweight) and u32(layer.qzeros) == u32(qzeros)
     assert torch.equal(layer.dequantize().T, W)
@@ -127,6 +130,13 @@ def test_read_quant_config_variants(tmp_path):
                     ({"quant_method": "awq", "bits": 4}, "group_size")]:
         with pytest.raises(UserError, match=msg):
             write(qc)
+
+
+def test_layer_group_size_comes_from_the_scales_rows():
+    assert layer_group_size(576, 9, 64) == 64 and layer_group_size(576, 5, 128) == 128  # a partial last group
+    assert layer_group_size(576, 1, -1) == 576
+    with pytest.raises(UserError, match="scales has 4 groups"):
+        layer_group_size(576, 4, 64, "model.layers.0.mlp.up_proj")
 
 
 def test_loader_refuses_what_it_cannot_read(tmp_path):
