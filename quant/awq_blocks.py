@@ -120,7 +120,7 @@ def _fold_is_exact(block, fold: Fold, group: list[nn.Linear], h, kw) -> bool:
     # Relative to the block's update, not its output: the residual stream would hide a wrong fold.
     update = (ref - h.float()).norm().clamp(min=1e-30)
     err = ((out - ref).norm() / update).item()
-    return math.isfinite(err) and err < 1e-4
+    return math.isfinite(err) and err < 1e-3  # bf16/fp16 GPU kernels may reassociate; wrong folds move it by O(0.1)
 
 
 def _find_folds(block, linears, groups, owner, h, kw) -> dict[str, Fold]:

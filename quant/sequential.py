@@ -8,6 +8,8 @@ Inside a block, `true_sequential` quantizes the Linears in groups that share an 
 then gate/up, then down for Llama), so later groups see the already-quantized earlier ones. Collecting
 a group's inputs stops the block's forward right after the group's last Linear has been reached, which
 keeps the extra passes cheap.
+
+`drive_blocks` is that block loop on its own; AWQ (quant.awq_blocks) runs through it too.
 """
 
 from __future__ import annotations
