@@ -43,8 +43,9 @@ class AWQConfig:
     max_shrink: float = 0.5
     duo_scaling: bool = False
     # Calibration tokens the scale search forwards per candidate through attention/MLP modules (whole
-    # samples, evenly spaced); statistics and single-Linear losses always use every token.
-    search_tokens: int = 8192
+    # samples, evenly spaced); statistics and single-Linear losses always use every token. On 4 SmolLM2 blocks
+    # 1024, 4096 and 16384 gave held-out errors within 1 % of each other, at up to 8x the search cost.
+    search_tokens: int = 2048
 
     def validate(self) -> "AWQConfig":
         if self.bits != BITS:

@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=False,
                    help="AutoAWQ's variant: s = mean|x|^a / mean|w|^(1-a)")
     w.add_argument("--grid", type=int, default=20, help="points of the alpha grid (and 1/grid clipping steps)")
-    w.add_argument("--search-tokens", type=int, default=8192, help="calibration tokens forwarded per scale "
-                   "candidate through attention/MLP (statistics always use every token)")
+    w.add_argument("--search-tokens", type=int, default=2048, help="calibration tokens forwarded per scale "
+                   "candidate through attention/MLP (default 2048; statistics always use every token)")
     _calibration_args(w)
     w.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     w.add_argument("--seed", type=int, default=0)
