@@ -47,6 +47,11 @@ class AWQConfig:
     # 1024, 4096 and 16384 gave held-out errors within 1 % of each other, at up to 8x the search cost.
     search_tokens: int = 2048
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration data (AWQ does, round-to-nearest does not)."""
+        return self.method == METHODS[0]
+
     def validate(self) -> "AWQConfig":
         if self.bits != BITS:
             raise UserError(f"bits must be {BITS}: the AWQ gemm format vLLM and transformers load is 4-bit (got {self.bits})")

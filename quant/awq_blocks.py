@@ -216,7 +216,7 @@ def _module_loss(module, group_linears, captured):
 
 def _search_group(linears, group, fold, g: GroupInputs, cfg) -> ScaleChoice | None:
     """The scale search and fold of one group; afterwards g.acc.H is that of the now-scaled input."""
-    if fold is None or cfg.method != "awq" or g.acc.n == 0:
+    if fold is None or not cfg.calibrated or g.acc.n == 0:
         return None
     group_linears = [linears[n] for n in group]
     weights = [lin.weight.data for lin in group_linears]
@@ -235,7 +235,7 @@ def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: 
     t0 = time.perf_counter()
     W = lin.weight.data
     H = acc.H if acc is not None and acc.n > 0 else None
-    clip = cfg.method == "awq" and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
+    clip = cfg.calibrated and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
     res = quantize_weight(W, cfg, search_clip(W, H, cfg) if clip else None)
     Wq = res.dequantize()
     if H is not None:
@@ -268,7 +268,7 @@ def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report) -> dict[str
             report.layers.append(entry)
         return results
     groups, owner = _linear_groups(block, linears, hidden[0], kwargs_list[0], true_sequential=True)
-    folds = _find_folds(block, linears, groups, owner, hidden[0], kwargs_list[0]) if cfg.method == "awq" else {}
+    folds = _find_folds(block, linears, groups, owner, hidden[0], kwargs_list[0]) if cfg.calibrated else {}
     per_sample = hidden[0].shape[-2]
     n_search = min(len(hidden), max(1, math.ceil(cfg.search_tokens / per_sample)))
     subset = {round(i * len(hidden) / n_search) for i in range(n_search)}
@@ -293,7 +293,7 @@ def quantize_blocks_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg:
     `calib`: a list of [1, T] token id tensors (None is fine for cfg.method 'rtn'). `device`: where blocks
     are processed (default: where the model is); the model stays on its original device.
     """
-    data_free = cfg.method == "rtn"
+    data_free = not cfg.calibrated
     if not data_free and not calib:
         raise UserError("AWQ needs calibration data: the calibration set is empty")
     report = AWQReport(method=cfg.method)

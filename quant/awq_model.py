@@ -15,7 +15,8 @@ from torch import nn
 from quant.awq import AWQConfig
 from quant.awq_blocks import AWQReport, quantize_blocks_awq
 from quant.errors import UserError
-from quant.formats.awq import PACK, layer_group_size, quantization_config, read_quant_config
+from quant.files import claim_output
+from quant.formats.awq import PACK, QUANT_METHOD, layer_group_size, quantization_config, read_quant_config
 from quant.nn_awq import AWQLinear
 from quant.packed import load_packed_model, local_dir, save_packed
 from quant.sequential import block_linears, find_blocks
@@ -71,7 +72,7 @@ def save_awq(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float16, rep
     qconfig = getattr(model.config, "quantization_config", None)
     if hasattr(qconfig, "to_dict"):
         qconfig = qconfig.to_dict()
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "awq":
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise UserError("save_awq: the model has no AWQ quantization_config; run quantize_model_awq first")
     return save_packed(model, out_dir, qconfig, (AWQLinear,), tokenizer=tokenizer, dtype=dtype,
                        report=awq_report_dict(report) if report is not None else None,
@@ -80,18 +81,23 @@ def save_awq(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float16, rep
 
 def quantize_awq(model_spec: str, out_dir, cfg: AWQConfig, calib=None, calib_samples: int = 128,
                  calib_seqlen: int = 512, text_field: str = "text", calib_split: str = "train", device=None,
-                 dtype=None, seed: int = 0, progress: bool = True) -> AWQReport:
-    """`quant awq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir."""
+                 dtype=None, seed: int = 0, progress: bool = True, overwrite: bool = False) -> AWQReport:
+    """`quant awq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir.
+
+    out_dir is held for the whole run as in `quant gptq` (quant.files.claim_output): an existing non-empty
+    out_dir is refused unless `overwrite`, which replaces it only once the new checkpoint is complete.
+    """
     from quant.model import prepare
 
     cfg.validate()
-    if cfg.method == "awq" and not calib:
+    if cfg.calibrated and not calib:
         raise UserError("--calib is required for --method awq (a text/jsonl/parquet file, directory or hub dataset)")
-    model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.method == "awq" else None,
-                                               calib_samples, calib_seqlen, text_field, calib_split, device, dtype,
-                                               seed)
-    report = quantize_model_awq(model, chunks, cfg, device=device, progress=progress)
-    save_awq(model, out_dir, tokenizer=tokenizer, report=report)
+    with claim_output(out_dir, overwrite, action="quantization"):
+        model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.calibrated else None,
+                                                   calib_samples, calib_seqlen, text_field, calib_split, device,
+                                                   dtype, seed)
+        report = quantize_model_awq(model, chunks, cfg, device=device, progress=progress)
+        save_awq(model, out_dir, tokenizer=tokenizer, report=report)
     return report
 
 

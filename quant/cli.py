@@ -10,9 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
+from quant.awq import METHODS as AWQ_METHODS
 from quant.errors import UserError
+from quant.formats.gptq_pack import FORMATS as CHECKPOINT_FORMATS
+from quant.formats.registry import AUTO, base_names
+from quant.gptq import METHODS
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist, or be empty, unless "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new checkpoint is "
+                   "complete (in one atomic step: a kill at any moment leaves the old or the new one)")
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gptq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to a GPTQ checkpoint")
     g.add_argument("model")
-    g.add_argument("--out", required=True, help="output checkpoint directory")
+    _output_args(g)
     g.add_argument("--bits", type=int, default=4)
     g.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
@@ -44,13 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
     g.add_argument("--mse", type=float, default=0.0, help="clipping search norm (e.g. 2.4); 0 = min-max")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    g.add_argument("--method", choices=METHODS, default=METHODS[0])
     _calibration_args(g)
-    g.add_argument("--format", dest="checkpoint_format", choices=["auto", "gptq", "gptq_v2"], default="auto",
+    g.add_argument("--format", dest="checkpoint_format", choices=(AUTO,) + CHECKPOINT_FORMATS, default=AUTO,
                    help="auto: gptq (v1) when symmetric, gptq_v2 when asymmetric")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.set_defaults(run=_run_gptq)
 
     w = sub.add_parser("awq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to an AWQ (gemm) checkpoint",
                        description="Activation-aware weight quantization: per input channel, scales "
@@ -59,12 +72,12 @@ def _parser() -> argparse.ArgumentParser:
                        "projection, then each group of weights is clipped (searched) and rounded to 4 bits with a "
                        "zero point. The checkpoint loads in vLLM (awq, awq_marlin), transformers and GPTQModel.")
     w.add_argument("model")
-    w.add_argument("--out", required=True, help="output checkpoint directory")
+    _output_args(w)
     w.add_argument("--bits", type=int, default=4, help="4 (the only width of the AWQ gemm format)")
     w.add_argument("--group-size", type=int, default=128,
                    help="32, 64 or 128 input channels per scale/zero (default 128); pick one that divides every layer's "
                    "in_features for vLLM (SmolLM2's 576 needs 32 or 64)")
-    w.add_argument("--method", choices=["awq", "rtn"], default="awq", help="rtn: plain round-to-nearest on the "
+    w.add_argument("--method", choices=AWQ_METHODS, default=AWQ_METHODS[0], help="rtn: plain round-to-nearest on the "
                    "same grid, no calibration (for comparison)")
     w.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                    help="search per-group clipping of the weight range (--no-clip: min-max range)")
@@ -77,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--no-progress", dest="progress", action="store_false")
+    w.set_defaults(run=_run_awq)
 
     e = sub.add_parser("eval", help="perplexity of MODEL on held-out text")
     e.add_argument("model")
@@ -84,10 +98,13 @@ def _parser() -> argparse.ArgumentParser:
                    "or hub dataset (repeatable)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-chunks", type=int, default=None)
-    e.add_argument("--quantization", choices=["auto", "none", "nf4", "int8", "gptq", "awq"], default="auto")
+    e.add_argument("--quantization", choices=(AUTO,) + base_names(), default=AUTO,
+                   help="auto: as the checkpoint is stored (GPTQ, AWQ), else unquantized; bitsandbytes formats are "
+                   "quantized on load")
     e.add_argument("--text-field", default="text")
     e.add_argument("--device", default=None)
     e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.set_defaults(run=_run_eval)
     return p
 
 
@@ -95,12 +112,13 @@ def _run_gptq(a) -> None:
     from quant.gptq import GPTQConfig
     from quant.model import quantize
 
-    desc_act = a.method == "gptq" if a.desc_act is None else a.desc_act
-    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=desc_act, static_groups=a.static_groups,
-                     sym=a.sym, damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
+    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, static_groups=a.static_groups, sym=a.sym,
+                     damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
+    cfg.desc_act = cfg.calibrated if a.desc_act is None else a.desc_act  # act-order is GPTQ's default
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
-                      device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress)
+                      device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress,
+                      overwrite=a.overwrite)
     err = report.mean_error()
     print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
           f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {a.out}")
@@ -114,7 +132,7 @@ def _run_awq(a) -> None:
                     duo_scaling=a.duo_scaling, search_tokens=a.search_tokens)
     report = quantize_awq(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                           calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
-                          device=a.device, seed=a.seed, progress=a.progress)
+                          device=a.device, seed=a.seed, progress=a.progress, overwrite=a.overwrite)
     print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
           f"mean rel. error {report.mean_error():.3e}, {report.seconds:.1f}s")
 
@@ -136,12 +154,23 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        {"gptq": _run_gptq, "awq": _run_awq, "eval": _run_eval}[args.command](args)
+        args.run(args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        print("interrupted" + (f"; {out} was left as it was" if out else ""), file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # unwinds through quant.files.staged, which removes its temporary directory
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from quant.errors import UserError
-from quant.formats.gptq import quantization_config, read_quant_config, zero_offset
+from quant.files import claim_output
+from quant.formats.gptq import QUANT_METHOD, quantization_config, read_quant_config
+from quant.formats.gptq_pack import resolve_checkpoint_format
 from quant.gptq import GPTQConfig, group_count
 from quant.nn import QuantLinear
 from quant.packed import load_packed_model, local_dir, save_packed
@@ -47,26 +49,15 @@ def check_layers_fit(model: nn.Module, cfg: GPTQConfig) -> None:
                     "vLLM needs K %% group_size == 0)", sorted(partial), cfg.group_size)
 
 
-def resolve_format(cfg: GPTQConfig, checkpoint_format: str = "auto") -> str:
-    """'auto': v1 ('gptq') for symmetric grids, read by every GPTQ tool; 'gptq_v2' for asymmetric ones,
-    because GPTQModel (and transformers through it) refuses any sym=False v1 checkpoint not written by
-    itself. Asymmetric zeros are kept >= 1 either way, so an explicit v1 asym checkpoint is still safe
-    for v1-only readers (AutoGPTQ, older vLLM)."""
-    if checkpoint_format == "auto":
-        return "gptq" if cfg.sym else "gptq_v2"
-    zero_offset(checkpoint_format)
-    return checkpoint_format
-
-
 def quantize_model(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQConfig, device=None,
                    checkpoint_format: str = "auto", progress: bool = True) -> QuantReport:
     """Quantize the decoder-block Linears of `model` in place; returns the per-layer report.
 
     `calib`: list of [1, T] token-id tensors (None is fine for method 'rtn').
-    `checkpoint_format`: 'auto' (see resolve_format), 'gptq' or 'gptq_v2'.
+    `checkpoint_format`: 'auto' (see quant.formats.gptq_pack.resolve_checkpoint_format), 'gptq' or 'gptq_v2'.
     """
     cfg.validate()
-    checkpoint_format = resolve_format(cfg, checkpoint_format)
+    checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
     check_layers_fit(model, cfg)
     model.eval()
     report = quantize_blocks(model, calib, cfg, device=device, checkpoint_format=checkpoint_format,
@@ -85,7 +76,7 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float1
     qconfig = getattr(model.config, "quantization_config", None)
     if hasattr(qconfig, "to_dict"):
         qconfig = qconfig.to_dict()
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "gptq":
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise UserError("save_quantized: the model has no GPTQ quantization_config; run quantize_model first")
     return save_packed(model, out_dir, qconfig, (QuantLinear,), tokenizer=tokenizer, dtype=dtype,
                        report=report_dict(report) if report is not None else None, max_shard_bytes=max_shard_bytes)
@@ -99,8 +90,8 @@ def report_dict(report: QuantReport) -> dict:
 
 def prepare(model_spec: str, out_dir, calib, calib_samples: int, calib_seqlen: int, text_field: str,
             calib_split: str, device, dtype, seed: int):
-    """What `quant gptq` and `quant awq` do before quantizing: (float model, tokenizer, calibration chunks or
-    None when `calib` is None, device). Refuses an --out that is the source directory."""
+    """What `quant gptq` and `quant awq` do before quantizing, inside claim_output: (float model, tokenizer,
+    calibration chunks or None when `calib` is None, device). Refuses an --out that is the source directory."""
     from transformers import AutoTokenizer
 
     from quant.calibration import calibration_chunks, load_texts
@@ -124,18 +115,25 @@ def prepare(model_spec: str, out_dir, calib, calib_samples: int, calib_seqlen: i
 
 def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_samples: int = 128,
              calib_seqlen: int = 512, text_field: str = "text", calib_split: str = "train", device=None,
-             dtype=None, checkpoint_format: str = "auto", seed: int = 0, progress: bool = True) -> QuantReport:
-    """`quant gptq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir."""
+             dtype=None, checkpoint_format: str = "auto", seed: int = 0, progress: bool = True,
+             overwrite: bool = False) -> QuantReport:
+    """`quant gptq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir.
+
+    out_dir is held for the whole run (quant.files.claim_output): one writer at a time, leftovers of a killed
+    earlier run undone, and an existing non-empty out_dir refused unless `overwrite`, which replaces it only
+    once the new checkpoint is complete.
+    """
     cfg.validate()
-    checkpoint_format = resolve_format(cfg, checkpoint_format)
-    if cfg.method == "gptq" and not calib:
+    checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
+    if cfg.calibrated and not calib:
         raise UserError("--calib is required for --method gptq (a text/jsonl/parquet file, directory or hub dataset)")
-    model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.method == "gptq" else None,
-                                               calib_samples, calib_seqlen, text_field, calib_split, device, dtype,
-                                               seed)
-    report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
-                            progress=progress)
-    save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
+    with claim_output(out_dir, overwrite, action="quantization"):
+        model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.calibrated else None,
+                                                   calib_samples, calib_seqlen, text_field, calib_split, device,
+                                                   dtype, seed)
+        report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
+                                progress=progress)
+        save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
     return report
 
 

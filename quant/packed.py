@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from quant.errors import UserError
-from quant.formats.gptq import safetensors_files, write_checkpoint
+from quant.files import safetensors_files
+from quant.formats.gptq import write_checkpoint
 
 log = logging.getLogger(__name__)
 

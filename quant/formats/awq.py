@@ -25,6 +25,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_ORDER[i] of it
 AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a run of 8 sits in nibble AWQ_REVERSE[j]
 GROUP_SIZES = (32, 64, 128)
 VERSION = "gemm"
+QUANT_METHOD = "awq"
 PARTS = ("qweight", "qzeros", "scales")  # the packed tensors of one layer (plus an optional bias)
 _SHIFTS = tuple(BITS * i for i in range(PACK))
 
@@ -93,7 +94,7 @@ def quantization_config(bits: int, group_size: int, meta: dict | None = None,
     except PackageNotFoundError:
         ver = "0"
     return {
-        "quant_method": "awq",
+        "quant_method": QUANT_METHOD,
         "bits": bits,
         "group_size": group_size,
         "zero_point": True,
@@ -123,7 +124,7 @@ def raw_quant_config(path: str | os.PathLike) -> dict | None:
 
 def is_awq_checkpoint(path: str | os.PathLike) -> bool:
     raw = raw_quant_config(path) if Path(path).is_dir() else None
-    return isinstance(raw, dict) and str(raw.get("quant_method", "")).lower() == "awq"
+    return isinstance(raw, dict) and str(raw.get("quant_method", "")).lower() == QUANT_METHOD
 
 
 def read_quant_config(path: str | os.PathLike) -> dict:
@@ -135,9 +136,9 @@ def read_quant_config(path: str | os.PathLike) -> dict:
     raw = raw_quant_config(path)
     if raw is None:
         raise UserError(f"{path}: no quantization_config in config.json and no quant_config.json; not an AWQ checkpoint")
-    method = str(raw.get("quant_method", "awq")).lower()
-    if method != "awq":
-        raise UserError(f"{path}: quant_method is {method!r}, expected 'awq'")
+    method = str(raw.get("quant_method", QUANT_METHOD)).lower()
+    if method != QUANT_METHOD:
+        raise UserError(f"{path}: quant_method is {method!r}, expected {QUANT_METHOD!r}")
     bits = raw.get("bits", raw.get("w_bit"))
     group_size = raw.get("group_size", raw.get("q_group_size"))
     if bits is None or group_size is None:

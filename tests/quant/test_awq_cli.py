@@ -28,7 +28,7 @@ def test_awq_then_eval_end_to_end(tmp_path, tiny_model_dir, prose_file, capsys):
     res = json.loads(stdout.strip().splitlines()[-1])
     assert res["quantization"] == "awq" and res["tokens"] == 3 * 63 and math.isfinite(res["ppl"])
     code, _, err = run_cli(["eval", str(out), "--data", str(prose_file), "--quantization", "gptq"], capsys)
-    assert code == 2 and "AWQ-format checkpoint" in err and "--quantization awq" in err
+    assert code == 2 and "is a AWQ checkpoint; use 'awq' or 'auto'" in err
 
 
 def test_awq_rtn_needs_no_calibration_and_no_clip_is_recorded(tmp_path, tiny_model_dir, capsys):
@@ -57,6 +57,22 @@ def test_bad_awq_input_is_one_line_exit_2(tmp_path, tiny_model_dir, prose_file, 
 
 
 def test_awq_refuses_its_own_source_as_output(tiny_model_dir, capsys):
-    code, _, err = run_cli(["awq", str(tiny_model_dir), "--out", str(tiny_model_dir), "--method", "rtn",
-                            "--group-size", "32"], capsys)
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    argv = ["awq", str(tiny_model_dir), "--out", str(tiny_model_dir), "--method", "rtn", "--group-size", "32"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    code, _, err = run_cli(argv + ["--overwrite"], capsys)
     assert code == 2 and "is the source model directory" in err
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+
+
+def test_awq_replaces_an_existing_out_only_with_overwrite(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["--log-level", "WARNING", "awq", str(tiny_model_dir), "--out", str(out), "--method", "rtn",
+            "--group-size", "32", "--no-progress"]
+    assert run_cli(argv, capsys)[0] == 2 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert run_cli(argv + ["--overwrite"], capsys)[0] == 0
+    assert not (out / "notes.txt").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
