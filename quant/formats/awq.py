@@ -1,5 +1,7 @@
 """AWQ "gemm" on-disk format (quant/formats/AWQ.md): nibble packing in AWQ's interleaved order, the
-quantization_config block, and reading a checkpoint's settings.
+quantization_config block, reading a checkpoint's settings, and the AWQ format object: a training base loaded
+from its packed tensors (our `AWQLinear`) and a merge output requantized by our AWQ on the merged model's own
+activations (`quant.formats.awq_encode`).
 
 Per quantized Linear with K inputs, N outputs and G = ceil(K / group_size) groups:
 qweight int32 [K, N/8] and qzeros int32 [G, N/8], both packed along the output dimension; scales fp16
@@ -13,11 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from quant.errors import UserError
+from quant.formats.base import REQUIRED, EncodeRequest, Format, Rebuilder, option
 
 BITS = 4
 PACK = 32 // BITS  # codes per int32 word
@@ -154,3 +158,129 @@ def read_quant_config(path: str | os.PathLike) -> dict:
     return {"bits": BITS, "group_size": int(group_size), "zero_point": bool(raw.get("zero_point", True)),
             "version": VERSION,
             "modules_to_not_convert": raw.get("modules_to_not_convert"), "raw": raw}
+
+
+# ------------------------------------------------------------------------------------------ the format object
+
+# The AWQConfig fields a checkpoint records in quantization_config.meta that a requantization reuses.
+_SEARCH_SETTINGS = ("method", "clip", "n_grid", "max_shrink", "duo_scaling", "search_tokens")
+
+
+class _AWQRebuilder(Rebuilder):
+    """Packed layers come back dequantized (quant's reference kernel) as `<module>.weight` in fp32, exactly the
+    weights AWQLinear computes with."""
+
+    def __init__(self, ckpt, device):
+        super().__init__(ckpt, device)
+        self.group_size = read_quant_config(ckpt.path)["group_size"]
+
+    def weight_shape(self, module):
+        if f"{module}.qweight" in self.ckpt.file_of:
+            return self.ckpt.shape(f"{module}.scales")[1], self.ckpt.shape(f"{module}.qweight")[0]
+        return super().weight_shape(module)
+
+    @torch.no_grad()
+    def load(self, keys):
+        out, packed = {}, {}
+        for key, t in super().load(keys).items():
+            module, _, leaf = key.rpartition(".")
+            if leaf in PARTS:
+                packed.setdefault(module, {})[leaf] = t
+            else:
+                out[key] = t
+        for module, parts in packed.items():
+            missing = [p for p in PARTS if p not in parts]
+            if missing:
+                raise UserError(f"{self.ckpt.path}: AWQ layer {module} lacks {missing}")
+            K = parts["qweight"].shape[0]
+            gs = layer_group_size(K, parts["scales"].shape[0], self.group_size, f"{self.ckpt.path}: {module}")
+            out[f"{module}.weight"] = dequantize_layer(parts, gs)
+        return out
+
+
+@dataclass
+class AWQOptions:
+    bits: int | None = option("default: 4, the only width of the AWQ gemm format", int, (BITS,))
+    group_size: int | None = option("default: the AWQ base's, else 128 (32 or 64 for in_features like SmolLM2's "
+                                    "576, which vLLM needs divisible)", int, GROUP_SIZES)
+
+
+class AWQFormat(Format):
+    name = "awq"
+    label = "AWQ"
+    summary = ("our AWQ on --calib data, run on the merged model's own activations layer by layer (default "
+               "settings: those of an AWQ base, or 4-bit g128 with zero points). Loads with "
+               "quant.awq_model.load_awq_model, vLLM (awq, awq_marlin), transformers and GPTQModel "
+               "(quant/formats/AWQ.md).")
+    base = output = True
+    quant_method = QUANT_METHOD
+    gpu_compute_dtype = torch.float16  # vLLM's AWQ kernels and ours on GPU run in fp16
+    stored_quantized = True
+    options = AWQOptions
+    default_dtype = torch.float16  # what AWQ readers expect of the unquantized tensors
+    folds_scales = True
+
+    def declares(self, quantization_config, model_dir):
+        if super().declares(quantization_config, model_dir):
+            return True
+        # AutoAWQ-era directories: no quantization_config in config.json, a quant_config.json next to it.
+        return quantization_config is None and model_dir is not None and is_awq_checkpoint(model_dir)
+
+    def settings(self, model_dir, double_quant, quant_storage, compute_dtype):
+        q = read_quant_config(model_dir)
+        meta = q["raw"].get("meta") or {}
+        return {"bits": q["bits"], "group_size": q["group_size"], "zero_point": q["zero_point"],
+                "version": q["version"], **{k: meta[k] for k in _SEARCH_SETTINGS if k in meta}}
+
+    def load(self, spec, device, attn_implementation=None):
+        from quant.awq_model import load_awq_model
+
+        model = load_awq_model(spec.model_dir, device=device, dtype=spec.dtype)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        return model
+
+    def rebuilder(self, spec, ckpt, model, device):
+        return _AWQRebuilder(ckpt, device)
+
+    def sharding_problem(self, spec, setup):
+        if setup.shards_parameters:
+            return (f"{setup.where} shards parameters, but an AWQ base keeps its packed int32 weights in buffers, "
+                    "which are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
+                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
+        if setup.cast_dtype is not None:
+            return setup.cast_problem("AWQ scales")
+        return None
+
+    def calibration(self, options):
+        return REQUIRED
+
+    def awq_config(self, base, options: AWQOptions | None):
+        """Default: an AWQ base's own settings (group size, search settings), else 4-bit g128; the options
+        override bits and group size."""
+        from quant.awq import METHODS, AWQConfig
+
+        options = options or AWQOptions()
+        cfg = AWQConfig(group_size=128)
+        if base.format == self.name:
+            cfg = AWQConfig(group_size=base.settings["group_size"],
+                            **{k: v for k, v in base.settings.items() if k in _SEARCH_SETTINGS})
+        cfg.method = METHODS[0]  # the merge always searches scales (an RTN base too): calibration is required
+        for key in ("bits", "group_size"):
+            if getattr(options, key) is not None:
+                setattr(cfg, key, getattr(options, key))
+        return cfg.validate()
+
+    def encoder(self, request: EncodeRequest):
+        from quant.awq_model import check_layers_fit_awq
+        from quant.formats.awq_encode import AWQEncoder
+
+        cfg = self.awq_config(request.base, request.options)
+        check_layers_fit_awq(request.model, cfg)
+        run_dtype = torch.float32 if request.device.type == "cpu" else torch.float16
+        return AWQEncoder(request.model, cfg, request.calib, request.device, run_dtype, request.dtype)
+
+    def load_merged(self, out_dir, device, dtype):
+        from quant.awq_model import load_awq_model
+
+        return load_awq_model(out_dir, device=device, dtype=dtype).eval()

@@ -298,6 +298,10 @@ class Format:
     options = None  # a dataclass of `option(...)` fields, or None
     default_dtype = torch.bfloat16  # dtype of unquantized tensors unless --dtype says otherwise
     fixed_dtype = False  # True: the format is a dtype (--dtype does not apply)
+    # True: the format moves per-channel scales between a decoder layer's tensors (AWQ folds them into norms and
+    # projections): each tensor may change, the layer's function is what is kept. A LoRA trained on such a base
+    # is in the folded coordinates, so it cannot be merged into the original weights.
+    folds_scales = False
     calib_hint = ""  # appended to the "needs calibration data" error
 
     def calibration(self, options) -> str | None:

@@ -170,8 +170,10 @@ class _GPTQRebuilder(Rebuilder):
 @dataclass
 class GPTQOptions:
     method: str | None = option("gptq (default) or round-to-nearest (no calibration)", str, METHODS)
-    bits: int | None = option("default: the GPTQ base's, else 4", int, (2, 3, 4, 8))
-    group_size: int | None = option("default: the GPTQ base's, else 128; -1 = one group per row", int)
+    # bits and group_size are shared with the AWQ output (one flag each, this help): say both formats' values.
+    bits: int | None = option("default: a GPTQ/AWQ base's own, else 4 (awq: 4 only)", int, (2, 3, 4, 8))
+    group_size: int | None = option("default: a GPTQ/AWQ base's own, else 128; gptq: -1 = one group per row; awq: "
+                                    "32, 64 or 128", int)
     desc_act: bool | None = option("act-order; default: the GPTQ base's, else off", bool)
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
+from quant.formats.awq import AWQFormat
 from quant.formats.base import BaseSpec, Format, ShardingSetup, dtype_name
 from quant.formats.bnb import Bnb4Format, Int8Format
 from quant.formats.float import FloatBase, FloatOutput
@@ -64,6 +65,7 @@ FORMATS: tuple[Format, ...] = (
     Bnb4Format("fp4"),
     Int8Format(),
     GPTQFormat(),
+    AWQFormat(),
     FloatBase(),
 )
 DEFAULT_BASE = "nf4"  # what `auto` trains on when the checkpoint is not stored quantized (the QLoRA default)
