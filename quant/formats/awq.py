@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
-from quant.formats.base import REQUIRED, EncodeRequest, Format, Rebuilder, option
+from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, Rebuilder, option
 
 BITS = 4
 PACK = 32 // BITS  # codes per int32 word
@@ -205,19 +205,16 @@ class AWQOptions:
                                     "576, which vLLM needs divisible)", int, GROUP_SIZES)
 
 
-class AWQFormat(Format):
+class AWQFormat(PackedFormat):
     name = "awq"
     label = "AWQ"
     summary = ("our AWQ on --calib data, run on the merged model's own activations layer by layer (default "
                "settings: those of an AWQ base, or 4-bit g128 with zero points). Loads with "
                "quant.awq_model.load_awq_model, vLLM (awq, awq_marlin), transformers and GPTQModel "
                "(quant/formats/AWQ.md).")
-    base = output = True
     quant_method = QUANT_METHOD
-    gpu_compute_dtype = torch.float16  # vLLM's AWQ kernels and ours on GPU run in fp16
-    stored_quantized = True
     options = AWQOptions
-    default_dtype = torch.float16  # what AWQ readers expect of the unquantized tensors
+    packed_what = "AWQ scales"
     folds_scales = True
 
     def declares(self, quantization_config, model_dir):
@@ -232,25 +229,13 @@ class AWQFormat(Format):
         return {"bits": q["bits"], "group_size": q["group_size"], "zero_point": q["zero_point"],
                 "version": q["version"], **{k: meta[k] for k in _SEARCH_SETTINGS if k in meta}}
 
-    def load(self, spec, device, attn_implementation=None):
+    def load_packed(self, model_dir, device, dtype):
         from quant.awq_model import load_awq_model
 
-        model = load_awq_model(spec.model_dir, device=device, dtype=spec.dtype)
-        if attn_implementation:
-            model.set_attn_implementation(attn_implementation)
-        return model
+        return load_awq_model(model_dir, device=device, dtype=dtype)
 
     def rebuilder(self, spec, ckpt, model, device):
         return _AWQRebuilder(ckpt, device)
-
-    def sharding_problem(self, spec, setup):
-        if setup.shards_parameters:
-            return (f"{setup.where} shards parameters, but an AWQ base keeps its packed int32 weights in buffers, "
-                    "which are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
-                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
-        if setup.cast_dtype is not None:
-            return setup.cast_problem("AWQ scales")
-        return None
 
     def calibration(self, options):
         return REQUIRED
@@ -279,8 +264,3 @@ class AWQFormat(Format):
         check_layers_fit_awq(request.model, cfg)
         run_dtype = torch.float32 if request.device.type == "cpu" else torch.float16
         return AWQEncoder(request.model, cfg, request.calib, request.device, run_dtype, request.dtype)
-
-    def load_merged(self, out_dir, device, dtype):
-        from quant.awq_model import load_awq_model
-
-        return load_awq_model(out_dir, device=device, dtype=dtype).eval()
