@@ -51,7 +51,7 @@ Formats (--format):
 {formats}
 
 Memory: one decoder layer at a time is read from the base's safetensors, merged, encoded and written
-(plus, for gptq, one set of calibration activations). Output goes to a temporary directory next to
+(plus, for gptq and awq, one set of calibration activations). Output goes to a temporary directory next to
 --out that is renamed only when complete; with --overwrite the previous --out is swapped out in the same
 atomic step. A failed, interrupted or killed merge leaves --out as it was, never a partial model, and the
 next merge for that --out removes what a killed one left (on a filesystem without an atomic exchange, e.g.
@@ -69,6 +69,7 @@ Examples:
   finetune merge runs/quickstart --out merged/qs-nf4 --format nf4
   finetune merge runs/quickstart --out merged/qs-gptq --format gptq --calib data/quickstart/train.jsonl \\
       --group-size 64
+  finetune merge runs/awq-run --out merged/awq --format awq --calib data/quickstart/train.jsonl
   finetune merge runs/gptq-run --out merged/orig --format bf16 --merge-into original --base-original FLOAT_DIR
 
 Bad input (adapter/base mismatch, unsupported combination, missing calibration data) prints one line and
@@ -138,7 +139,7 @@ def _merge_parser(sub) -> None:
     c = m.add_argument_group("calibration (formats that requantize on the merged model's activations)")
     c.add_argument("--calib", action="append", metavar="DATA", help="calibration data: text/md, jsonl/json/parquet/"
                    "csv in any training format (rendered with the chat template), directory, pkg:... or hub "
-                   "dataset; repeatable; required for --format gptq --method gptq")
+                   "dataset; repeatable; required for --format gptq --method gptq and --format awq")
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
     groups = {}

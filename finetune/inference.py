@@ -34,7 +34,7 @@ class Loaded:
     model: torch.nn.Module
     tokenizer: object
     name: str  # what the user passed
-    kind: str  # "adapter", or the merged format (bf16, fp16, fp32, nf4, fp4, int8, gptq)
+    kind: str  # "adapter", or the merged format (bf16, fp16, fp32, nf4, fp4, int8, gptq, awq)
     device: torch.device
     dtype: torch.dtype
     source: object = None  # finetune.merge.adapter.AdapterSource for adapters: the run's recipe sections

@@ -108,12 +108,13 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     targets = lora.target_modules
-    gptq = _has_quantlinear(model)
-    if gptq and targets == "all-linear":
-        # peft's 'all-linear' only knows nn.Linear and bitsandbytes layers; spell out our GPTQ layers' names.
-        from quant.nn import QuantLinear
+    packed = _has_packed_layers(model)
+    if packed and targets == "all-linear":
+        # peft's 'all-linear' only knows nn.Linear and bitsandbytes layers; spell out our GPTQ/AWQ layers' names.
+        from quant.peft_support import packed_layer_types
 
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QuantLinear)})
+        types = packed_layer_types()
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, types)})
     _check_target_modules(model, targets)
     config = PeftLoraConfig(
         r=lora.r,
@@ -123,10 +124,10 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if gptq:
-        from quant.peft_support import register_quantlinear
+    if packed:
+        from quant.peft_support import register_packed_layers
 
-        register_quantlinear(config)
+        register_packed_layers(config)
     try:
         with _quiet_peft_checkpointing_probe():
             return get_peft_model(model, config)
@@ -134,22 +135,23 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
 
 
-def _has_quantlinear(model: torch.nn.Module) -> bool:
-    from quant.nn import QuantLinear
+def _has_packed_layers(model: torch.nn.Module) -> bool:
+    from quant.peft_support import packed_layer_types
 
-    return any(isinstance(m, QuantLinear) for m in model.modules())
+    types = packed_layer_types()
+    return any(isinstance(m, types) for m in model.modules())
 
 
 def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = False):
-    """`PeftModel.from_pretrained` that also works on GPTQ bases (peft needs our layer registered first)."""
+    """`PeftModel.from_pretrained` that also works on GPTQ/AWQ bases (peft needs our layers registered first)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel
 
     config = PeftLoraConfig.from_pretrained(str(adapter_dir))
-    if _has_quantlinear(base_model):
-        from quant.peft_support import register_quantlinear
+    if _has_packed_layers(base_model):
+        from quant.peft_support import register_packed_layers
 
-        register_quantlinear(config)
+        register_packed_layers(config)
     with _quiet_peft_checkpointing_probe():
         return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
 
@@ -217,8 +219,8 @@ def _quant_state_bytes(qs) -> int:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, counting packed 4-bit storage as two weights per byte and a GPTQ
-    layer's packed int32 buffer (not a parameter) as its in x out weights."""
-    from quant.nn import QuantLinear
+    or AWQ layer's packed int32 buffer (not a parameter) as its in x out weights."""
+    from quant.peft_support import packed_layer_types
 
     trainable = total = 0
     for p in model.parameters():
@@ -226,5 +228,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         if p.requires_grad:
             trainable += n
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    types = packed_layer_types()
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, types))
     return trainable, total

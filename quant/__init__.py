@@ -1,4 +1,4 @@
-"""Quantized weights: GPTQ/RTN quantizers, on-disk formats, QuantLinear and kernels, perplexity."""
+"""Quantized weights: GPTQ/AWQ/RTN quantizers, on-disk formats, packed layers and kernels, perplexity."""
 
 from quant.errors import UserError
 
@@ -15,6 +15,13 @@ _EXPORTS = {
     "evaluate": "quant.eval",
     "perplexity": "quant.eval",
     "register_quantlinear": "quant.peft_support",
+    "AWQConfig": "quant.awq",
+    "AWQLinear": "quant.nn_awq",
+    "quantize_model_awq": "quant.awq_model",
+    "quantize_awq": "quant.awq_model",
+    "save_awq": "quant.awq_model",
+    "load_awq_model": "quant.awq_model",
+    "register_awqlinear": "quant.peft_support",
 }
 
 __all__ = ["UserError", *_EXPORTS]

@@ -1,4 +1,5 @@
-"""`quant` command line: `quant gptq` (quantize to a GPTQ checkpoint) and `quant eval` (perplexity).
+"""`quant` command line: `quant gptq` / `quant awq` (quantize to a GPTQ / AWQ checkpoint) and `quant eval`
+(perplexity).
 
 Parsing only; each subcommand calls one public function. A UserError becomes one line on stderr and
 exit code 2.
@@ -12,24 +13,38 @@ import logging
 import signal
 import sys
 
+from quant.awq import METHODS as AWQ_METHODS
 from quant.errors import UserError
 from quant.formats.gptq_pack import FORMATS as CHECKPOINT_FORMATS
 from quant.formats.registry import AUTO, base_names
 from quant.gptq import METHODS
 
 
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist, or be empty, unless "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new checkpoint is "
+                   "complete (in one atomic step: a kill at any moment leaves the old or the new one)")
+
+
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", action="append", help="text/md/jsonl/parquet file, directory, pkg:... or hub dataset "
+                   "(repeatable)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-split", default="train")
+    p.add_argument("--text-field", default="text")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quant", description="GPTQ quantization and perplexity evaluation")
+    p = argparse.ArgumentParser(prog="quant", description="GPTQ and AWQ quantization and perplexity evaluation")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy small box 1 is often fastest)")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("gptq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to a GPTQ checkpoint")
     g.add_argument("model")
-    g.add_argument("--out", required=True, help="output checkpoint directory (must not exist, or be empty, unless "
-                   "--overwrite)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new checkpoint is "
-                   "complete (in one atomic step: a kill at any moment leaves the old or the new one)")
+    _output_args(g)
     g.add_argument("--bits", type=int, default=4)
     g.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
@@ -42,18 +57,40 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mse", type=float, default=0.0, help="clipping search norm (e.g. 2.4); 0 = min-max")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--method", choices=METHODS, default=METHODS[0])
-    g.add_argument("--calib", action="append", help="text/md/jsonl/parquet file, directory, pkg:... or hub dataset "
-                   "(repeatable)")
-    g.add_argument("--calib-samples", type=int, default=128)
-    g.add_argument("--calib-seqlen", type=int, default=512)
-    g.add_argument("--calib-split", default="train")
-    g.add_argument("--text-field", default="text")
+    _calibration_args(g)
     g.add_argument("--format", dest="checkpoint_format", choices=(AUTO,) + CHECKPOINT_FORMATS, default=AUTO,
                    help="auto: gptq (v1) when symmetric, gptq_v2 when asymmetric")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.set_defaults(run=_run_gptq)
+
+    w = sub.add_parser("awq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to an AWQ (gemm) checkpoint",
+                       description="Activation-aware weight quantization: per input channel, scales "
+                       "s = mean|x|^alpha (alpha searched on a grid) that minimise the output error of the "
+                       "attention/MLP block on the calibration data are folded into the preceding norm or "
+                       "projection, then each group of weights is clipped (searched) and rounded to 4 bits with a "
+                       "zero point. The checkpoint loads in vLLM (awq, awq_marlin), transformers and GPTQModel.")
+    w.add_argument("model")
+    _output_args(w)
+    w.add_argument("--bits", type=int, default=4, help="4 (the only width of the AWQ gemm format)")
+    w.add_argument("--group-size", type=int, default=128,
+                   help="32, 64 or 128 input channels per scale/zero (default 128); pick one that divides every layer's "
+                   "in_features for vLLM (SmolLM2's 576 needs 32 or 64)")
+    w.add_argument("--method", choices=AWQ_METHODS, default=AWQ_METHODS[0], help="rtn: plain round-to-nearest on the "
+                   "same grid, no calibration (for comparison)")
+    w.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="search per-group clipping of the weight range (--no-clip: min-max range)")
+    w.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=False,
+                   help="AutoAWQ's variant: s = mean|x|^a / mean|w|^(1-a)")
+    w.add_argument("--grid", type=int, default=20, help="points of the alpha grid (and 1/grid clipping steps)")
+    w.add_argument("--search-tokens", type=int, default=2048, help="calibration tokens forwarded per scale "
+                   "candidate through attention/MLP (default 2048; statistics always use every token)")
+    _calibration_args(w)
+    w.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--no-progress", dest="progress", action="store_false")
+    w.set_defaults(run=_run_awq)
 
     e = sub.add_parser("eval", help="perplexity of MODEL on held-out text")
     e.add_argument("model")
@@ -62,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-chunks", type=int, default=None)
     e.add_argument("--quantization", choices=(AUTO,) + base_names(), default=AUTO,
-                   help="auto: as the checkpoint is stored (GPTQ), else unquantized; bitsandbytes formats are "
+                   help="auto: as the checkpoint is stored (GPTQ, AWQ), else unquantized; bitsandbytes formats are "
                    "quantized on load")
     e.add_argument("--text-field", default="text")
     e.add_argument("--device", default=None)
@@ -85,6 +122,19 @@ def _run_gptq(a) -> None:
     err = report.mean_error()
     print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
           f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {a.out}")
+
+
+def _run_awq(a) -> None:
+    from quant.awq import AWQConfig
+    from quant.awq_model import quantize_awq
+
+    cfg = AWQConfig(bits=a.bits, group_size=a.group_size, method=a.method, clip=a.clip, n_grid=a.grid,
+                    duo_scaling=a.duo_scaling, search_tokens=a.search_tokens)
+    report = quantize_awq(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
+                          calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
+                          device=a.device, seed=a.seed, progress=a.progress, overwrite=a.overwrite)
+    print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
+          f"mean rel. error {report.mean_error():.3e}, {report.seconds:.1f}s")
 
 
 def _run_eval(a) -> None:

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on held-out text: float, GPTQ, or bitsandbytes NF4/FP4/int8 quantized on load.
+"""Perplexity of a causal LM on held-out text: float, GPTQ, AWQ, or bitsandbytes NF4/FP4/int8 quantized on load.
 
 Text is tokenized as one stream (documents joined by EOS) and cut into non-overlapping chunks of
 `seqlen` tokens; a trailing partial chunk is dropped so every chunk has the same context length.

@@ -6,7 +6,6 @@ dir), `save_quantized`, `load_gptq_model`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,11 +14,12 @@ import torch
 from torch import nn
 
 from quant.errors import UserError
-from quant.files import claim_output, safetensors_files
-from quant.formats.gptq import QUANT_METHOD, quantization_config, read_quant_config, write_checkpoint
+from quant.files import claim_output
+from quant.formats.gptq import QUANT_METHOD, quantization_config, read_quant_config
 from quant.formats.gptq_pack import resolve_checkpoint_format
 from quant.gptq import GPTQConfig, group_count
 from quant.nn import QuantLinear
+from quant.packed import load_packed_model, local_dir, save_packed
 from quant.sequential import QuantReport, block_linears, find_blocks, quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,6 @@ def quantize_model(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQ
     return report
 
 
-def _quant_module_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
 def save_quantized(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float16, report: QuantReport | None = None,
                    max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `model` (after quantize_model or load_gptq_model) as a GPTQ checkpoint directory.
@@ -82,40 +78,39 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float1
         qconfig = qconfig.to_dict()
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise UserError("save_quantized: the model has no GPTQ quantization_config; run quantize_model first")
-    qnames = _quant_module_names(model)
-    tensors, seen = {}, set()
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        owner = key.rpartition(".")[0]
-        if owner not in qnames and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[key] = t
-    config_dict = model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict["dtype"] = str(dtype).replace("torch.", "")
-    config_dict.pop("torch_dtype", None)
-    if not config_dict.get("architectures"):
-        config_dict["architectures"] = [type(model).__name__]
-
-    def extras(tmp: Path) -> None:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if report is not None:
-            (tmp / "quant_log.json").write_text(json.dumps(_report_dict(report), indent=1))
-
-    return write_checkpoint(out_dir, tensors, config_dict, qconfig, extras, max_shard_bytes)
+    return save_packed(model, out_dir, qconfig, (QuantLinear,), tokenizer=tokenizer, dtype=dtype,
+                       report=report_dict(report) if report is not None else None, max_shard_bytes=max_shard_bytes)
 
 
-def _report_dict(report: QuantReport) -> dict:
+def report_dict(report: QuantReport) -> dict:
     return {"method": report.method, "calib_samples": report.calib_samples, "calib_tokens": report.calib_tokens,
             "seconds": round(report.seconds, 2), "mean_rel_error": report.mean_error(),
             "layers": [vars(l) for l in report.layers]}
+
+
+def prepare(model_spec: str, out_dir, calib, calib_samples: int, calib_seqlen: int, text_field: str,
+            calib_split: str, device, dtype, seed: int):
+    """What `quant gptq` and `quant awq` do before quantizing, inside claim_output: (float model, tokenizer,
+    calibration chunks or None when `calib` is None, device). Refuses an --out that is the source directory."""
+    from transformers import AutoTokenizer
+
+    from quant.calibration import calibration_chunks, load_texts
+    from quant.loading import load_float_model, materialize
+
+    src = materialize(model_spec)
+    if Path(out_dir).resolve() == Path(src).resolve():
+        raise UserError(f"--out {out_dir} is the source model directory; choose another directory")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    chunks = None
+    if calib is not None:
+        texts = load_texts(calib, text_field=text_field, split=calib_split)
+        chunks = calibration_chunks(texts, tokenizer, calib_samples, calib_seqlen, seed=seed)
+        if len(chunks) < calib_samples:
+            log.warning("calibration text holds only %d samples of %d tokens (asked for %d)",
+                        len(chunks), calib_seqlen, calib_samples)
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    return load_float_model(src, dtype=dtype), tokenizer, chunks, device
 
 
 def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_samples: int = 128,
@@ -128,45 +123,18 @@ def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_sample
     earlier run undone, and an existing non-empty out_dir refused unless `overwrite`, which replaces it only
     once the new checkpoint is complete.
     """
-    from transformers import AutoTokenizer
-
-    from quant.calibration import calibration_chunks, load_texts
-    from quant.loading import load_float_model, materialize
-
     cfg.validate()
     checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
     if cfg.calibrated and not calib:
         raise UserError("--calib is required for --method gptq (a text/jsonl/parquet file, directory or hub dataset)")
     with claim_output(out_dir, overwrite, action="quantization"):
-        src = materialize(model_spec)
-        if Path(out_dir).resolve() == Path(src).resolve():
-            raise UserError(f"--out {out_dir} is the source model directory; choose another directory")
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        chunks = None
-        if cfg.calibrated:
-            texts = load_texts(calib, text_field=text_field, split=calib_split)
-            chunks = calibration_chunks(texts, tokenizer, calib_samples, calib_seqlen, seed=seed)
-            if len(chunks) < calib_samples:
-                log.warning("calibration text holds only %d samples of %d tokens (asked for %d)",
-                            len(chunks), calib_seqlen, calib_samples)
-        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-        model = load_float_model(src, dtype=dtype)
+        model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.calibrated else None,
+                                                   calib_samples, calib_seqlen, text_field, calib_split, device,
+                                                   dtype, seed)
         report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
                                 progress=progress)
         save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
     return report
-
-
-def _local_dir(path) -> Path:
-    from quant.loading import resolve_model_path
-
-    local = Path(resolve_model_path(str(path), what="GPTQ checkpoint"))
-    if local.exists():
-        return local
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path)))
 
 
 def _layer_params(path, name: str, state: dict, K: int, bits: int, group_size: int) -> tuple[int, int]:
@@ -195,58 +163,14 @@ def load_gptq_model(path, device=None, dtype=None, kernel: str = "auto") -> nn.M
     checkpoint become QuantLinear, and the safetensors are assigned directly (no random init, no copy).
     Non-quantized tensors are cast to `dtype` (default fp32 on CPU, fp16 on GPU).
     """
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = _local_dir(path)
+    path = local_dir(path, "GPTQ checkpoint")
     q = read_quant_config(path)
-    device = torch.device(device) if device else torch.device("cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # otherwise transformers would hand the model to optimum/gptqmodel
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    files = safetensors_files(path)
-    state = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            for k in fh.keys():
-                state[k] = fh.get_tensor(k)
-    qnames = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
-    if not qnames:
-        raise UserError(f"{path}: no '*.qweight' tensors; not a GPTQ checkpoint")
-    for name in qnames:
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"{path}: tensor {name}.qweight names no module of {type(model).__name__}") from None
-        if not isinstance(old, nn.Linear):
-            raise UserError(f"{path}: {name} is a {type(old).__name__}, not a Linear; cannot hold GPTQ weights")
+    def make_layer(name: str, old: nn.Linear, state: dict) -> QuantLinear:
         bits, gs = _layer_params(path, name, state, old.in_features, q["bits"], q["group_size"])
-        new = QuantLinear(old.in_features, old.out_features, bits, gs, bias=f"{name}.bias" in state,
-                          checkpoint_format=q["checkpoint_format"], device="meta", kernel=kernel)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
         if f"{name}.g_idx" not in state:  # very old checkpoints: the default layout
             state[f"{name}.g_idx"] = (torch.arange(old.in_features) // (gs if gs != -1 else old.in_features)).to(torch.int32)
-    for k, t in state.items():
-        if t.is_floating_point() and k.rpartition(".")[0] not in qnames:
-            state[k] = t.to(dtype)
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:
-        raise UserError(f"{path}: tensors do not match the config: {str(e).splitlines()[-1].strip()}") from None
-    if result.unexpected_keys:
-        log.warning("%s: ignored %d tensors not in the model, e.g. %s", path, len(result.unexpected_keys),
-                    result.unexpected_keys[:3])
-    model.tie_weights()
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise UserError(f"{path}: checkpoint lacks {len(still_meta)} tensors, e.g. {still_meta[:3]}")
-    model.config.quantization_config = q["raw"]
-    model.to(device)
-    model.eval()
-    return model
+        return QuantLinear(old.in_features, old.out_features, bits, gs, bias=f"{name}.bias" in state,
+                           checkpoint_format=q["checkpoint_format"], device="meta", kernel=kernel)
+
+    return load_packed_model(path, q["raw"], make_layer, "GPTQ", device=device, dtype=dtype)

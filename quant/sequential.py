@@ -8,6 +8,8 @@ Inside a block, `true_sequential` quantizes the Linears in groups that share an 
 then gate/up, then down for Llama), so later groups see the already-quantized earlier ones. Collecting
 a group's inputs stops the block's forward right after the group's last Linear has been reached, which
 keeps the extra passes cheap.
+
+`drive_blocks` is that block loop on its own; AWQ (quant.awq_blocks) runs through it too.
 """
 
 from __future__ import annotations
@@ -206,13 +208,56 @@ def _solve(name, linear: nn.Linear, acc: HessianAccumulator | None, cfg: GPTQCon
     return res, entry
 
 
-def _swap_in(block: nn.Module, name: str, res: QuantResult, linear: nn.Linear, fmt: str) -> None:
+def set_submodule(block: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, child, QuantLinear.from_result(res, bias=linear.bias, checkpoint_format=fmt))
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
 
 
 @torch.no_grad()
+def drive_blocks(model: nn.Module, calib: list[torch.Tensor] | None, report: QuantReport, quantize_block,
+                 device=None, desc: str = "", progress: bool = True) -> QuantReport:
+    """The block-by-block loop GPTQ and AWQ share (see the module docstring).
+
+    `quantize_block(block, name, hidden, kwargs_list)` quantizes one block's Linears in place (their weights
+    become the dequantized values, so the block's outputs are the quantized model's), appends to `report`,
+    and returns {linear name: packed layer}; the packed layers replace the Linears once the block has made
+    the next block's inputs. `hidden`/`kwargs_list` are the block's calibration inputs, None when `calib` is
+    None (data-free). `device` is where blocks are processed (default: where the model is); the model is
+    returned on its original device.
+    """
+    t_start = time.perf_counter()
+    prefix, blocks = find_blocks(model)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    hidden = kwargs_list = None
+    if calib is not None:
+        report.calib_samples = len(calib)
+        report.calib_tokens = sum(int(c.numel()) for c in calib)
+        _move_outside(model, prefix, device)
+        hidden, kwargs_list = capture_inputs(model, blocks, calib, device)
+        _move_outside(model, prefix, home)
+
+    bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
+    for i, block in enumerate(blocks):
+        block.to(device)
+        first = len(report.layers)
+        packed = quantize_block(block, f"{prefix}.{i}", hidden, kwargs_list)
+        if hidden is not None and i + 1 < len(blocks):
+            for j in range(len(hidden)):  # outputs overwrite inputs: one set of activations at a time
+                hidden[j] = _run_block(block, hidden[j], kwargs_list[j])
+        for n, layer in packed.items():
+            set_submodule(block, n, layer)
+        block.to(home)
+        errs = [e.rel_error for e in report.layers[first:]]
+        bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}" if errs else "-")
+        bar.update(1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
 def quantize_blocks(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQConfig, device=None,
                     checkpoint_format: str = V1, progress: bool = True) -> QuantReport:
     """Quantize every nn.Linear inside the decoder blocks of `model` in place (they become QuantLinear).
@@ -221,50 +266,29 @@ def quantize_blocks(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPT
     `device` is where blocks are processed (default: where the model is); the model is returned on its
     original device.
     """
-    t_start = time.perf_counter()
-    prefix, blocks = find_blocks(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    report = QuantReport(method=cfg.method)
     data_free = cfg.method == "rtn"
     if not data_free and not calib:
         raise UserError("GPTQ needs calibration data: the calibration set is empty")
-    hidden, kwargs_list = [], []
-    if not data_free:
-        report.calib_samples = len(calib)
-        report.calib_tokens = sum(int(c.numel()) for c in calib)
-        _move_outside(model, prefix, device)
-        hidden, kwargs_list = capture_inputs(model, blocks, calib, device)
-        _move_outside(model, prefix, home)
+    report = QuantReport(method=cfg.method)
 
-    bar = tqdm(total=len(blocks), desc=f"{cfg.method} {cfg.bits}-bit", unit="block", disable=not progress)
-    for i, block in enumerate(blocks):
-        block.to(device)
+    def quantize_block(block, name, hidden, kwargs_list):
         linears = block_linears(block)
         results: dict[str, QuantResult] = {}
-        if data_free:
+        if hidden is None:
             for n, lin in linears.items():
-                results[n], entry = _solve(f"{prefix}.{i}.{n}", lin, None, cfg)
+                results[n], entry = _solve(f"{name}.{n}", lin, None, cfg)
                 report.layers.append(entry)
         elif linears:
+            dev = next(block.parameters()).device
             groups, owner = _linear_groups(block, linears, hidden[0], kwargs_list[0], cfg.true_sequential)
             for group in groups:
-                accs = _collect_hessians(block, linears, group, owner, hidden, kwargs_list, device)
+                accs = _collect_hessians(block, linears, group, owner, hidden, kwargs_list, dev)
                 for n in group:
-                    results[n], entry = _solve(f"{prefix}.{i}.{n}", linears[n], accs[n], cfg)
+                    results[n], entry = _solve(f"{name}.{n}", linears[n], accs[n], cfg)
                     report.layers.append(entry)
                 del accs
-        if not data_free and i + 1 < len(blocks):
-            for j in range(len(hidden)):  # outputs overwrite inputs: one set of activations at a time
-                hidden[j] = _run_block(block, hidden[j], kwargs_list[j])
-        for n, res in results.items():
-            _swap_in(block, n, res, linears[n], checkpoint_format)
-        block.to(home)
-        errs = [e.rel_error for e in report.layers[len(report.layers) - len(results):]]
-        bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}" if errs else "-")
-        bar.update(1)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
-    report.seconds = time.perf_counter() - t_start
-    return report
+        return {n: QuantLinear.from_result(res, bias=linears[n].bias, checkpoint_format=checkpoint_format)
+                for n, res in results.items()}
+
+    return drive_blocks(model, None if data_free else calib, report, quantize_block, device=device,
+                        desc=f"{cfg.method} {cfg.bits}-bit", progress=progress)

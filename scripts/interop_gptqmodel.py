@@ -173,19 +173,21 @@ def reader_checks(ckpt: Path, name: str, rec: dict[str, torch.Tensor] | None = N
         check(f"ours {name} -> transformers: loads", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
 
 
-def transformers_on_text(ckpt: Path, name: str) -> None:
-    """transformers vs our loader on real text. The GPTQ kernel transformers picks on CPU (GPTQModel's
-    TorchAten) rounds scales to bf16, ~0.5 % per layer; on junk token ids a real model's outlier activations
-    amplify that into large max-logit differences, so a real model is compared by what a user sees."""
+def transformers_on_text(ckpt: Path, name: str, load=None) -> None:
+    """transformers vs our loader (`load`, default load_gptq_model) on real text. The GPTQ kernel transformers
+    picks on CPU (GPTQModel's TorchAten) rounds scales to bf16, ~0.5 % per layer; on junk token ids a real
+    model's outlier activations amplify that into large max-logit differences, so a real model is compared by
+    what a user sees."""
     from transformers import AutoTokenizer
 
     from quant.model import load_gptq_model
 
+    load = load or load_gptq_model
     text = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
             "arrows of outrageous fortune, or to take arms against a sea of troubles.")
     ids = AutoTokenizer.from_pretrained(ckpt)(text, return_tensors="pt").input_ids
     with torch.no_grad():
-        ours = load_gptq_model(ckpt, dtype=torch.float16)(input_ids=ids).logits.float()
+        ours = load(ckpt, dtype=torch.float16)(input_ids=ids).logits.float()
     theirs = transformers_logits(ckpt, ids)
     nll = [torch.nn.functional.cross_entropy(l[0, :-1], ids[0, 1:]).item() for l in (ours, theirs)]
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()

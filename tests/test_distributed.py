@@ -281,12 +281,14 @@ def test_deepspeed_config_that_contradicts_the_recipe_is_refused():
 
 # What each setup does with each base kind: None = supported, else the start of the refusal.
 SUPPORT = {
-    ("MULTI_GPU", 0): {"nf4": None, "nf4-auto": None, "int8": None, "gptq": None, "none": None},
-    ("DEEPSPEED", 2): {"nf4": None, "nf4-auto": None, "int8": None, "gptq": None, "none": None},
+    ("MULTI_GPU", 0): {"nf4": None, "nf4-auto": None, "int8": None, "gptq": None, "awq": None, "none": None},
+    ("DEEPSPEED", 2): {"nf4": None, "nf4-auto": None, "int8": None, "gptq": None, "awq": None, "none": None},
     ("DEEPSPEED", 3): {"nf4": "cannot shard 4-bit weights stored as uint8", "nf4-auto": None,
-                       "int8": "cannot shard bitsandbytes int8", "gptq": "shards parameters, but a GPTQ", "none": None},
+                       "int8": "cannot shard bitsandbytes int8", "gptq": "shards parameters, but the GPTQ base",
+                       "awq": "shards parameters, but the AWQ base", "none": None},
     ("FSDP", 0): {"nf4": "cannot shard 4-bit weights stored as uint8", "nf4-auto": None,
-                  "int8": "cannot shard bitsandbytes int8", "gptq": "shards parameters, but a GPTQ", "none": None},
+                  "int8": "cannot shard bitsandbytes int8", "gptq": "shards parameters, but the GPTQ base",
+                  "awq": "shards parameters, but the AWQ base", "none": None},
 }
 
 
@@ -314,4 +316,5 @@ def test_mixed_precision_that_would_cast_the_quantized_base_is_refused():
     assert "mixed_precision bf16 casts every float parameter" in _problem("DEEPSPEED", 3, 0, "bf16", "nf4", "float32")
     assert _problem("DEEPSPEED", 3, 0, "bf16", "nf4", "bfloat16") is None  # the cast is a no-op
     assert "GPTQ scales" in _problem("DEEPSPEED", 2, 0, "fp16", "gptq")
+    assert "AWQ scales" in _problem("DEEPSPEED", 2, 0, "fp16", "awq")
     assert "only FSDP2" in _problem("FSDP", 0, 1, "no", "nf4", "bfloat16")

@@ -48,6 +48,11 @@ def _source_checkpoint(source: AdapterSource, merge_into: str, base_original: st
     """The checkpoint streamed: the base as trained, or the full-precision weights for --merge-into original."""
     base_fmt = formats.format_of(source.base)
     if merge_into == "original":
+        if base_fmt.folds_scales:
+            raise UserError(f"--merge-into original is not possible for an adapter trained on {base_fmt.title}: the "
+                            f"{base_fmt.title} base has per-channel scales folded into its norms and projections, so "
+                            "the adapter's deltas are not in the original weights' coordinates; use --merge-into "
+                            "dequantized (the default)")
         if base_original:
             from quant.loading import materialize
 

@@ -33,10 +33,9 @@ class Merge:
     @property
     def label(self) -> str:
         fmt = self.report.get("format", "?")
-        gptq = self.report.get("gptq") or {}
-        if fmt == "gptq" and gptq:
-            method = gptq.get("method", "gptq")
-            fmt = f"{method} {gptq.get('bits', '?')}b g{gptq.get('group_size', '?')}"
+        encoded = self.report.get(fmt)  # what a quantizing encoder recorded (GPTQ, AWQ: method, bits, group size)
+        if isinstance(encoded, dict) and "bits" in encoded:
+            fmt = f"{encoded.get('method', fmt)} {encoded['bits']}b g{encoded.get('group_size', '?')}"
         return f"{fmt} ({self.path.name})"
 
     @property

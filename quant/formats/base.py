@@ -293,6 +293,10 @@ class Format:
     options = None  # a dataclass of `option(...)` fields, or None
     default_dtype = torch.bfloat16  # dtype of unquantized tensors unless --dtype says otherwise
     fixed_dtype = False  # True: the format is a dtype (--dtype does not apply)
+    # True: the format moves per-channel scales between a decoder layer's tensors (AWQ folds them into norms and
+    # projections): each tensor may change, the layer's function is what is kept. A LoRA trained on such a base
+    # is in the folded coordinates, so it cannot be merged into the original weights.
+    folds_scales = False
     calib_hint = ""  # appended to the "needs calibration data" error
 
     def calibration(self, options) -> str | None:
@@ -323,3 +327,37 @@ class Format:
         """Whether a model directory with this config.json (our merge output or any checkpoint in the format)
         holds weights in this output format, so that `load_merged` runs it."""
         return self.declares(config.get("quantization_config"), None)
+
+
+class PackedFormat(Format):
+    """A format stored as packed integer tensors that our own layer computes with (GPTQ, AWQ): a training base
+    loaded from its checkpoint, and a merge output read back by the same loader. Subclasses set `packed_what`
+    and implement `load_packed`."""
+
+    base = output = True
+    stored_quantized = True
+    gpu_compute_dtype = torch.float16  # the packed-layer GPU kernels (ours, vLLM's) run in fp16
+    default_dtype = torch.float16  # what GPTQ/AWQ readers, vLLM's kernels among them, expect
+    packed_what = ""  # how the sharding refusal names the float tensors a cast would corrupt ("GPTQ scales")
+
+    def load_packed(self, model_dir, device, dtype) -> torch.nn.Module:
+        """The checkpoint in `model_dir` as an HF model with the format's packed layers."""
+        raise NotImplementedError
+
+    def load(self, spec, device, attn_implementation=None):
+        model = self.load_packed(spec.model_dir, device, spec.dtype)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        return model
+
+    def sharding_problem(self, spec, setup):
+        if setup.shards_parameters:
+            return (f"{setup.where} shards parameters, but the {self.title} base keeps its packed int32 weights in "
+                    "buffers, which are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
+                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
+        if setup.cast_dtype is not None:
+            return setup.cast_problem(self.packed_what)
+        return None
+
+    def load_merged(self, out_dir, device, dtype):
+        return self.load_packed(out_dir, device, dtype).eval()

@@ -15,7 +15,7 @@ import torch
 
 from quant.errors import UserError
 from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, disk_needed, staged
-from quant.formats.base import REQUIRED, EncodeRequest, Format, Rebuilder, option
+from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, Rebuilder, option
 from quant.formats.gptq_pack import V1, resolve_checkpoint_format, zero_offset
 from quant.gptq import METHODS
 
@@ -170,24 +170,23 @@ class _GPTQRebuilder(Rebuilder):
 @dataclass
 class GPTQOptions:
     method: str | None = option("gptq (default) or round-to-nearest (no calibration)", str, METHODS)
-    bits: int | None = option("default: the GPTQ base's, else 4", int, (2, 3, 4, 8))
-    group_size: int | None = option("default: the GPTQ base's, else 128; -1 = one group per row", int)
+    # bits and group_size are shared with the AWQ output (one flag each, this help): say both formats' values.
+    bits: int | None = option("default: a GPTQ/AWQ base's own, else 4 (awq: 4 only)", int, (2, 3, 4, 8))
+    group_size: int | None = option("default: a GPTQ/AWQ base's own, else 128; gptq: -1 = one group per row; awq: "
+                                    "32, 64 or 128", int)
     desc_act: bool | None = option("act-order; default: the GPTQ base's, else off", bool)
 
 
-class GPTQFormat(Format):
+class GPTQFormat(PackedFormat):
     name = "gptq"
     label = "GPTQ"
     summary = ("our GPTQ on --calib data, run on the merged model's own activations layer by layer (default "
                "settings: those of a GPTQ base, or 4-bit g128 symmetric); --method rtn for round-to-nearest (no "
                "calibration). Loads with quant.model.load_gptq_model, transformers + GPTQModel/optimum and vLLM "
                "(docs/quantized-formats.md A).")
-    base = output = True
     quant_method = QUANT_METHOD
-    gpu_compute_dtype = torch.float16  # the GPTQ GPU kernels (ours, vLLM's) run in fp16
-    stored_quantized = True
     options = GPTQOptions
-    default_dtype = torch.float16  # what GPTQ readers, vLLM's kernels among them, expect
+    packed_what = "GPTQ scales"
     calib_hint = ", or use --method rtn"
 
     def declares(self, quantization_config, model_dir):
@@ -206,25 +205,13 @@ class GPTQFormat(Format):
                 "true_sequential": bool(raw.get("true_sequential", True)),
                 "mse": float((raw.get("meta") or {}).get("mse", 0.0))}
 
-    def load(self, spec, device, attn_implementation=None):
+    def load_packed(self, model_dir, device, dtype):
         from quant.model import load_gptq_model
 
-        model = load_gptq_model(spec.model_dir, device=device, dtype=spec.dtype)
-        if attn_implementation:
-            model.set_attn_implementation(attn_implementation)
-        return model
+        return load_gptq_model(model_dir, device=device, dtype=dtype)
 
     def rebuilder(self, spec, ckpt, model, device):
         return _GPTQRebuilder(ckpt, device)
-
-    def sharding_problem(self, spec, setup):
-        if setup.shards_parameters:
-            return (f"{setup.where} shards parameters, but a GPTQ base keeps its packed int32 weights in buffers, "
-                    "which are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
-                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
-        if setup.cast_dtype is not None:
-            return setup.cast_problem("GPTQ scales")
-        return None
 
     def calibration(self, options):
         return REQUIRED if (getattr(options, "method", None) or METHODS[0]) == METHODS[0] else None
@@ -251,8 +238,3 @@ class GPTQFormat(Format):
         run_dtype = torch.float32 if request.device.type == "cpu" else torch.float16
         return GPTQEncoder(request.model, cfg, resolve_checkpoint_format(cfg.sym), request.calib, request.device,
                            run_dtype, request.dtype)
-
-    def load_merged(self, out_dir, device, dtype):
-        from quant.model import load_gptq_model
-
-        return load_gptq_model(out_dir, device=device, dtype=dtype).eval()

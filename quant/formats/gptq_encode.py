@@ -1,87 +1,43 @@
 """GPTQ (or RTN) requantization of a merged model, streamed one decoder layer at a time (`finetune merge
---format gptq`).
-
-GPTQ minimises each layer's output error on the inputs that layer really sees, so the calibration
-activations must be those of the MERGED model, already requantized up to the previous layer. The
-encoder keeps exactly one set of hidden states: embeddings turn the calibration tokens into layer-0
-inputs; each merged layer is then materialised, quantized, written, and run once (quantized) to give the
-next layer's inputs, and dropped. Peak memory is one float layer plus the calibration activations.
+--format gptq`); the streaming itself is `quant.formats.layerwise`.
 
 Each layer is quantized by `quant.sequential.quantize_blocks`, the driver behind `quant gptq`, so merge
 output and `quant gptq` output share one algorithm (true-sequential groups, damping retries, act-order,
-the layer log). The driver takes a model and calibration token ids; `_OneLayer` is a model whose only
-block is the current layer and whose "token ids" are indices into the stored hidden states.
+the layer log).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from quant.errors import UserError
-from quant.formats.base import Encoder
 from quant.formats.gptq import quantization_config, write_quant_config
+from quant.formats.layerwise import LayerwiseEncoder
 from quant.gptq import GPTQConfig
 from quant.nn import QuantLinear
-from quant.sequential import LayerLog, capture_inputs, find_blocks, quantize_blocks
-
-log = logging.getLogger(__name__)
+from quant.sequential import quantize_blocks
 
 
-class _OneLayer(nn.Module):
-    def __init__(self, layer: nn.Module, hidden: list, kwargs: list):
-        super().__init__()
-        self.layers = nn.ModuleList([layer])
-        self._hidden, self._kwargs = hidden, kwargs
-
-    def forward(self, input_ids, use_cache=False):
-        j = int(input_ids.reshape(-1)[0])
-        return self.layers[0](self._hidden[j], **self._kwargs[j])
-
-
-def _run_layer(layer, h, kwargs):
-    out = layer(h, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
-    """Drop the real storage of every parameter outside `skip_prefix` (the embeddings after calibration)."""
-    for name, mod in module.named_modules():
-        if name == skip_prefix or name.startswith(skip_prefix + "."):
-            continue
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-
-
-class GPTQEncoder(Encoder):
-    """Turns each merged unit into GPTQ checkpoint tensors (see the module docstring).
+class GPTQEncoder(LayerwiseEncoder):
+    """Turns each merged unit into GPTQ checkpoint tensors.
 
     `calib`: list of [1, T] token ids; None only for cfg.method == 'rtn'. Non-quantized tensors are written
     in `out_dtype` (fp16 by default: what GPTQ readers, vLLM's kernels among them, expect).
     """
 
+    packed = QuantLinear
+
     def __init__(self, model, cfg: GPTQConfig, checkpoint_format: str, calib: list[torch.Tensor] | None,
                  device: torch.device, run_dtype: torch.dtype, out_dtype: torch.dtype):
-        self.model, self.cfg, self.format = model, cfg, checkpoint_format
-        self.prefix, self.blocks = find_blocks(model)
-        self.calib, self.device = calib, device
-        self.run_dtype, self.out_dtype = run_dtype, out_dtype
-        self.hidden: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
-        self.layers: list[LayerLog] = []
-        self.calibrated = cfg.calibrated
+        super().__init__(model, cfg.calibrated, calib, device, run_dtype, out_dtype)
+        self.cfg, self.format = cfg, checkpoint_format
         self.label = f"gptq, {cfg.method}"
-        if self.calibrated and not calib:
-            raise ValueError("GPTQ requantization needs calibration token ids")
 
-    def __call__(self, layer: int | None, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if layer is None:
-            return self._outside(tensors)
-        return self._layer(layer, tensors)
+    def quantize_layer(self, wrapper, index_ids, head):
+        return quantize_blocks(wrapper, index_ids, self.cfg, device=self.device, checkpoint_format=self.format,
+                               progress=False)
 
     def quantization_config(self) -> dict:
         return quantization_config(self.cfg, self.format)
@@ -89,59 +45,7 @@ class GPTQEncoder(Encoder):
     def write_files(self, directory: Path) -> None:
         """quantize_config.json (format doc A6: repeated for AutoGPTQ-style readers) and the per-layer log."""
         write_quant_config(directory, None, self.quantization_config())
-        layers = [vars(entry) for entry in self.layers]
-        errs = [entry["rel_error"] for entry in layers if entry["rel_error"] is not None]
-        (directory / "quant_log.json").write_text(json.dumps(
-            {"method": self.cfg.method, "mean_rel_error": sum(errs) / len(errs) if errs else None, "layers": layers},
-            indent=1))
+        (directory / "quant_log.json").write_text(json.dumps({"method": self.cfg.method, **self.log()}, indent=1))
 
     def describe(self) -> dict:
         return {**self.cfg.to_dict(), "checkpoint_format": self.format}
-
-    @torch.no_grad()
-    def _outside(self, tensors):
-        if self.calibrated:
-            state = {k: v.to(self.device, self.run_dtype) if v.is_floating_point() else v.to(self.device)
-                     for k, v in tensors.items()}
-            self.model.load_state_dict(state, strict=False, assign=True)
-            self.model.tie_weights()
-            for name, mod in self.model.named_modules():
-                if not (name == self.prefix or name.startswith(self.prefix + ".")):
-                    for bname, b in mod.named_buffers(recurse=False):
-                        mod._buffers[bname] = b.to(self.device)
-            missing = [n for n, p in self.model.named_parameters()
-                       if p.is_meta and not n.startswith(self.prefix + ".")]
-            if missing:
-                raise UserError(f"the base checkpoint lacks {missing[:3]}, needed to compute calibration inputs")
-            self.hidden, self.kwargs = capture_inputs(self.model, self.blocks, self.calib, self.device)
-            _replace_with_meta(self.model, self.prefix)
-        return {k: v.to(self.out_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-
-    @torch.no_grad()
-    def _layer(self, i: int, tensors):
-        head = f"{self.prefix}.{i}."
-        layer = self.blocks[i]
-        state = {k[len(head):]: v.to(self.device, self.run_dtype) if v.is_floating_point() else v.to(self.device)
-                 for k, v in tensors.items()}
-        try:
-            layer.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
-            raise UserError(f"layer {i}: merged tensors do not fit the model: {str(e).splitlines()[-1].strip()}") \
-                from None
-        wrapper = _OneLayer(layer, self.hidden, self.kwargs)
-        index_ids = [torch.tensor([[j]]) for j in range(len(self.hidden))] if self.calibrated else None
-        report = quantize_blocks(wrapper, index_ids, self.cfg, device=self.device, checkpoint_format=self.format,
-                                 progress=False)
-        for entry in report.layers:
-            entry.name = head + entry.name.split(".", 2)[-1]
-            self.layers.append(entry)
-        if self.calibrated and i + 1 < len(self.blocks):
-            for j in range(len(self.hidden)):  # the next layer sees this layer's quantized outputs
-                self.hidden[j] = _run_layer(layer, self.hidden[j], self.kwargs[j])
-        quantized = {n for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-        out = {}
-        for k, v in layer.state_dict().items():
-            keep = k.rpartition(".")[0] in quantized  # packed ints and fp16 scales/bias as the format says
-            out[head + k] = v if keep or not v.is_floating_point() else v.to(self.out_dtype)
-        self.blocks[i] = nn.Module()  # drop the layer: its tensors are written by the caller
-        return out

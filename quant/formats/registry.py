@@ -5,7 +5,7 @@ Nothing outside `quant/formats/` compares format names: callers look a format up
 choices, `finetune merge --format` and its per-format flags, `quant eval --quantization` and the sharding check
 are all derived from `FORMATS`.
 
-Adding a format (AWQ next, GGUF output) is one module in `quant/formats/` plus one entry in `FORMATS`. The module
+Adding a format (GGUF output next) is one module in `quant/formats/` plus one entry in `FORMATS`. The module
 defines a `quant.formats.base.Format` subclass (see its docstrings for the exact signatures) that sets
     name, label, summary   registry name (a base.quantization and/or --format value), how messages name it,
                            one line for `finetune merge --help`
@@ -32,9 +32,9 @@ A format that writes something other than safetensors shards (a single .gguf fil
 own writer from `sink()` and set `hf_layout = False` (no config.json/tokenizer files next to it); the request
 carries the model's config (`request.model.config`) and the tokenizer directory for its metadata.
 
-So AWQ is `awq.py`: base = output = True, quant_method "awq", stored_quantized, load() with its packed layer,
-rebuilder() dequantizing the packed tensors, sharding_problem() like GPTQ's, options (bits, group_size),
-calibration() REQUIRED, encoder() running AWQ layer by layer on the calibration ids, load_merged(). GGUF output
+GPTQ and AWQ (`gptq.py`, `awq.py`) share `base.PackedFormat` (load, load_merged and sharding_problem around their
+packed layer's loader); each adds its rebuilder, options (bits, group_size), calibration() and an encoder that
+runs its quantizer layer by layer on the calibration ids (`layerwise.py`). GGUF output
 is `gguf.py`: output = True, options (gguf_type -> `--gguf-type`), calibration() OPTIONAL (--calib weights the
 K-quant scale search), an encoder whose sink() writes the .gguf, load_merged() through transformers' gguf_file.
 tests/test_formats.py then holds every format to its contract: its output round-trips through its own loader
@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
+from quant.formats.awq import AWQFormat
 from quant.formats.base import BaseSpec, Format, ShardingSetup, dtype_name
 from quant.formats.bnb import Bnb4Format, Int8Format
 from quant.formats.float import FloatBase, FloatOutput
@@ -64,6 +65,7 @@ FORMATS: tuple[Format, ...] = (
     Bnb4Format("fp4"),
     Int8Format(),
     GPTQFormat(),
+    AWQFormat(),
     FloatBase(),
 )
 DEFAULT_BASE = "nf4"  # what `auto` trains on when the checkpoint is not stored quantized (the QLoRA default)

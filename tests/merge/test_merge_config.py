@@ -18,7 +18,7 @@ from support import quiet_merge
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"format": "gguf"}, "--format must be one of bf16, fp16, nf4, fp4, int8, gptq (got 'gguf')"),
+    ({"format": "gguf"}, "--format must be one of bf16, fp16, nf4, fp4, int8, gptq, awq (got 'gguf')"),
     ({"merge_into": "both"}, "--merge-into must be one of auto, dequantized, original (got 'both')"),
     ({"dtype": "float64", "format": "nf4"}, "--dtype must be one of bfloat16, float16, float32 (got 'float64')"),
     ({"dtype": "float16"}, "--dtype applies to quantized formats; --format bf16 already fixes the dtype"),
@@ -26,9 +26,9 @@ from support import quiet_merge
     ({"calib_seqlen": 1}, "--calib-seqlen must be an integer >= 2 (got 1)"),
     ({"eval_max_batches": 0}, "--eval-max-batches must be an integer >= 1 (got 0)"),
     ({"device": "abacus"}, "--device must be cpu, cuda or cuda:N (got 'abacus')"),
-    ({"calib": ["x.txt"]}, "--calib applies to --format gptq only"),
-    ({"options": {"bits": 4}}, "--bits applies to --format gptq only"),
-    ({"options": {"bits": 4, "desc_act": True}, "format": "nf4"}, "--bits/--desc-act apply to --format gptq only"),
+    ({"calib": ["x.txt"]}, "--calib applies to --format gptq, awq only"),
+    ({"options": {"bits": 4}}, "--bits applies to --format gptq, awq only"),
+    ({"options": {"bits": 4, "desc_act": True}, "format": "nf4"}, "--bits/--desc-act apply to --format gptq, awq only"),
     ({"options": {"colour": 1}}, "options: unknown ['colour']; format options are bits, desc_act, group_size, method"),
     ({"format": "gptq", "options": {"bits": 5, "method": "rtn"}}, "--bits must be one of 2, 3, 4, 8 (got 5)"),
     ({"format": "gptq", "options": {"group_size": "64", "method": "rtn"}},
@@ -56,7 +56,7 @@ def test_cli_builds_the_config_and_prints_one_line(nf4_run, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["merge", str(nf4_run), "--out", str(out), "--format", "int8", "--group-size", "64", "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: --group-size applies to --format gptq only"
+    assert err == "error: --group-size applies to --format gptq, awq only"
     assert main(["merge", str(nf4_run), "--out", str(out), "--format", "gptq", "--method", "rtn", "--bits", "3",
                  "--group-size", "32", "--no-desc-act", "--no-report", "-q"]) == 0
     report = json.loads((out / "merge_report.json").read_text())
@@ -98,5 +98,5 @@ def test_a_record_naming_an_unknown_format_is_refused(nf4_run, tmp_path):
     shutil.copytree(nf4_run, run)
     record = run / "adapter" / "base.json"
     record.write_text(record.read_text().replace('"format": "nf4"', '"format": "nf5"'))
-    with pytest.raises(UserError, match=r"base\.json: format must be one of nf4, fp4, int8, gptq, none \(got 'nf5'\)"):
+    with pytest.raises(UserError, match=r"base\.json: format must be one of nf4, fp4, int8, gptq, awq, none \(got 'nf5'\)"):
         read_adapter(run)

@@ -80,8 +80,8 @@ def test_user_errors(nf4_run, gptq_run, tmp_path, tokenizer):
     fails(r"has no Linear weight for 7 adapted modules, e\.g\. \['model\.layers\.1\.mlp\.down_proj'",
           nf4_run, out, "bf16", base=str(shallow))
     fails("needs calibration data: pass --calib", nf4_run, out, "gptq")
-    fails("--calib applies to --format gptq only", nf4_run, out, "nf4", calib="x.txt")
-    fails("--bits/--group-size apply to --format gptq only", nf4_run, out, "int8",
+    fails("--calib applies to --format gptq, awq only", nf4_run, out, "nf4", calib="x.txt")
+    fails("--bits/--group-size apply to --format gptq, awq only", nf4_run, out, "int8",
           options={"bits": 4, "group_size": 64})
     fails("--merge-into original on a GPTQ-trained adapter needs --base-original", gptq_run, out, "bf16",
           merge_into="original")

@@ -137,8 +137,8 @@ def test_bad_eval_input_is_one_line(wandb_run, tmp_path, capsys):
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "just prose"}])
     assert "text-format rows have no reference answers" in _error(["eval", str(wandb_run), "--data", str(text)],
                                                                   capsys)
-    awq = tmp_path / "awq"
-    awq.mkdir()
-    (awq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
-    assert "quant_method 'awq'" in _error(["eval", str(awq), "--data", str(text), "--metric", "loss"], capsys)
-    assert "pass --data FILE" in _error(["eval", str(awq), "--metric", "loss"], capsys)
+    hqq = tmp_path / "hqq"
+    hqq.mkdir()
+    (hqq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "hqq"}}))
+    assert "quant_method 'hqq'" in _error(["eval", str(hqq), "--data", str(text), "--metric", "loss"], capsys)
+    assert "pass --data FILE" in _error(["eval", str(hqq), "--metric", "loss"], capsys)

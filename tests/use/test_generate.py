@@ -121,9 +121,9 @@ def test_missing_or_unsupported_models_are_one_line(tmp_path, capsys, command):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a run, adapter or model directory" in _error([cmd, str(empty), *rest], capsys)
-    awq = _config(tmp_path / "awq", quantization_config={"quant_method": "awq", "bits": 4})
-    err = _error([cmd, str(awq), *rest], capsys)
-    assert "quant_method 'awq'" in err and "supported: run directories and adapters" in err and "GPTQ" in err
+    hqq = _config(tmp_path / "hqq", quantization_config={"quant_method": "hqq", "bits": 4})
+    err = _error([cmd, str(hqq), *rest], capsys)
+    assert "quant_method 'hqq'" in err and "supported: run directories and adapters" in err and "AWQ" in err
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     assert "not a directory; supported:" in _error([cmd, str(gguf), *rest], capsys)

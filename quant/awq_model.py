@@ -1,0 +1,122 @@
+"""Whole-model AWQ: quantize a float HF model, save it as an AWQ gemm checkpoint, load one back.
+
+Public entry points (also used by the CLI): `quantize_model_awq` (in memory), `quantize_awq` (spec ->
+checkpoint dir), `save_awq`, `load_awq_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant.awq import AWQConfig
+from quant.awq_blocks import AWQReport, quantize_blocks_awq
+from quant.errors import UserError
+from quant.files import claim_output
+from quant.formats.awq import PACK, QUANT_METHOD, layer_group_size, quantization_config, read_quant_config
+from quant.nn_awq import AWQLinear
+from quant.packed import load_packed_model, local_dir, save_packed
+from quant.sequential import block_linears, find_blocks
+
+log = logging.getLogger(__name__)
+
+
+def check_layers_fit_awq(model: nn.Module, cfg: AWQConfig) -> None:
+    """Refuse, before any work, layers the AWQ format cannot hold; warn about partial last groups."""
+    _, blocks = find_blocks(model)
+    layers = {f"{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks to quantize")
+    partial = set()
+    for name, m in layers.items():
+        if m.out_features % PACK:
+            raise UserError(f"layer {name} ({m.out_features}x{m.in_features}) cannot be packed in AWQ format: "
+                            f"out_features must be a multiple of {PACK}")
+        if m.in_features % cfg.group_size:
+            partial.add(m.in_features)
+    if partial:
+        # Our loader reads G = ceil(K / group_size) groups; vLLM, transformers and GPTQModel need K % group_size == 0.
+        log.warning("in_features %s not divisible by group size %d: the last group is partial, which our loader "
+                    "reads but vLLM, transformers and GPTQModel refuse; choose a group size dividing %s for serving",
+                    sorted(partial), cfg.group_size, sorted(partial))
+
+
+def quantize_model_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg: AWQConfig, device=None,
+                       progress: bool = True) -> AWQReport:
+    """Quantize the decoder-block Linears of `model` in place (they become AWQLinear); the per-layer report.
+
+    `calib`: list of [1, T] token-id tensors (None is fine for method 'rtn'). Norms and projections that
+    absorbed AWQ scales are changed in place too; the model's float function is unchanged by them.
+    """
+    cfg.validate()
+    check_layers_fit_awq(model, cfg)
+    model.eval()
+    report = quantize_blocks_awq(model, calib, cfg, device=device, progress=progress)
+    meta = {k: v for k, v in cfg.to_dict().items() if k not in ("bits", "group_size")}
+    model.config.quantization_config = quantization_config(cfg.bits, cfg.group_size, meta=meta)
+    return report
+
+
+def awq_report_dict(report: AWQReport) -> dict:
+    from quant.model import report_dict
+
+    return {**report_dict(report), "scales": report.scales}
+
+
+def save_awq(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float16, report: AWQReport | None = None,
+             max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` (after quantize_model_awq or load_awq_model) as an AWQ gemm checkpoint directory."""
+    qconfig = getattr(model.config, "quantization_config", None)
+    if hasattr(qconfig, "to_dict"):
+        qconfig = qconfig.to_dict()
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
+        raise UserError("save_awq: the model has no AWQ quantization_config; run quantize_model_awq first")
+    return save_packed(model, out_dir, qconfig, (AWQLinear,), tokenizer=tokenizer, dtype=dtype,
+                       report=awq_report_dict(report) if report is not None else None,
+                       max_shard_bytes=max_shard_bytes)
+
+
+def quantize_awq(model_spec: str, out_dir, cfg: AWQConfig, calib=None, calib_samples: int = 128,
+                 calib_seqlen: int = 512, text_field: str = "text", calib_split: str = "train", device=None,
+                 dtype=None, seed: int = 0, progress: bool = True, overwrite: bool = False) -> AWQReport:
+    """`quant awq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir.
+
+    out_dir is held for the whole run as in `quant gptq` (quant.files.claim_output): an existing non-empty
+    out_dir is refused unless `overwrite`, which replaces it only once the new checkpoint is complete.
+    """
+    from quant.model import prepare
+
+    cfg.validate()
+    if cfg.calibrated and not calib:
+        raise UserError("--calib is required for --method awq (a text/jsonl/parquet file, directory or hub dataset)")
+    with claim_output(out_dir, overwrite, action="quantization"):
+        model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.calibrated else None,
+                                                   calib_samples, calib_seqlen, text_field, calib_split, device,
+                                                   dtype, seed)
+        report = quantize_model_awq(model, chunks, cfg, device=device, progress=progress)
+        save_awq(model, out_dir, tokenizer=tokenizer, report=report)
+    return report
+
+
+def load_awq_model(path, device=None, dtype=None) -> nn.Module:
+    """An AWQ gemm checkpoint (ours, GPTQModel's, AutoAWQ's) as an HF model with AWQLinear layers.
+
+    The model is built from config.json with empty weights, the Linears with `qweight` in the checkpoint
+    become AWQLinear, and the safetensors are assigned directly. Non-quantized tensors are cast to `dtype`
+    (default fp32 on CPU, fp16 on GPU); packed tensors keep their format dtypes.
+    """
+    path = local_dir(path, "AWQ checkpoint")
+    q = read_quant_config(path)
+
+    def make_layer(name: str, old: nn.Linear, state: dict) -> AWQLinear:
+        scales = state[f"{name}.scales"]
+        gs = layer_group_size(old.in_features, scales.shape[0], q["group_size"], f"{path}: {name}")
+        if f"{name}.bias" in state:
+            state[f"{name}.bias"] = state[f"{name}.bias"].to(scales.dtype)
+        return AWQLinear(old.in_features, old.out_features, gs, bias=f"{name}.bias" in state, device="meta",
+                         scales_dtype=scales.dtype)
+
+    return load_packed_model(path, q["raw"], make_layer, "AWQ", device=device, dtype=dtype)

@@ -1,0 +1,78 @@
+"""`quant awq` and `quant eval` on its checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_quant_cli import run_cli
+
+
+def test_awq_then_eval_end_to_end(tmp_path, tiny_model_dir, prose_file, capsys):
+    out = tmp_path / "q"
+    code, stdout, _ = run_cli(["--log-level", "WARNING", "awq", str(tiny_model_dir), "--out", str(out),
+                               "--group-size", "32", "--calib", str(prose_file), "--calib-samples", "4",
+                               "--calib-seqlen", "64", "--search-tokens", "128", "--no-progress"], capsys)
+    assert code == 0 and "wrote" in stdout and "awq 4-bit g32" in stdout
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["zero_point"], qc["version"]) == ("awq", 4, 32, True,
+                                                                                                 "gemm")
+    assert qc["meta"]["clip"] is True and qc["meta"]["search_tokens"] == 128
+    log = json.loads((out / "quant_log.json").read_text())
+    assert log["calib_samples"] == 4 and len(log["layers"]) == 14 and all(e["rel_error"] > 0 for e in log["layers"])
+    assert (out / "tokenizer.json").exists()
+    code, stdout, stderr = run_cli(["--log-level", "WARNING", "eval", str(out), "--data", str(prose_file),
+                                    "--seqlen", "64", "--max-chunks", "3", "--no-progress"], capsys)
+    assert code == 0
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["quantization"] == "awq" and res["tokens"] == 3 * 63 and math.isfinite(res["ppl"])
+    code, _, err = run_cli(["eval", str(out), "--data", str(prose_file), "--quantization", "gptq"], capsys)
+    assert code == 2 and "is a AWQ checkpoint; use 'awq' or 'auto'" in err
+
+
+def test_awq_rtn_needs_no_calibration_and_no_clip_is_recorded(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "r"
+    code, stdout, _ = run_cli(["--log-level", "WARNING", "awq", str(tiny_model_dir), "--out", str(out),
+                               "--group-size", "64", "--method", "rtn", "--no-clip", "--no-progress"], capsys)
+    assert code == 0 and "rtn 4-bit g64" in stdout
+    meta = json.loads((out / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["method"] == "rtn" and meta["clip"] is False
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--bits", "3"], "bits must be 4"),
+    (["--group-size", "48"], "group size must be one of 32, 64, 128"),
+    (["--method", "awq"], "--calib is required"),
+    (["--grid", "1"], "at least 2 points"),
+])
+def test_bad_awq_input_is_one_line_exit_2(tmp_path, tiny_model_dir, prose_file, capsys, extra, msg):
+    argv = ["awq", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress"]
+    if "--method" not in extra:
+        argv += ["--calib", str(prose_file), "--calib-samples", "2", "--calib-seqlen", "32"]
+    code, _, err = run_cli(argv + extra, capsys)
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_awq_refuses_its_own_source_as_output(tiny_model_dir, capsys):
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    argv = ["awq", str(tiny_model_dir), "--out", str(tiny_model_dir), "--method", "rtn", "--group-size", "32"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    code, _, err = run_cli(argv + ["--overwrite"], capsys)
+    assert code == 2 and "is the source model directory" in err
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+
+
+def test_awq_replaces_an_existing_out_only_with_overwrite(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["--log-level", "WARNING", "awq", str(tiny_model_dir), "--out", str(out), "--method", "rtn",
+            "--group-size", "32", "--no-progress"]
+    assert run_cli(argv, capsys)[0] == 2 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert run_cli(argv + ["--overwrite"], capsys)[0] == 0
+    assert not (out / "notes.txt").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
