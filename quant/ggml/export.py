@@ -1,0 +1,134 @@
+"""`quant gguf`: any model we can read -> one .gguf file for llama.cpp / Ollama.
+
+Sources: an HF directory (its safetensors are read memory-mapped, one tensor at a time), a hub id (from the
+local HF cache), a .gguf file or `pkg:...` (dequantized once into our cache; its tokenizer metadata is copied
+as it is), or a GPTQ checkpoint (ours or the ecosystem's: the packed model is loaded, which is small, and each
+layer is dequantized when the writer asks for it), so a GPTQ-only base goes straight to GGUF.
+With `calib`, the model first runs on the calibration windows to measure each Linear's input energy, which the
+K-quant and legacy scale searches then weight by.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from quant.errors import UserError
+from quant.ggml.imatrix import collect_importance
+from quant.ggml.mix import file_type
+from quant.ggml.writer import GGUFReport, write_gguf
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _local_dir(spec: str) -> tuple[Path, Path]:
+    """(HF model directory, tokenizer source: the .gguf file itself for a GGUF spec, else the directory)."""
+    from quant.loading import is_gguf, materialize, resolve_model_path
+
+    src = resolve_model_path(spec)
+    local = materialize(spec)
+    if not Path(local).exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(local, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+        except Exception as e:  # hub errors (offline, missing repo) come in many types
+            raise UserError(f"model {spec}: not found locally and not downloadable ({str(e).splitlines()[0]})") from None
+    local = Path(local)
+    if not (local / "config.json").is_file():
+        raise UserError(f"model {spec}: {local} has no config.json; expected a Hugging Face model directory")
+    return local, Path(src) if is_gguf(src) else local
+
+
+def _is_gptq(path: Path, config: dict) -> bool:
+    qc = config.get("quantization_config") or {}
+    return qc.get("quant_method") == "gptq" or (path / "quantize_config.json").is_file()
+
+
+def _order(key: str) -> tuple:
+    m = _LAYER.search(key)
+    if m:
+        return (1, int(m.group(1)), key)
+    return (0 if "embed" in key else 2, 0, key)
+
+
+def safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of an HF safetensors checkpoint in layer order, read one at a time (memory-mapped files)."""
+    from safetensors import safe_open
+
+    from quant.formats.gptq import safetensors_files
+
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in safetensors_files(path)]
+    where = {k: h for h in handles for k in h.keys()}
+    for key in sorted(where, key=_order):
+        yield key, where[key].get_tensor(key)
+
+
+def module_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The float tensors of a loaded model by HF name; GPTQ layers are dequantized one at a time."""
+    from quant.nn import QuantLinear
+
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, QuantLinear):
+            yield prefix + "weight", mod.dequantize(torch.float32)
+            if mod.bias is not None:
+                yield prefix + "bias", mod.bias.float()
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            yield prefix + pname, p.detach()
+
+
+def _calibration(model, tokenizer, calib, samples: int, seqlen: int, text_field: str, split: str, seed: int,
+                 progress: bool) -> dict[str, torch.Tensor]:
+    from quant.calibration import calibration_chunks, load_texts
+
+    texts = load_texts(calib, text_field=text_field, split=split)
+    chunks = calibration_chunks(texts, tokenizer, samples, seqlen, seed=seed)
+    if len(chunks) < samples:
+        log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", len(chunks), seqlen, samples)
+    return collect_importance(model, chunks, progress=progress)
+
+
+def export_gguf(model_spec: str, out: str | Path, gguf_type: str = "q4_k_m", calib=None, calib_samples: int = 128,
+                calib_seqlen: int = 512, text_field: str = "text", calib_split: str = "train", name: str | None = None,
+                device=None, seed: int = 0, progress: bool = True) -> GGUFReport:
+    """Write MODEL as one .gguf file of `gguf_type`; with `calib`, importance-weighted scale searches."""
+    from transformers import AutoTokenizer
+
+    from quant.loading import load_float_model
+    from quant.model import load_gptq_model
+
+    ft = file_type(gguf_type)
+    out = Path(out)
+    if out.suffix != ".gguf" or out.is_dir():
+        raise UserError(f"--out {out}: name a .gguf file")
+    local, tokenizer_src = _local_dir(model_spec)
+    config = json.loads((local / "config.json").read_text())
+    gptq = _is_gptq(local, config)
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if calib and not ft.quantized or calib and ft.name == "q8_0":
+        log.warning("--calib has no effect on %s (it weights the 4-6 bit scale searches); ignoring it", ft.name)
+        calib = None
+    model = load_gptq_model(local, device=device) if gptq else None
+    importance = None
+    if calib:
+        tokenizer = AutoTokenizer.from_pretrained(str(local))
+        if model is None:
+            model = load_float_model(str(local), dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
+                                     device=str(device))
+        importance = _calibration(model, tokenizer, calib, calib_samples, calib_seqlen, text_field, calib_split,
+                                  seed, progress)
+        if not gptq:
+            del model
+            model = None
+    stream = module_tensors(model) if gptq else safetensors_tensors(local)
+    config.pop("quantization_config", None)
+    return write_gguf(stream, config, tokenizer_src, out, ft.name, importance=importance,
+                      name=name or Path(model_spec).stem, device=device, progress=progress)
