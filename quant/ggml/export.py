@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def _local_dir(spec: str) -> tuple[Path, Path]:
+def resolve_source(spec: str) -> tuple[Path, Path]:
     """(HF model directory, tokenizer source: the .gguf file itself for a GGUF spec, else the directory)."""
     from quant.loading import is_gguf, materialize, resolve_model_path
 
@@ -109,7 +109,7 @@ def export_gguf(model_spec: str, out: str | Path, gguf_type: str = "q4_k_m", cal
     out = Path(out)
     if out.suffix != ".gguf" or out.is_dir():
         raise UserError(f"--out {out}: name a .gguf file")
-    local, tokenizer_src = _local_dir(model_spec)
+    local, tokenizer_src = resolve_source(model_spec)
     config = json.loads((local / "config.json").read_text())
     gptq = _is_gptq(local, config)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -171,10 +171,7 @@ def _write(tmp: Path, spill: Path, spilled: list[_Spilled], arch: Arch, ft, voca
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.add_to(w)
     for s in spilled:
-        tt = tensor_type(s.ggml)
-        rows = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        byte_shape = (*s.shape[:-1], tt.row_bytes(s.shape[-1])) if len(s.shape) > 1 else (s.nbytes,)
-        assert rows * tt.row_bytes(s.shape[-1]) == s.nbytes
+        byte_shape = (*s.shape[:-1], tensor_type(s.ggml).row_bytes(s.shape[-1]))  # gguf derives the shape
         w.add_tensor_info(s.name, byte_shape, np.dtype(np.uint8), s.nbytes, raw_dtype=s.ggml)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -15,14 +15,7 @@ from quant.ggml.export import export_gguf, module_tensors
 from quant.ggml.imatrix import collect_importance, weight_name
 from quant.ggml.writer import write_gguf
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The scale searches are many small passes; on a shared 2-core box one thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,7 @@ from gguf_helpers import save_tiny, token_ids, trained_tokenizer
 from quant.ggml.writer import write_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def load_source(path):
