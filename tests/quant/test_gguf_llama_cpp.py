@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_helpers import save_tiny, token_ids, trained_tokenizer
+from gguf_helpers import save_tiny, sentencepiece_tokenizer, token_ids, trained_tokenizer
 
 from quant.ggml.writer import write_gguf
 
@@ -69,17 +69,20 @@ def test_llama3_rope_scaling_reaches_llama_cpp(tmp_path):
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE["f32"]
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2", "sentencepiece"])
 def test_llama_cpp_tokenizes_like_transformers(pre, tmp_path):
-    tok = trained_tokenizer(pre)
+    tok = sentencepiece_tokenizer() if pre == "sentencepiece" else trained_tokenizer(pre)
     src = save_tiny(tmp_path / "src", "llama", tokenizer=tok)
     export(load_source(src), src, tmp_path / "m.gguf", "q8_0")
+    kv = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert kv["tokenizer.ggml.model"].contents() == ("llama" if pre == "sentencepiece" else "gpt2")
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, verbose=False, vocab_only=True)
     try:
         for text in ("Hello world, 12345 tests!", "  What's   this?\n\nI'll  go.\t(x=3.14)", "Ünïcödé — 漢字 🙂",
                      "ROMEO. O, she doth teach the torches to burn bright!"):
-            assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False)["input_ids"]
-        assert llm.tokenize(b"<|im_end|>", add_bos=False, special=True) == [tok.eos_token_id]
+            # llama.cpp adds BOS exactly when transformers does (SentencePiece: <s>; byte-level BPE here: nothing)
+            assert llm.tokenize(text.encode(), add_bos=True) == tok(text)["input_ids"]
+        assert llm.tokenize(tok.eos_token.encode(), add_bos=False, special=True) == [tok.eos_token_id]
     finally:
         llm.close()
 
