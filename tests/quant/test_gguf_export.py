@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as G
-from gguf_helpers import save_tiny, tiny_model, token_ids, trained_tokenizer
+from gguf_helpers import save_tiny, sentencepiece_tokenizer, tiny_model, token_ids, trained_tokenizer
 
 from quant.cli import main
 from quant.errors import UserError
@@ -217,3 +219,25 @@ def test_gguf_source_keeps_its_tokenizer_metadata(tmp_path, monkeypatch):
     assert kv2["tokenizer.ggml.pre"] == "smollm" and len(kv2["tokenizer.ggml.merges"]) > 200
     ref = hf_logits(src, ids)
     assert (hf_logits(tmp_path, ids, "q8.gguf") - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_is_recognised_from_tokenizer_json(pre, tmp_path):
+    tok = trained_tokenizer(pre)
+    src = save_tiny(tmp_path / "src", tokenizer=tok)
+    export(src, tmp_path / "m.gguf", "q8_0")
+    kv, _ = fields(tmp_path / "m.gguf")
+    assert kv["tokenizer.ggml.pre"] == pre and kv["tokenizer.ggml.model"] == "gpt2"
+    assert len(kv["tokenizer.ggml.merges"]) == len(json.loads(tok.backend_tokenizer.to_str())["model"]["merges"])
+    assert len(kv["tokenizer.ggml.tokens"]) == 500 and kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+
+
+def test_sentencepiece_tokenizer_becomes_a_llama_vocabulary_with_scores(tmp_path):
+    tok = sentencepiece_tokenizer()
+    src = save_tiny(tmp_path / "src", tokenizer=tok)
+    export(src, tmp_path / "m.gguf", "q8_0")
+    kv, _ = fields(tmp_path / "m.gguf")
+    assert (kv["tokenizer.ggml.model"], kv["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert kv["tokenizer.ggml.tokens"][3] == "<0x00>" and kv["tokenizer.ggml.token_type"][3] == 6  # byte token
+    scores = kv["tokenizer.ggml.scores"]
+    assert scores[300] > scores[400] and kv["tokenizer.ggml.add_bos_token"] and kv["tokenizer.ggml.bos_token_id"] == 1
