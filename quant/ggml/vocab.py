@@ -103,10 +103,18 @@ def _byte_bpe_tokens(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
 
 
 def _spm_tokens(path: Path, tokenizer, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
-    try:
-        vocab = gguf.SentencePieceVocab(path) if (path / "tokenizer.model").is_file() else gguf.LlamaHfVocab(path)
-    except (ImportError, FileNotFoundError, TypeError):
-        vocab = gguf.LlamaHfVocab(path)
+    vocab = None
+    if (path / "tokenizer.model").is_file():
+        try:
+            vocab = gguf.SentencePieceVocab(path)
+        except (ImportError, TypeError):  # the sentencepiece package is missing: read tokenizer.json instead
+            vocab = None
+    if vocab is None:
+        try:
+            vocab = gguf.LlamaHfVocab(path)
+        except (FileNotFoundError, TypeError) as e:
+            raise UserError(f"tokenizer {path}: not a SentencePiece tokenizer.json ({e}); with only tokenizer.model, "
+                            "pip install sentencepiece") from None
     tokens, scores, types = [], [], []
     for i, (text, score, ttype) in enumerate(vocab.all_tokens()):
         tokens.append(text)
