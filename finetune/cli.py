@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from quant.errors import UserError
 
@@ -20,9 +22,10 @@ parsed as YAML:
   finetune sft recipes/quickstart.yaml --set base.quantization=int8 --set output.dir=runs/int8
   finetune sft recipes/quickstart.yaml --set "lora.target_modules=[q_proj, v_proj]"
 
-Output (output.dir): metrics.jsonl (one JSON object per logged step), checkpoint-<step>/ (adapter,
-optimizer, scheduler, RNG and data position; newest train.save_total_limit kept), adapter/ (final peft
-adapter with tokenizer and resolved recipe; load with peft.PeftModel.from_pretrained), recipe.yaml.
+Output (output.dir): metrics.jsonl (one JSON object per logged step), data_report.json (rows kept/dropped,
+truncated examples, tokens trained on), checkpoint-<step>/ (adapter, optimizer, scheduler, RNG and data
+position; newest train.save_total_limit kept), adapter/ (final peft adapter with tokenizer and resolved
+recipe; load with peft.PeftModel.from_pretrained), recipe.yaml. See them with `finetune report`.
 
 An interrupted run continues from its newest complete checkpoint with --resume and ends with the same
 adapter as an uninterrupted run. Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml
@@ -34,10 +37,10 @@ Merge a LoRA adapter into its base and write a model directory that standard too
 (tokenizer included), then measure what the merge cost.
 
 ADAPTER_OR_RUN_DIR is a `finetune sft` output directory, its adapter/, or a checkpoint-N/. The base is the
-one the adapter was trained on (adapter/base_model.txt, else the run's recipe.yaml), rebuilt exactly as in
-training: bitsandbytes NF4/FP4/int8 bases are re-quantized from the float checkpoint with the same settings
-and dequantized; GPTQ bases are dequantized from their packed weights. The adapter is added in fp32
-(delta = alpha/r * B @ A; rsLoRA and rank/alpha patterns honoured).
+one the adapter was trained on (adapter/base.json, or an older adapter's base_model.txt, else the run's
+recipe.yaml), rebuilt exactly as in training: bitsandbytes NF4/FP4/int8 bases are re-quantized from the float
+checkpoint with the same settings and dequantized; GPTQ bases are dequantized from their packed weights. The
+adapter is added in fp32 (delta = alpha/r * B @ A; rsLoRA and rank/alpha patterns honoured).
 
 Which weights the delta is added to (--merge-into): by default those the adapter was trained against, except
 when a bitsandbytes base is requantized onto its own grid (--format nf4 from an NF4 base, fp4 from FP4, int8
@@ -45,17 +48,15 @@ from int8): there every dequantized weight + delta rounds back to the code it ca
 below half a quantization step), so the delta is added to the full-precision weights instead.
 
 Formats (--format):
-  bf16, fp16   plain Hugging Face checkpoint (AutoModelForCausalLM.from_pretrained)
-  nf4, fp4     bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize 64)
-  int8         bitsandbytes LLM.int8 serialization (weight int8 + SCB)
-  gptq         our GPTQ on --calib data, run on the merged model's own activations layer by layer
-               (default settings: those of a GPTQ base, or 4-bit g128 symmetric); --method rtn for
-               round-to-nearest (no calibration). Loads with quant.model.load_gptq_model, transformers +
-               GPTQModel/optimum and vLLM (docs/quantized-formats.md A).
+{formats}
 
 Memory: one decoder layer at a time is read from the base's safetensors, merged, encoded and written
 (plus, for gptq, one set of calibration activations). Output goes to a temporary directory next to
---out that is renamed only when complete; a failed or interrupted merge leaves no --out.
+--out that is renamed only when complete; with --overwrite the previous --out is swapped out in the same
+atomic step. A failed, interrupted or killed merge leaves --out as it was, never a partial model, and the
+next merge for that --out removes what a killed one left (on a filesystem without an atomic exchange, e.g.
+NFS, a kill at the swap leaves the old model aside under a hidden name until then). One merge per --out at a
+time: a second is refused with the first one's pid. A full disk is one line with the space free and needed.
 
 Fidelity report (merge_report.json in --out, printed as a table, logged to W&B when the run's recipe
 configures it): on held-out data (--eval, default: the run's data.eval rendered like training, loss on
@@ -83,49 +84,248 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key (dotted path; value parsed as YAML); repeatable")
-    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir")
+    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir "
+                     "(one that fails its manifest check is moved aside, with a warning, and the one before used)")
+    sft.add_argument("--force", action="store_true", help="with --resume: accept recipe changes that alter the rest "
+                     "of the run (learning rate, schedule, max_steps, ...); changes of the seed, data, LoRA shape "
+                     "or batch geometry are refused even so")
     sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
     _merge_parser(sub)
+    _report_parser(sub)
+    _chat_parser(sub)
+    _generate_parser(sub)
+    _eval_parser(sub)
     return p
 
 
+def _formats_help() -> str:
+    """One entry per output format of the registry (formats with the same description share one)."""
+    import textwrap
+
+    from quant.formats.registry import FORMATS
+
+    entries: list[tuple[list[str], str]] = []
+    for fmt in (f for f in FORMATS if f.output):
+        if entries and entries[-1][1] == fmt.summary:
+            entries[-1][0].append(fmt.name)
+        else:
+            entries.append(([fmt.name], fmt.summary))
+    return "\n".join(textwrap.fill(summary, 110, initial_indent=f"  {', '.join(names):<12} ",
+                                    subsequent_indent=" " * 15) for names, summary in entries)
+
+
 def _merge_parser(sub) -> None:
-    m = sub.add_parser("merge", help="merge an adapter into its base; write bf16/fp16/nf4/fp4/int8/gptq",
-                       description=MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from finetune.merge.config import MERGE_INTO, flag, format_options
+    from quant.formats.base import DTYPES, dtype_name
+    from quant.formats.registry import FORMATS, output_names
+
+    m = sub.add_parser("merge", help=f"merge an adapter into its base; write {'/'.join(output_names())}",
+                       description=MERGE_HELP.replace("{formats}", _formats_help()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapter", metavar="ADAPTER_OR_RUN_DIR", help="run directory, its adapter/, or checkpoint-N/")
     m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite)")
-    m.add_argument("--format", required=True, choices=["bf16", "fp16", "nf4", "fp4", "int8", "gptq"])
+    m.add_argument("--format", required=True, choices=output_names())
     m.add_argument("--base", help="base model to use instead of the one named in the adapter (HF dir, GPTQ dir, "
                    ".gguf, pkg:...); must be the same model the adapter was trained on")
-    m.add_argument("--merge-into", choices=["auto", "dequantized", "original"], default="auto",
+    m.add_argument("--merge-into", choices=MERGE_INTO, default="auto",
                    help="dequantized: the weights the adapter was trained against; original: the full-precision "
                    "weights (a bnb base's own checkpoint, or --base-original); auto (default): dequantized, except "
                    "original when a bnb base is requantized onto its own grid (nf4 from nf4, ...), where rounding "
                    "the dequantized weights would erase the adapter")
     m.add_argument("--base-original", metavar="PATH", help="full-precision model a GPTQ base was quantized from "
                    "(with --merge-into original)")
-    g = m.add_argument_group("gptq output")
-    g.add_argument("--calib", action="append", metavar="DATA", help="calibration data: text/md, jsonl/json/parquet/"
+    c = m.add_argument_group("calibration (formats that requantize on the merged model's activations)")
+    c.add_argument("--calib", action="append", metavar="DATA", help="calibration data: text/md, jsonl/json/parquet/"
                    "csv in any training format (rendered with the chat template), directory, pkg:... or hub "
-                   "dataset; repeatable; required for --method gptq")
-    g.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="gptq (default) or round-to-nearest")
-    g.add_argument("--bits", type=int, help="default: the GPTQ base's, else 4")
-    g.add_argument("--group-size", type=int, help="default: the GPTQ base's, else 128; -1 = one group per row")
-    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
-                   help="act-order; default: the GPTQ base's, else off")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+                   "dataset; repeatable; required for --format gptq --method gptq")
+    c.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    groups = {}
+    for name, (meta, taking) in format_options().items():
+        title = f"{', '.join(taking)} output"
+        group = groups.get(title) or groups.setdefault(title, m.add_argument_group(title))
+        kwargs = {"action": argparse.BooleanOptionalAction} if meta["type"] is bool else \
+            {"type": meta["type"], "choices": meta["choices"], "metavar": None if meta["choices"] else name.upper()}
+        group.add_argument(flag(name), dest=f"option_{name}", default=None, help=meta["help"], **kwargs)
     r = m.add_argument_group("fidelity report")
     r.add_argument("--eval", dest="eval_data", metavar="DATA", help="held-out data in the run's data format "
                    "(default: the run's data.eval)")
     r.add_argument("--eval-max-batches", type=int, help="score at most this many eval batches")
     r.add_argument("--no-report", dest="report", action="store_false", help="skip the fidelity evaluation")
-    m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="dtype of unquantized tensors "
-                   "(norms, embeddings, head) and the bnb compute dtype; default bfloat16 (gptq: float16)")
+    defaults = ", ".join(f"{f.name} {dtype_name(f.default_dtype)}" for f in FORMATS if f.output and not f.fixed_dtype)
+    m.add_argument("--dtype", choices=list(DTYPES), help="dtype of unquantized tensors (norms, embeddings, head) "
+                   "of a quantized format (and a bitsandbytes output's compute dtype); default: the format's "
+                   f"({defaults})")
     m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out once the merge succeeded")
     m.add_argument("-q", "--quiet", action="store_true", help="less library logging, no progress bar")
+
+
+def merge_config(args):
+    """The typed MergeConfig from parsed `finetune merge` arguments (validated by the merge)."""
+    from finetune.merge import MergeConfig
+
+    options = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_")}
+    return MergeConfig(adapter=args.adapter, out=args.out, format=args.format, base=args.base,
+                       merge_into=args.merge_into, base_original=args.base_original, calib=args.calib,
+                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, options=options,
+                       eval_data=args.eval_data, eval_max_batches=args.eval_max_batches, report=args.report,
+                       dtype=args.dtype, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+
+
+REPORT_HELP = """\
+Write one self-contained HTML page (charts embedded) and the charts as PNGs from one or more run directories:
+training loss (raw and smoothed), eval loss/perplexity, learning rate, grad norm, tokens/s and peak memory,
+each against step and against tokens seen, every run overlaid in its own colour; the recipe keys that differ
+between the runs; the data summary (rows kept/dropped, truncated examples, tokens trained on; from the run's
+data_report.json); and the merges' fidelity (retention and KL per output format, from merge_report.json).
+
+Merges of a run: RUN/merges/*/ (finetune merge RUN --out RUN/merges/NAME ...), plus those in --merges DIR (a
+merge output or a folder of them) made from one of the runs' adapters.
+
+When a run's recipe configures W&B, the run's charts (wandb.Image, report/<chart>) and its merge reports
+(wandb.Table, report/merge_reports) are logged to its W&B run; --no-wandb skips that.
+
+  finetune report runs/quickstart
+  finetune report runs/lr-1e-3 runs/lr-3e-4 --out reports/lr --merges merged/
+"""
+
+GEN_EPILOG = """\
+RUN_OR_MODEL: a `finetune sft` run directory, its adapter/ or checkpoint-N/ (the adapter on its quantized base,
+rebuilt as in training), or a model directory (finetune merge output or any Hugging Face checkpoint: bf16/fp16/
+fp32, bitsandbytes nf4/fp4/int8, GPTQ). Prompts are rendered with the model's chat template (as training did).
+"""
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="run directory, adapter, checkpoint-N/ or model directory")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype of a model directory "
+                   "(default: float32 on CPU, its stored half precision on GPU); an adapter uses its recipe's")
+    p.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+
+
+def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    g.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def _report_parser(sub) -> None:
+    r = sub.add_parser("report", help="HTML report with charts of one or more runs", description=REPORT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("runs", nargs="+", metavar="RUN", help="`finetune sft` output directories")
+    r.add_argument("--out", help="output directory (default: the first RUN's report/); replaced when complete")
+    r.add_argument("--merges", action="append", default=[], metavar="DIR",
+                   help="a merge output, or a folder of them, to include (matched to the runs by adapter); repeatable")
+    r.add_argument("--smooth", type=float, default=0.6, help="EMA weight of the smoothed loss, 0 to <1 (default 0.6)")
+    r.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not log to the runs' W&B runs")
+    r.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+
+
+def _chat_parser(sub) -> None:
+    c = sub.add_parser("chat", help="talk to a trained adapter or merged model in the terminal",
+                       description="Interactive chat: each reply is streamed as it is generated and followed by its "
+                       "tokens/s. The conversation so far is the prompt; /reset clears it, /quit or end of input "
+                       "leaves. Reads lines from standard input, so it can be driven by a pipe.",
+                       epilog=GEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(c)
+    c.add_argument("--system", help="system prompt")
+    _add_sampling_args(c)
+
+
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="complete prompts with a trained adapter or merged model",
+                       description="Complete each prompt, streaming the text to standard output (progress and "
+                       "tokens/s on standard error).", epilog=GEN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (the user's message); repeatable")
+    src.add_argument("--prompts", metavar="FILE", help="jsonl rows with 'prompt' or 'messages' (a trailing "
+                     "assistant turn is dropped), or a text file with one prompt per line")
+    g.add_argument("--raw", action="store_true", help="text prompts as plain text, without the chat template "
+                   "(for completion-format runs)")
+    g.add_argument("--out", help="also write JSONL: prompt, completion, new_tokens, tokens_per_s")
+    _add_sampling_args(g)
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="held-out loss and generation metrics of runs and merged models, one table",
+                       description="Score each RUN_OR_MODEL on held-out data: a run gives a row for its quantized "
+                       "base alone and one for the adapter on it; a merged model one row. Metrics: loss (and "
+                       "perplexity) on answer tokens, rendered by the training data pipeline with the first run's "
+                       "data settings; exact_match (greedy answer == reference answer, whitespace-stripped); "
+                       "json_valid (greedy answer parses as JSON).",
+                       epilog=GEN_EPILOG + "\nExample: finetune eval runs/quickstart merged/qs-bf16 merged/qs-gptq "
+                       "--data data/quickstart/eval.jsonl", formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("models", nargs="+", metavar="RUN_OR_MODEL")
+    e.add_argument("--data", help="eval file in any training format (default: the first run's data.eval)")
+    e.add_argument("--metric", default="loss,exact_match,json_valid", help="comma-separated: loss, exact_match, "
+                   "json_valid (default: all)")
+    e.add_argument("--no-base", dest="include_base", action="store_false", help="no 'base' row for runs")
+    e.add_argument("--limit", type=int, help="score only the first N rows")
+    e.add_argument("--batch-size", type=int, default=8, help="(default 8)")
+    e.add_argument("--max-new-tokens", type=int, help="generation cap (default: longest reference + 32 tokens)")
+    e.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (names or task YAML "
+                   "files, comma-separated; needs the lmeval extra and the task data available)")
+    e.add_argument("--out", help="also write the rows as JSON")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype of model directories")
+    e.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+
+
+def _positive(value, name: str, zero_ok: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+        raise UserError(f"{name} {value}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _gen_config(args):
+    from finetune.generation import GenConfig
+
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.temperature, "--temperature", zero_ok=True)
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    return GenConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def cmd_report(args) -> int:
+    from finetune.report import report
+
+    report(args.runs, args.out, args.merges, args.smooth, args.wandb)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from finetune.chat import chat
+
+    chat(args.model, _gen_config(args), args.system, args.device, args.dtype)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from finetune.chat import generate_prompts, read_prompts
+
+    cfg = _gen_config(args)
+    prompts = read_prompts(args.prompts) if args.prompts else [{"text": t} for t in args.prompt]
+    generate_prompts(args.model, prompts, cfg, args.raw, args.out, args.device, args.dtype)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from finetune.evaluate import evaluate, parse_metrics
+
+    metrics = parse_metrics(args.metric)
+    _positive(args.limit, "--limit")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    evaluate(args.models, args.data, metrics, args.include_base, args.batch_size, args.max_new_tokens, args.limit,
+             args.lm_eval, args.device, args.dtype, args.out)
+    return 0
 
 
 def cmd_sft(args) -> int:
@@ -137,8 +337,26 @@ def cmd_sft(args) -> int:
         return 0
     from finetune.train.loop import train
 
-    train(recipe, resume=args.resume)
+    if args.force and not args.resume:
+        raise UserError("--force only applies with --resume")
+    with _sigterm_interrupts():
+        train(recipe, resume=args.resume, force=args.force)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM unwinds like Ctrl-C, so temporary directories are removed on the way out."""
+    import signal
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_merge(args) -> int:
@@ -151,11 +369,7 @@ def cmd_merge(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        merge(args.adapter, args.out, args.format, base=args.base, merge_into=args.merge_into,
-              base_original=args.base_original, calib=args.calib, method=args.method, eval_data=args.eval_data,
-              report=args.report, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
-              calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
-              overwrite=args.overwrite, eval_max_batches=args.eval_max_batches, progress=not args.quiet)
+        merge(merge_config(args))
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
@@ -169,13 +383,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # text from users' files may not be encodable
     try:
-        return {"sft": cmd_sft, "merge": cmd_merge}[args.command](args)
+        commands = {"sft": cmd_sft, "merge": cmd_merge, "report": cmd_report, "chat": cmd_chat,
+                    "generate": cmd_generate, "eval": cmd_eval}
+        return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:
+        from finetune.train.diskspace import is_no_space, no_space_message
+
+        if not is_no_space(e):
+            raise
+        print(f"error: {no_space_message(Path(e.filename or '.') if isinstance(e, OSError) else Path('.'))}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume (completed checkpoints are kept)", file=sys.stderr)
+        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command == "sft"
+              else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,116 +1,97 @@
-"""Load a base model (bitsandbytes on the fly, GPTQ checkpoint, or unquantized) and attach LoRA with peft."""
+"""Resolve the base once (a `BaseSpec`), load it through its format (quant.formats), attach LoRA with peft."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import errno
+import importlib.util
 import logging
+import re
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from finetune.recipe import BaseConfig, LoraConfig
 from quant.errors import UserError
-from quant.formats.bnb import keep_reference_layout
+from quant.formats import registry as formats
+from quant.formats.base import BaseSpec, resolve_compute_dtype
 from quant.loading import load_tokenizer, materialize
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
-
-    CPU bitsandbytes backward is ~15x slower with bf16 compute than fp32, so auto never picks bf16 there.
-    """
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def checkpoint_quant_method(model_dir: str) -> str | None:
-    """The `quant_method` a checkpoint declares in its config.json, if it is a local directory."""
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return None
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method")
-
-
-def resolve_quantization(base: BaseConfig, model_dir: str) -> str:
-    """`auto` means GPTQ when the checkpoint is GPTQ, else NF4 (the QLoRA default)."""
-    declared = checkpoint_quant_method(model_dir)
-    if base.quantization == "auto":
-        return "gptq" if declared == "gptq" else "nf4"
-    if declared == "gptq" and base.quantization != "gptq":
-        raise UserError(
-            f"base.quantization = '{base.quantization}' but {base.model} is a GPTQ checkpoint; "
-            "use 'gptq' or 'auto'"
-        )
-    if base.quantization == "gptq" and declared != "gptq":
-        raise UserError(f"base.quantization = 'gptq' but {base.model} has no GPTQ quantization_config in config.json")
-    return base.quantization
-
-
-def bnb_config(quantization: str, base: BaseConfig, compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    storage = compute_dtype if base.quant_storage == "auto" else getattr(torch, base.quant_storage)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quantization,
-        bnb_4bit_use_double_quant=base.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=storage,
-    )
+def resolve_base(base: BaseConfig, device: torch.device) -> BaseSpec:
+    """The recipe's base section resolved once into the record that loading, the run's checks, the adapter
+    directory (base.json) and the merge share: local weights (a GGUF is converted once), format (`auto`: as the
+    checkpoint is stored, else NF4) with its settings, compute dtype on `device`."""
+    model_dir = materialize(base.model, "base.model")
+    return formats.resolve_base(base.model, model_dir, base.quantization, base.double_quant, base.quant_storage,
+                                resolve_compute_dtype(base.compute_dtype, device))
 
 
 @dataclass
 class LoadedBase:
     model: torch.nn.Module
     tokenizer: object
-    quantization: str  # resolved: nf4 | fp4 | int8 | gptq | none
-    compute_dtype: torch.dtype
-    model_dir: str  # the local directory the weights came from (GGUF is converted into a cache dir)
+    spec: BaseSpec
+
+    @property
+    def quantization(self) -> str:
+        return self.spec.format
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.spec.dtype
+
+    @property
+    def model_dir(self) -> str:
+        return self.spec.model_dir
 
 
-def load_base(base: BaseConfig, device: torch.device) -> LoadedBase:
-    """Build the frozen base on `device`; embeddings, norms and lm_head stay unquantized."""
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    model_dir = materialize(base.model, "base.model")
-    quantization = resolve_quantization(base, model_dir)
-    compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
-    tokenizer = load_tokenizer(model_dir, "base.model")
-    attn = None if base.attn_implementation == "auto" else base.attn_implementation
-    if quantization == "gptq":
-        from quant.model import load_gptq_model
-
-        model = load_gptq_model(model_dir, device=device, dtype=compute_dtype)
-        if attn:
-            model.set_attn_implementation(attn)
-    else:
-        kwargs = {"dtype": compute_dtype, "attn_implementation": attn}
-        if quantization != "none":
-            kwargs["quantization_config"] = bnb_config(quantization, base, compute_dtype)
-            # bitsandbytes quantizes while moving weights to their device, so the map must be explicit;
-            # except under DeepSpeed ZeRO-3, where transformers refuses a map and uses the current device.
-            if not is_deepspeed_zero3_enabled():
-                kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-        if quantization == "none":
-            model.to(device)
-        # Before any forward: an eval pass would otherwise convert 4-bit weights to a CPU bf16 layout for good.
-        keep_reference_layout(model)
+def load_base(base: BaseConfig | BaseSpec, device: torch.device, attn_implementation: str = "auto") -> LoadedBase:
+    """Build the frozen base on `device` from its record (or resolve a recipe section first, whose own
+    attn_implementation then applies); embeddings, norms and lm_head stay unquantized."""
+    if isinstance(base, BaseConfig):
+        base, attn_implementation = resolve_base(base, device), base.attn_implementation
+    check_attn_implementation(attn_implementation, device)
+    with _loading(base.model):
+        tokenizer = load_tokenizer(base.model_dir, "base.model")
+        attn = None if attn_implementation == "auto" else attn_implementation
+        model = formats.format_of(base).load(base, device, attn)
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedBase(model, tokenizer, quantization, compute_dtype, model_dir)
+    return LoadedBase(model, tokenizer, base)
+
+
+def check_attn_implementation(name: str, device: torch.device) -> None:
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("base.attn_implementation = 'flash_attention_2' needs the flash-attn package "
+                        "(pip install flash-attn, on a CUDA machine); use 'sdpa' or 'auto'")
+    if device.type != "cuda":
+        raise UserError(f"base.attn_implementation = 'flash_attention_2' runs on CUDA GPUs only (this run is on "
+                        f"{device.type}); use 'sdpa' or 'auto'")
+
+
+@contextlib.contextmanager
+def _loading(spec: str):
+    """A base that transformers cannot read is the user's to fix: one line naming base.model."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"base.model = '{spec}': cannot load it ({_one_line(e)})") from None
+    except (ValueError, KeyError, SafetensorError) as e:
+        raise UserError(f"base.model = '{spec}': not a model transformers can load ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool):
@@ -146,7 +127,11 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         from quant.peft_support import register_quantlinear
 
         register_quantlinear(config)
-    return get_peft_model(model, config)
+    try:
+        with _quiet_peft_checkpointing_probe():
+            return get_peft_model(model, config)
+    except ValueError as e:  # peft refuses a matched module it cannot adapt (a whole decoder layer, ...)
+        raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
 
 
 def _has_quantlinear(model: torch.nn.Module) -> bool:
@@ -165,14 +150,29 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = 
         from quant.peft_support import register_quantlinear
 
         register_quantlinear(config)
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
+    with _quiet_peft_checkpointing_probe():
+        return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
+
+
+@contextlib.contextmanager
+def _quiet_peft_checkpointing_probe():
+    """peft's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers (5.17 and later) deprecates
+    with a FutureWarning on every read: a message about peft's code that no user of ours can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _check_target_modules(model: torch.nn.Module, targets) -> None:
+    names = [name for name, _ in model.named_modules()]
+    if targets == "all-linear":
+        return
     if isinstance(targets, str):
-        return  # 'all-linear' or a regex; peft reports a miss itself
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n, _ in model.named_modules())]
+        # peft matches a string target against the full module names with re.fullmatch.
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        leaf_names = {name.rsplit(".", 1)[-1] for name in names}
+        missing = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n in names)]
     if missing:
         linear_like = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")} - {"lm_head"}

@@ -1,14 +1,20 @@
 """Recipe YAML -> typed `Recipe`, validated once, here.
 
 Every section of the YAML maps one-to-one onto a dataclass below; a field's type annotation is its
-schema (`Literal[...]` for choices, `metadata` for ranges). This is the one place where validation
+schema (`Literal[...]` for choices, `metadata` for ranges, a hint, and a `check` for what a type cannot
+say, such as a regex or a path). Every number must be finite. This is the one place where validation
 errors are worded: each names the file, the dotted key, the bad value and what is allowed.
+
+Why dataclasses and not pydantic: these are the typed config objects the whole code base passes around
+(and builds in tests); the checks pydantic would add (ranges, finiteness, types, the failing location)
+are a few declarative lines here, with error wording we control, and no second model of the schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -18,24 +24,28 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from quant.errors import UserError
-
+# RecipeError lives with the checks that raise it and is imported from here by the rest of the code.
+from finetune.recipe_checks import (DuplicateKey, RecipeError, encodable, parse_yaml, path_or_id, short,  # noqa: F401
+                                    target_modules)
+from quant.formats.registry import AUTO, base_names
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-class RecipeError(UserError):
-    """A recipe problem; the message is one line naming the key."""
+def _range(lo=None, hi=None, lo_open=False, hint=None, check=None):
+    """Field metadata: `lo`/`hi` bounds (`lo_open`: exclusive), a `hint` appended to a range error, and a
+    `check(value, where, source)` that raises RecipeError for what a type and a range cannot express."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hint": hint, "check": check}
 
 
-def _range(lo=None, hi=None, lo_open=False):
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+# The training formats of quant.formats.registry; `auto`: as the checkpoint is stored (GPTQ), else NF4.
+BaseQuantization = Literal[(AUTO,) + base_names()]
 
 
 @dataclass
 class BaseConfig:
-    model: str = ""
-    quantization: Literal["auto", "nf4", "fp4", "int8", "gptq", "none"] = "auto"
+    model: str = field(default="", metadata=_range(check=path_or_id))
+    quantization: BaseQuantization = "auto"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # bnb 4-bit storage dtype; "auto" stores in the compute dtype so DeepSpeed/FSDP can shard the packed weights.
@@ -46,15 +56,15 @@ class BaseConfig:
 @dataclass
 class LoraConfig:
     r: int = field(default=16, metadata=_range(1, 4096))
-    alpha: float = field(default=32, metadata=_range(0, lo_open=True))
+    alpha: float = field(default=32, metadata=_range(0, 16384, lo_open=True))
     dropout: float = field(default=0.05, metadata=_range(0, 1))
-    target_modules: Union[str, list[str]] = "all-linear"
+    target_modules: Union[str, list[str]] = field(default="all-linear", metadata=_range(check=target_modules))
 
 
 @dataclass
 class DataConfig:
-    train: str = ""
-    eval: Optional[str] = None
+    train: str = field(default="", metadata=_range(check=path_or_id))
+    eval: Optional[str] = field(default=None, metadata=_range(check=path_or_id))
     eval_fraction: float = field(default=0.0, metadata=_range(0, 0.9))
     format: Literal["auto", "chat", "sharegpt", "alpaca", "completion", "text"] = "auto"
     max_length: int = field(default=1024, metadata=_range(8, 1 << 20))
@@ -62,21 +72,23 @@ class DataConfig:
     train_on_prompt: bool = False
     # Hub datasets / multi-split files: which split to read.
     split: str = "train"
-    max_examples: Optional[int] = field(default=None, metadata=_range(1))
+    max_examples: Optional[int] = field(default=None, metadata=_range(1, 10**12))
 
 
 @dataclass
 class TrainConfig:
-    max_steps: Optional[int] = field(default=None, metadata=_range(1))
-    epochs: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
-    micro_batch_size: int = field(default=4, metadata=_range(1))
-    gradient_accumulation: int = field(default=1, metadata=_range(1))
-    learning_rate: float = field(default=2.0e-4, metadata=_range(0, lo_open=True))
+    max_steps: Optional[int] = field(default=None, metadata=_range(1, 10**9))
+    epochs: Optional[float] = field(default=None, metadata=_range(0, 10**6, lo_open=True))
+    micro_batch_size: int = field(default=4, metadata=_range(1, 1 << 20))
+    gradient_accumulation: int = field(default=1, metadata=_range(1, 1 << 20))
+    # An Adam step moves every weight by about the learning rate: far above 1e-3 a LoRA run only diverges.
+    learning_rate: float = field(default=2.0e-4, metadata=_range(
+        0, 0.1, lo_open=True, hint="LoRA learning rates are usually 1e-5 to 5e-4"))
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = field(default=0, metadata=_range(0))
+    warmup_steps: int = field(default=0, metadata=_range(0, 10**9))
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
-    weight_decay: float = field(default=0.0, metadata=_range(0))
-    max_grad_norm: float = field(default=1.0, metadata=_range(0))
+    weight_decay: float = field(default=0.0, metadata=_range(0, 10))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0, hint="0 turns clipping off"))
     gradient_checkpointing: bool = True
     # Loss computed from the final hidden states in chunks, never holding full-vocabulary logits (same numbers;
     # turned off automatically where it cannot apply: sharded parameters, a trained or non-Linear LM head).
@@ -84,7 +96,18 @@ class TrainConfig:
     # Forward under torch.autocast in the compute dtype: the fp32 LoRA master weights are used in bf16/fp16
     # (no fp32 copies of every adapted layer's input). Off on CPU, where compute is fp32 anyway.
     autocast: bool = True
-    seed: int = 42
+    # The fast path (finetune/kernels): LoRA + quantized linear fused per projection group (q/k/v, o, the whole
+    # MLP), Triton RMSNorm/rotary/SwiGLU with hand-written backward, attention straight to PyTorch's fused
+    # kernels (cuDNN; flash varlen for packed rows, no T x T mask). Same numbers up to rounding order; false
+    # restores transformers' + peft's modules.
+    fused_lora: bool = True
+    triton_kernels: bool = True
+    fused_attention: bool = True
+    # Long context: the MLP in 16k-token tiles, checkpointed layer inputs in pinned host memory. "auto": from 32k
+    # tokens per micro-batch (offload in one process only).
+    tiled_mlp: Union[bool, Literal["auto"]] = "auto"
+    offload_checkpoints: Union[bool, Literal["auto"]] = "auto"
+    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))  # numpy's seed range
     log_every: int = field(default=1, metadata=_range(1))
     eval_every: int = field(default=0, metadata=_range(0))
     save_every: int = field(default=0, metadata=_range(0))
@@ -95,7 +118,7 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/default"
+    dir: str = field(default="runs/default", metadata=_range(check=path_or_id))
 
 
 @dataclass
@@ -196,7 +219,14 @@ def _coerce(value, tp):
     raise TypeError
 
 
-def _check_range(value, meta, where: str, source: str):
+def _check_value(value, meta, where: str, source: str):
+    """What every value must be (finite numbers, strings without NUL or invalid Unicode), then the field's
+    own range and check."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise RecipeError(f"{source}: {where} = {item!r} is not a finite number")
+        if isinstance(item, str) and ("\0" in item or not encodable(item)):
+            raise RecipeError(f"{source}: {where} = {short(item)} holds a NUL or an invalid Unicode character")
     if value is None or not meta:
         return
     lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
@@ -204,7 +234,10 @@ def _check_range(value, meta, where: str, source: str):
     if bad:
         lower = f"> {lo}" if lo_open else f">= {lo}"
         allowed = lower if hi is None else f"{lower} and <= {hi}"
-        raise RecipeError(f"{source}: {where} = {value!r} is out of range (must be {allowed})")
+        hint = f"; {meta['hint']}" if meta.get("hint") else ""
+        raise RecipeError(f"{source}: {where} = {short(value)} is out of range (must be {allowed}{hint})")
+    if meta.get("check"):
+        meta["check"](value, where, source)
 
 
 def _build(cls, data, where: str, source: str):
@@ -217,7 +250,7 @@ def _build(cls, data, where: str, source: str):
             full = f"{where}.{key}" if where else str(key)
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
-            raise RecipeError(f"{source}: unknown key '{full}'{hint}")
+            raise RecipeError(f"{source}: unknown key {short(full)}{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
@@ -230,10 +263,17 @@ def _build(cls, data, where: str, source: str):
         try:
             value = _coerce(data[name], tp)
         except TypeError:
-            raise RecipeError(f"{source}: {full} = {data[name]!r} is not valid (expected {_type_name(tp)})") from None
-        _check_range(value, f.metadata, full, source)
+            raise RecipeError(f"{source}: {full} = {short(data[name])} is not valid "
+                              f"(expected {_type_name(tp)})") from None
+        _check_value(value, f.metadata, full, source)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def build_section(cls, data: dict | None, key: str, source: str):
+    """One section (e.g. `data` of a run's recipe.yaml) typed and validated as load_recipe does, without the
+    cross-field checks and files that must exist: a merge may run elsewhere, after the training data moved."""
+    return _build(cls, data if data is not None else {}, key, source)
 
 
 def _check_semantics(recipe: Recipe, source: str) -> None:
@@ -251,13 +291,20 @@ def _check_semantics(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: set data.eval or data.eval_fraction, not both")
     for key in ("train", "eval"):
         value = getattr(recipe.data, key)
-        if value and _looks_like_path(value) and not Path(value).exists():
+        if value and _looks_like_path(value) and not _exists(value):
             raise RecipeError(f"{source}: data.{key} = '{value}': file not found")
     model = recipe.base.model
-    if _looks_like_path(model) and not model.startswith("pkg:") and not Path(model).expanduser().exists():
+    if _looks_like_path(model) and not model.startswith("pkg:") and not _exists(model):
         raise RecipeError(f"{source}: base.model = '{model}': path not found")
-    if isinstance(recipe.lora.target_modules, list) and not recipe.lora.target_modules:
-        raise RecipeError(f"{source}: lora.target_modules is an empty list (use 'all-linear' or module names)")
+    if not recipe.output.dir.strip():
+        raise RecipeError(f"{source}: output.dir is empty; name the run's directory, e.g. runs/my-run")
+
+
+def _exists(value: str) -> bool:
+    try:
+        return Path(value).expanduser().exists()
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def _looks_like_path(value: str) -> bool:
@@ -272,8 +319,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"--set '{text}': expected KEY=VALUE, e.g. --set train.max_steps=10")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except DuplicateKey as e:
+        raise RecipeError(f"--set {short(text)}: {e}") from None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip().split("."), value
 
@@ -283,7 +332,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # `train:` with nothing under it is an empty section
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise RecipeError(f"--set '{text}': '{k}' is not a section")
         node[keys[-1]] = value
@@ -293,10 +344,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _resolve_paths(data: dict, base_dir: Path) -> None:
     """Relative file paths in a recipe are relative to the recipe's own directory, unless they exist from cwd."""
     for section, key in (("data", "train"), ("data", "eval"), ("base", "model")):
-        value = (data.get(section) or {}).get(key)
+        block = data.get(section)
+        value = block.get(key) if isinstance(block, dict) else None  # a non-mapping section is refused later
         if isinstance(value, str) and _looks_like_path(value) and not value.startswith(("pkg:", "~", "/")):
             candidate = base_dir / value
-            if not Path(value).exists() and candidate.exists():
+            if not _exists(value) and _exists(str(candidate)):
                 data[section][key] = str(candidate)
 
 
@@ -307,11 +359,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{source}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{source}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{source}: cannot read the recipe ({e.strerror or e})") from None
+    try:
+        data = parse_yaml(text) or {}
+    except DuplicateKey as e:
+        raise RecipeError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever PyYAML says
+        raise RecipeError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe (sections hold keys and values)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the recipe must be a mapping with sections base, lora, data, train, output")
     data = apply_overrides(data, overrides or [])

@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from quant.errors import UserError
+from quant.formats.gptq_pack import FORMATS as CHECKPOINT_FORMATS
+from quant.formats.registry import AUTO, base_names
+from quant.gptq import METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gptq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to a GPTQ checkpoint")
     g.add_argument("model")
-    g.add_argument("--out", required=True, help="output checkpoint directory")
+    g.add_argument("--out", required=True, help="output checkpoint directory (must not exist, or be empty, unless "
+                   "--overwrite)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new checkpoint is "
+                   "complete (in one atomic step: a kill at any moment leaves the old or the new one)")
     g.add_argument("--bits", type=int, default=4)
     g.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
@@ -35,18 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
     g.add_argument("--mse", type=float, default=0.0, help="clipping search norm (e.g. 2.4); 0 = min-max")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    g.add_argument("--method", choices=METHODS, default=METHODS[0])
     g.add_argument("--calib", action="append", help="text/md/jsonl/parquet file, directory, pkg:... or hub dataset "
                    "(repeatable)")
     g.add_argument("--calib-samples", type=int, default=128)
     g.add_argument("--calib-seqlen", type=int, default=512)
     g.add_argument("--calib-split", default="train")
     g.add_argument("--text-field", default="text")
-    g.add_argument("--format", dest="checkpoint_format", choices=["auto", "gptq", "gptq_v2"], default="auto",
+    g.add_argument("--format", dest="checkpoint_format", choices=(AUTO,) + CHECKPOINT_FORMATS, default=AUTO,
                    help="auto: gptq (v1) when symmetric, gptq_v2 when asymmetric")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.set_defaults(run=_run_gptq)
 
     _gguf_parser(sub)
 
@@ -56,10 +64,13 @@ def _parser() -> argparse.ArgumentParser:
                    "or hub dataset (repeatable)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-chunks", type=int, default=None)
-    e.add_argument("--quantization", choices=["auto", "none", "nf4", "int8", "gptq"], default="auto")
+    e.add_argument("--quantization", choices=(AUTO,) + base_names(), default=AUTO,
+                   help="auto: as the checkpoint is stored (GPTQ), else unquantized; bitsandbytes formats are "
+                   "quantized on load")
     e.add_argument("--text-field", default="text")
     e.add_argument("--device", default=None)
     e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.set_defaults(run=_run_eval)
     return p
 
 
@@ -74,7 +85,9 @@ def _gguf_parser(sub) -> None:
         "the layers; rows that are not a multiple of 256 fall back to Q5_0/Q5_1/Q8_0 as in llama.cpp). Llama, "
         "Mistral and Qwen2 architectures.")
     g.add_argument("model")
-    g.add_argument("--out", required=True, help="output .gguf file (written under a temporary name, then renamed)")
+    g.add_argument("--out", required=True, help="output .gguf file (must not exist unless --overwrite; written under "
+                   "a temporary name, then renamed)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new file is complete")
     g.add_argument("--type", dest="gguf_type", default="q4_k_m", choices=list(FILE_TYPES),
                    help="file type (default q4_k_m); f32/f16/bf16 store the weights unquantized")
     g.add_argument("--calib", action="append", help="calibration text (file, directory, pkg:..., hub dataset; "
@@ -88,6 +101,7 @@ def _gguf_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda, for calibration and the scale searches")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.set_defaults(run=_run_gguf)
 
 
 def _run_gguf(a) -> None:
@@ -95,7 +109,8 @@ def _run_gguf(a) -> None:
 
     report = export_gguf(a.model, a.out, a.gguf_type, calib=a.calib, calib_samples=a.calib_samples,
                          calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
-                         name=a.name, device=a.device, seed=a.seed, progress=a.progress)
+                         name=a.name, device=a.device, seed=a.seed, progress=a.progress,
+                         overwrite=a.overwrite)
     print("wrote " + report.summary())
 
 
@@ -103,12 +118,13 @@ def _run_gptq(a) -> None:
     from quant.gptq import GPTQConfig
     from quant.model import quantize
 
-    desc_act = a.method == "gptq" if a.desc_act is None else a.desc_act
-    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=desc_act, static_groups=a.static_groups,
-                     sym=a.sym, damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
+    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, static_groups=a.static_groups, sym=a.sym,
+                     damp_percent=a.damp, mse=a.mse, true_sequential=a.true_sequential, method=a.method)
+    cfg.desc_act = cfg.calibrated if a.desc_act is None else a.desc_act  # act-order is GPTQ's default
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
-                      device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress)
+                      device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress,
+                      overwrite=a.overwrite)
     err = report.mean_error()
     print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
           f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {a.out}")
@@ -131,12 +147,23 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        {"gptq": _run_gptq, "gguf": _run_gguf, "eval": _run_eval}[args.command](args)
+        args.run(args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        print("interrupted" + (f"; {out} was left as it was" if out else ""), file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # unwinds through quant.files.staged, which removes its temporary directory
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on held-out text: float, GPTQ, or bitsandbytes NF4/int8 quantized on load.
+"""Perplexity of a causal LM on held-out text: float, GPTQ, or bitsandbytes NF4/FP4/int8 quantized on load.
 
 Text is tokenized as one stream (documents joined by EOS) and cut into non-overlapping chunks of
 `seqlen` tokens; a trailing partial chunk is dropped so every chunk has the same context length.
@@ -7,22 +7,17 @@ Perplexity is exp(mean next-token NLL) over the seqlen-1 predicted tokens of eve
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quant.errors import UserError
-from quant.formats.bnb import keep_reference_layout
 
 log = logging.getLogger(__name__)
-
-QUANTIZATIONS = ("auto", "none", "nf4", "int8", "gptq")
 
 
 @torch.no_grad()
@@ -48,48 +43,26 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 512, max_chunks: int | No
     return {"ppl": math.exp(nll), "tokens": count, "chunks": n, "seqlen": seqlen, "nll": nll}
 
 
-def _is_gptq_dir(path: str) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return (Path(path) / "quantize_config.json").exists()
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "gptq"
-
-
 def load_eval_model(spec: str, quantization: str = "auto", device=None):
-    """(model, tokenizer, resolved quantization) for `spec` (HF dir, hub id, .gguf, pkg:..., GPTQ dir)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """(model, tokenizer, resolved format name) for `spec` (HF dir, hub id, .gguf, pkg:..., GPTQ dir).
 
+    `auto` evaluates a checkpoint as the format it is stored in, else unquantized; bitsandbytes formats are
+    quantized on load (single quantization, uint8 storage).
+    """
+    from transformers import AutoTokenizer
+
+    from quant.formats.registry import UNQUANTIZED, base_format, resolve_base
     from quant.loading import materialize
-    from quant.model import load_gptq_model
 
-    if quantization not in QUANTIZATIONS:
-        raise UserError(f"--quantization must be one of {', '.join(QUANTIZATIONS)} (got {quantization!r})")
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src = materialize(spec)
-    gptq_dir = Path(src).exists() and _is_gptq_dir(src)
-    if quantization == "auto":
-        quantization = "gptq" if gptq_dir else "none"
-    if gptq_dir and quantization != "gptq":
-        raise UserError(f"{spec} is a GPTQ checkpoint; evaluate it with --quantization gptq (or auto)")
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    if quantization == "gptq":
-        return load_gptq_model(src, device=device), tokenizer, quantization
     # CPU: fp32 compute (bf16 backward/forward on CPU is many times slower, docs/offline-assets.md).
     compute = torch.float32 if device.type == "cpu" else torch.bfloat16
-    kwargs = {"dtype": compute}
-    if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=compute)
-        kwargs["device_map"] = {"": str(device)}
-    elif quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    if quantization == "none":
-        model.to(device)
-    keep_reference_layout(model)  # fp32 compute must stay fp32 on AVX512-BF16 CPUs (quant/formats/bnb.py)
-    return model.eval(), tokenizer, quantization
+    base = resolve_base(spec, src, quantization, double_quant=False, compute_dtype=compute, what="--quantization",
+                        default=UNQUANTIZED)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = base_format(base.format).load(base, device)
+    return model.eval(), tokenizer, base.format
 
 
 def evaluate(model_spec: str, data, seqlen: int = 512, max_chunks: int | None = None, quantization: str = "auto",

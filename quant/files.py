@@ -1,26 +1,308 @@
-"""Model directories appear whole or not at all: written under a temporary name, renamed into place."""
+"""Every file and directory the program writes, and the safetensors model directories it reads.
+
+Writing an output so that nothing is ever lost:
+- `claim_output(final, overwrite)`: what a command that writes a model holds for its whole run (`finetune merge`,
+  `quant gptq`; every command that writes a model should use it): `exclusive(final)`, then `recover(final)`,
+  then the refusal of an existing non-empty `final` without `overwrite`.
+- `exclusive(path, what)`: one writer per output: an flock (filelock) on the sibling file `.<name>.lock`, which
+  records the holder's pid. Another process is refused at once with one line naming that pid. The kernel drops
+  the lock when its holder exits, however it dies, so a killed run never blocks the next one. The lock file stays
+  after release (filelock's Unix design: unlinking it would let two processes lock two different inodes).
+- `staged(final)`: the one temp-then-rename helper. Work happens under a hidden temporary name next to `final`
+  (`.tmp-<name>-<pid>-<8 hex>`), put in place when the block completes and removed when it fails. An existing
+  `final` is replaced only then, and atomically: at every instant `final` holds the old or the new version (a
+  swap by renameat2 RENAME_EXCHANGE; quant.replace says how, why, and the fallback where the system lacks it).
+  A full disk becomes one UserError line, "no space left writing PATH; N MiB free, about M needed", with nothing
+  left behind.
+- `recover(final)` (quant.replace): undoes what killed writers of `final` left, never touching an entry of a
+  live process.
+
+Reading and streaming safetensors:
+- `ShardWriter`: the one streaming safetensors writer (tensor bytes go to disk as they are added; the header,
+  which safetensors puts first, is written when a shard closes), sharded and indexed like `save_pretrained`.
+- `Checkpoint`: a safetensors model directory read one tensor at a time (memory-mapped).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import math
 import os
 import shutil
+import struct
 from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from quant.errors import UserError
+from quant.replace import TMP_PREFIX, exists, new_tmp, plain, put_in_place, recover, remove, tmp_name
+
+__all__ = ["TMP_PREFIX", "DEFAULT_SHARD_BYTES", "staged", "write_text", "exclusive", "claim_output", "recover",
+           "disk_needed", "ShardWriter", "safetensors_files", "Checkpoint"]
+
+DEFAULT_SHARD_BYTES = 4 * 2**30
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to `out`, replacing an existing `out` only at the very end.
+# ------------------------------------------------------------------------------------------ staged writes
 
-    Files are made world-readable (safetensors creates them 0600; a model directory is meant to be shared).
+
+def _no_space(e: BaseException | None) -> bool:
+    """A full disk or quota, also as the text of a Rust library's error (tokenizers, safetensors)."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _bytes_under(path: Path) -> int:
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.lstat().st_size for p in files if exists(p))
+
+
+def _no_space_message(final: Path, need: int | Callable[[], int | None] | None, written: int) -> str:
+    free = shutil.disk_usage(next(p for p in final.absolute().parents if p.exists())).free
+    expected = need() if callable(need) else need
+    needed = f"about {_mib(expected)} MiB needed" if expected else f"at least {_mib(written)} MiB needed"
+    return f"no space left writing {final}; {free // 2**20} MiB free, {needed}"
+
+
+def _mib(n: int) -> int:
+    return max(1, math.ceil(n / 2**20))
+
+
+def disk_needed(total_bytes: int, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """Peak disk use of writing `total_bytes` of tensors through ShardWriter: each shard's data is copied once
+    behind its header, so the largest shard is on disk twice for a moment."""
+    return total_bytes + min(total_bytes, max_shard_bytes)
+
+
+@contextlib.contextmanager
+def staged(final: str | os.PathLike, directory: bool = True,
+           shared: tuple[bool, Callable[[], None]] | None = None,
+           need: int | Callable[[], int | None] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory (or, with `directory=False`, a file path) next to `final`; put it in place
+    when the block completes, replacing an existing `final` only then; remove it if the block fails. A full disk
+    raises UserError; `need` (bytes, or a function estimating them when asked) is the size it reports needed.
+
+    `shared=(is_main, barrier)`: several processes write into one directory of a fixed temporary name; the main
+    process creates it, every rank writes, and the main process renames it once all ranks left the block (every
+    rank must enter and leave it). A failed shared write is left for the next write of `final` to remove: other
+    ranks may still be writing into it.
     """
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
-        if f.is_file():
-            f.chmod(0o644)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    final = plain(final)
+    if shared is not None:
+        is_main, barrier = shared
+        tmp = tmp_name(final, "shared")
+        if is_main:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        yield tmp
+        barrier()
+        if is_main:
+            put_in_place(tmp, final)
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_tmp(final, directory)
+    try:
+        yield tmp
+    except BaseException as e:
+        full = _no_space(e)
+        written = _bytes_under(tmp) if full else 0
+        remove(tmp)
+        if full:
+            raise UserError(_no_space_message(final, need, written)) from None
+        raise
+    try:
+        put_in_place(tmp, final)
+    except BaseException:
+        remove(tmp)  # the new version, or the old one once swapped out
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a whole text file through `staged`: readers see the old file or the new one, never a part."""
+    with staged(path, directory=False) as tmp:
+        tmp.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------ one writer
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        return f" (pid {int(lock_file.read_text().strip())})"
+    except (OSError, ValueError):
+        return ""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
+    """Hold the one-writer lock of `path` for the block (module docstring); yields `path`. Held elsewhere ->
+    UserError at once, naming `what`, `path` and the holder's pid. One `exclusive` per path per process: a second
+    one in the same process is refused like another process's."""
+    from filelock import FileLock, Timeout
+
+    path = plain(path)
+    lock_file = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{what} {path} is being written by another process{_holder(lock_file)}; wait for it "
+                        f"to finish or choose another {what}") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot create the lock file {lock_file} ({e.strerror})") from None
+    try:
+        with contextlib.suppress(OSError):  # the pid is for the refusal message only
+            lock_file.write_text(f"{os.getpid()}\n")
+        yield path
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def claim_output(final: str | os.PathLike, overwrite: bool, what: str = "--out",
+                 action: str = "write") -> Iterator[Path]:
+    """Hold `final` for a command that writes it (module docstring): lock, recover, and refuse an existing file
+    or non-empty directory unless `overwrite`, which `staged` honours by replacing it only once complete."""
+    with exclusive(final, what) as path:
+        recover(path)
+        if not overwrite and exists(path) and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"{what} {path} already exists; pass --overwrite to replace it (only after a "
+                            f"successful {action})")
+        yield path
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.bool: "BOOL"}
+
+
+class _Shard:
+    def __init__(self, data_path: Path):
+        self.data_path = data_path
+        self.file = open(data_path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self.file.write(memoryview(raw))
+        n = t.numel() * t.element_size()
+        self.entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.size, self.size + n]}
+        self.size += n
+
+    def finish(self, final: Path) -> None:
+        """Header first, then the data written so far (safetensors pads the header with spaces to 8 bytes)."""
+        self.file.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(final, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 64 * 2**20)
+        self.data_path.unlink()
+
+
+class ShardWriter:
+    """safetensors shards of at most `max_shard_bytes` (a larger single tensor gets a shard of its own) in
+    `directory` (a `staged` one), named like save_pretrained's, plus model.safetensors.index.json when there is
+    more than one. Tensors are added a few at a time and never accumulate in memory."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.dir = Path(directory)
+        self.max = max_shard_bytes
+        self.done: list[_Shard] = []
+        self.current: _Shard | None = None
+        self.names: set[str] = set()
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.names:
+                raise ValueError(f"tensor {name} written twice")
+            self.names.add(name)
+            n = t.numel() * t.element_size()
+            if self.current is not None and self.current.size and self.current.size + n > self.max:
+                self.done.append(self.current)
+                self.current = None
+            if self.current is None:
+                self.current = _Shard(self.dir / f".shard-{len(self.done):05d}.data")
+            self.current.add(name, t)
+            self.total += n
+
+    def close(self) -> list[Path]:
+        if self.current is not None:
+            self.done.append(self.current)
+            self.current = None
+        n = len(self.done)
+        if n == 0:
+            raise ValueError("no tensors were written")
+        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        weight_map = {}
+        for shard, name in zip(self.done, names):
+            shard.finish(self.dir / name)
+            weight_map.update({k: name for k in shard.entries})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return [self.dir / name for name in names]
+
+    def abort(self) -> None:
+        for shard in self.done + ([self.current] if self.current else []):
+            shard.file.close()
+
+
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a model directory, through its index when it has one."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights found")
+    return files
+
+
+class Checkpoint:
+    """Tensors of a safetensors model directory by name; each `get` reads one tensor (memory-mapped files)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "base model"):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise UserError(f"{what} {self.path}: no config.json; expected a Hugging Face model directory")
+        if not any(self.path.glob("*.safetensors")):
+            raise UserError(f"{what} {self.path}: no .safetensors weights (only safetensors checkpoints can be "
+                            "streamed)")
+        self.config = json.loads((self.path / "config.json").read_text())
+        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in safetensors_files(self.path)}
+        self.file_of = {k: f for f, h in self._handles.items() for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def get(self, key: str, device=None) -> torch.Tensor:
+        t = self._handles[self.file_of[key]].get_tensor(key)
+        return t.to(device) if device is not None else t
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._handles[self.file_of[key]].get_slice(key).get_shape())
+
+    def quantization_config(self) -> dict | None:
+        return self.config.get("quantization_config")

@@ -1,7 +1,7 @@
 """The per-layer GPTQ solver (Frantar et al. 2022) and round-to-nearest, sharing one grid and one result type.
 
 Algorithm details follow docs/quantized-formats.md section C. Everything works on W in nn.Linear layout
-[out, in] = [N, K] and returns integer codes in that layout; `quant.formats.gptq` transposes when packing.
+[out, in] = [N, K] and returns integer codes in that layout; `quant.formats.gptq_pack` transposes when packing.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from quant.grid import VALID_BITS, GridSpec, dequantize, find_params, quantize
 
 log = logging.getLogger(__name__)
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn")  # how codes are found: the GPTQ solver on calibration data, or round-to-nearest
 
 
 @dataclass
@@ -50,6 +50,11 @@ class GPTQConfig:
         if self.mse < 0:
             raise UserError(f"mse must be >= 0 (0 = plain min-max grid; got {self.mse})")
         return self
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration data (GPTQ does, round-to-nearest does not)."""
+        return self.method == METHODS[0]
 
     @property
     def grid(self) -> GridSpec:

@@ -11,8 +11,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from quant.errors import UserError
@@ -57,6 +55,7 @@ def is_gguf(path: str) -> bool:
 def materialize(spec: str, what: str = "model") -> str:
     """Return a local HF directory (or hub id) for `spec`, converting a .gguf file once into the cache."""
     path = resolve_model_path(spec, what)
+    _check_model_source(spec, path, what)
     if not is_gguf(path):
         return path
     gguf = Path(path)
@@ -65,14 +64,44 @@ def materialize(spec: str, what: str = "model") -> str:
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return str(target)
+    from quant.replace import recover
+
+    recover(target)  # the temporary directory of a conversion killed earlier
     log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
-    _convert_gguf(gguf, target)
+    try:
+        _convert_gguf(gguf, target)
+    except (ValueError, KeyError, IndexError) as e:  # the gguf reader's and transformers' ways of saying "not GGUF"
+        message = " ".join(str(e).split())[:300]
+        raise UserError(f"{what}: '{spec}' cannot be read as a GGUF model ({type(e).__name__}: {message})") from None
     return str(target)
+
+
+def _check_model_source(spec: str, path: str, what: str) -> None:
+    """A local model is a directory with a config.json or a .gguf file; a hub id offline must be cached."""
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"{what}: '{spec}' is a directory without config.json, not a Hugging Face model "
+                            "directory (name the directory that holds config.json and the weights, or a .gguf file)")
+        return
+    if local.exists():
+        if not is_gguf(path):
+            raise UserError(f"{what}: '{spec}' is a file but not a .gguf model; name a model directory "
+                            "(with config.json), a .gguf file, or a hub id")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise UserError(f"{what}: '{spec}' is a hub id, but the hub is offline (HF_HUB_OFFLINE=1) and it is "
+                            "not in the local Hugging Face cache; download it first or name a local directory")
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from quant.files import staged
 
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -84,16 +113,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), strict=True)
     if loaded.generation_config is not None:
         plain.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged(target) as tmp:
         plain.save_pretrained(tmp)  # fp32: the GGUF's dequantized values are not bf16-exact
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(spec: str, what: str = "model"):

@@ -15,13 +15,9 @@ import torch
 from torch import nn
 
 from quant.errors import UserError
-from quant.formats.gptq import (
-    quantization_config,
-    read_quant_config,
-    safetensors_files,
-    write_checkpoint,
-    zero_offset,
-)
+from quant.files import claim_output, safetensors_files
+from quant.formats.gptq import QUANT_METHOD, quantization_config, read_quant_config, write_checkpoint
+from quant.formats.gptq_pack import resolve_checkpoint_format
 from quant.gptq import GPTQConfig, group_count
 from quant.nn import QuantLinear
 from quant.sequential import QuantReport, block_linears, find_blocks, quantize_blocks
@@ -53,26 +49,15 @@ def check_layers_fit(model: nn.Module, cfg: GPTQConfig) -> None:
                     "vLLM needs K %% group_size == 0)", sorted(partial), cfg.group_size)
 
 
-def resolve_format(cfg: GPTQConfig, checkpoint_format: str = "auto") -> str:
-    """'auto': v1 ('gptq') for symmetric grids, read by every GPTQ tool; 'gptq_v2' for asymmetric ones,
-    because GPTQModel (and transformers through it) refuses any sym=False v1 checkpoint not written by
-    itself. Asymmetric zeros are kept >= 1 either way, so an explicit v1 asym checkpoint is still safe
-    for v1-only readers (AutoGPTQ, older vLLM)."""
-    if checkpoint_format == "auto":
-        return "gptq" if cfg.sym else "gptq_v2"
-    zero_offset(checkpoint_format)
-    return checkpoint_format
-
-
 def quantize_model(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQConfig, device=None,
                    checkpoint_format: str = "auto", progress: bool = True) -> QuantReport:
     """Quantize the decoder-block Linears of `model` in place; returns the per-layer report.
 
     `calib`: list of [1, T] token-id tensors (None is fine for method 'rtn').
-    `checkpoint_format`: 'auto' (see resolve_format), 'gptq' or 'gptq_v2'.
+    `checkpoint_format`: 'auto' (see quant.formats.gptq_pack.resolve_checkpoint_format), 'gptq' or 'gptq_v2'.
     """
     cfg.validate()
-    checkpoint_format = resolve_format(cfg, checkpoint_format)
+    checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
     check_layers_fit(model, cfg)
     model.eval()
     report = quantize_blocks(model, calib, cfg, device=device, checkpoint_format=checkpoint_format,
@@ -95,7 +80,7 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float1
     qconfig = getattr(model.config, "quantization_config", None)
     if hasattr(qconfig, "to_dict"):
         qconfig = qconfig.to_dict()
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "gptq":
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise UserError("save_quantized: the model has no GPTQ quantization_config; run quantize_model first")
     qnames = _quant_module_names(model)
     tensors, seen = {}, set()
@@ -135,34 +120,41 @@ def _report_dict(report: QuantReport) -> dict:
 
 def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_samples: int = 128,
              calib_seqlen: int = 512, text_field: str = "text", calib_split: str = "train", device=None,
-             dtype=None, checkpoint_format: str = "auto", seed: int = 0, progress: bool = True) -> QuantReport:
-    """`quant gptq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir."""
+             dtype=None, checkpoint_format: str = "auto", seed: int = 0, progress: bool = True,
+             overwrite: bool = False) -> QuantReport:
+    """`quant gptq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir.
+
+    out_dir is held for the whole run (quant.files.claim_output): one writer at a time, leftovers of a killed
+    earlier run undone, and an existing non-empty out_dir refused unless `overwrite`, which replaces it only
+    once the new checkpoint is complete.
+    """
     from transformers import AutoTokenizer
 
     from quant.calibration import calibration_chunks, load_texts
     from quant.loading import load_float_model, materialize
 
     cfg.validate()
-    checkpoint_format = resolve_format(cfg, checkpoint_format)
-    if cfg.method == "gptq" and not calib:
+    checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
+    if cfg.calibrated and not calib:
         raise UserError("--calib is required for --method gptq (a text/jsonl/parquet file, directory or hub dataset)")
-    src = materialize(model_spec)
-    if Path(out_dir).resolve() == Path(src).resolve():
-        raise UserError(f"--out {out_dir} is the source model directory; choose another directory")
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    chunks = None
-    if cfg.method == "gptq":
-        texts = load_texts(calib, text_field=text_field, split=calib_split)
-        chunks = calibration_chunks(texts, tokenizer, calib_samples, calib_seqlen, seed=seed)
-        if len(chunks) < calib_samples:
-            log.warning("calibration text holds only %d samples of %d tokens (asked for %d)",
-                        len(chunks), calib_seqlen, calib_samples)
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    model = load_float_model(src, dtype=dtype)
-    report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
-                            progress=progress)
-    save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
+    with claim_output(out_dir, overwrite, action="quantization"):
+        src = materialize(model_spec)
+        if Path(out_dir).resolve() == Path(src).resolve():
+            raise UserError(f"--out {out_dir} is the source model directory; choose another directory")
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        chunks = None
+        if cfg.calibrated:
+            texts = load_texts(calib, text_field=text_field, split=calib_split)
+            chunks = calibration_chunks(texts, tokenizer, calib_samples, calib_seqlen, seed=seed)
+            if len(chunks) < calib_samples:
+                log.warning("calibration text holds only %d samples of %d tokens (asked for %d)",
+                            len(chunks), calib_seqlen, calib_samples)
+        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+        model = load_float_model(src, dtype=dtype)
+        report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
+                                progress=progress)
+        save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
     return report
 
 

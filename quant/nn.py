@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.formats.gptq import encode_zeros, pack_rows, packed_len, zero_offset
+from quant.formats.gptq_pack import V1, encode_zeros, pack_rows, packed_len, zero_offset
 from quant.gptq import QuantResult, group_count
 from quant.kernels import torch_ref, triton_available
 
@@ -56,7 +56,7 @@ class QuantLinear(nn.Module):
     """y = x @ dequant(W) + bias for a GPTQ-packed layer of `bits` with `group_size` (-1: one group)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
-                 checkpoint_format: str = "gptq", device=None, kernel: str = "auto"):
+                 checkpoint_format: str = V1, device=None, kernel: str = "auto"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -86,7 +86,7 @@ class QuantLinear(nn.Module):
         return self.out_features
 
     @classmethod
-    def from_result(cls, result: QuantResult, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq",
+    def from_result(cls, result: QuantResult, bias: torch.Tensor | None = None, checkpoint_format: str = V1,
                     kernel: str = "auto") -> "QuantLinear":
         N, K = result.q.shape
         layer = cls(K, N, result.bits, result.group_size, bias=bias is not None,

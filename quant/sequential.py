@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant.errors import UserError
+from quant.formats.gptq_pack import V1
 from quant.gptq import GPTQConfig, HessianAccumulator, QuantResult, gptq_quantize
 from quant.nn import QuantLinear
 
@@ -213,7 +214,7 @@ def _swap_in(block: nn.Module, name: str, res: QuantResult, linear: nn.Linear, f
 
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQConfig, device=None,
-                    checkpoint_format: str = "gptq", progress: bool = True) -> QuantReport:
+                    checkpoint_format: str = V1, progress: bool = True) -> QuantReport:
     """Quantize every nn.Linear inside the decoder blocks of `model` in place (they become QuantLinear).
 
     `calib` is a list of [1, T] token id tensors; it may be None for `cfg.method == "rtn"`.

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from quant.gptq import GPTQConfig  # noqa: E402
+from quant.gptq import METHODS, GPTQConfig  # noqa: E402
 from quant.model import quantize_model  # noqa: E402
 from quant.nn import QuantLinear  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--desc-act", action="store_true")
-    ap.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    ap.add_argument("--method", choices=METHODS, default=METHODS[0])
     ap.add_argument("--no-offload", dest="offload", action="store_false",
                     help="keep the whole model on the GPU (default: park it in host memory and bring one block "
                          "at a time, which is what lets large models fit)")
@@ -119,7 +119,7 @@ def main() -> None:
     mem_before = torch.cuda.memory_allocated() if dev == "cuda" else 0
     sync(dev)
     t1 = time.perf_counter()
-    report = quantize_model(model, calib if a.method == "gptq" else None, qcfg, device=dev)
+    report = quantize_model(model, calib if qcfg.calibrated else None, qcfg, device=dev)
     sync(dev)
     wall = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import time
@@ -31,25 +30,25 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def build_base(shape: str, layers: int | None, path: Path, device: str) -> Path:
     from finetune.synthetic import save_random_model
+    from quant.files import staged
 
     if (path / "config.json").exists():
         return path
     overrides = {"num_hidden_layers": layers} if layers else {}
     t0 = time.perf_counter()
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_random_model(shape, tmp, dtype=torch.bfloat16, device=device, **overrides)
-    os.replace(tmp, path)
+    with staged(path) as tmp:
+        save_random_model(shape, tmp, dtype=torch.bfloat16, device=device, **overrides)
     print(f"base: random {shape} ({layers or 'all'} layers) written to {path} in {time.perf_counter() - t0:.0f}s")
     return path
 
 
 def build_adapter(base: Path, path: Path, rank: int, seed: int = 0) -> Path:
-    """A peft LoRA adapter directory as `finetune sft` leaves it: adapter files, base_model.txt, recipe.yaml."""
+    """A peft LoRA adapter directory as `finetune sft` leaves it: adapter files, base.json, recipe.yaml."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from finetune.merge.source import Checkpoint
+    from quant.files import Checkpoint
+    from quant.formats.registry import resolve_base
 
     if (path / "adapter_config.json").exists():
         return path
@@ -69,7 +68,7 @@ def build_adapter(base: Path, path: Path, rank: int, seed: int = 0) -> Path:
     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LINEARS), task_type="CAUSAL_LM",
                base_model_name_or_path=str(base)).save_pretrained(str(path))
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "base_model.txt").write_text(f"{base}\n{base}\nnf4\n")
+    resolve_base(str(base), str(base), "nf4", compute_dtype=torch.bfloat16).save(path)
     (path / "recipe.yaml").write_text(f"base:\n  model: {base}\n  quantization: nf4\n  double_quant: true\n"
                                       "  compute_dtype: bfloat16\n")
     return path
@@ -89,7 +88,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the merged outputs")
     args = p.parse_args()
 
-    from finetune.merge import merge
+    from finetune.merge import MergeConfig, merge
+    from finetune.merge.config import format_options
 
     work = Path(args.work)
     tag = f"{args.shape}-L{args.layers or 'all'}"
@@ -107,8 +107,12 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = merge(adapter, out, fmt, report=False, device=args.device, progress=False,
-                       **({"calib": calib, "group_size": group} if fmt == "gptq" else {}))
+        cfg = MergeConfig(adapter=adapter, out=out, format=fmt, report=False, device=args.device, progress=False)
+        if cfg.fmt.accepts_calibration():
+            cfg.calib = calib
+        if fmt in format_options().get("group_size", ({}, []))[1]:
+            cfg.options = {"group_size": group}
+        result = merge(cfg)
         wall = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         row = {"format": fmt, "wall_s": round(wall, 1), "stream_s": result.report["stream_seconds"],

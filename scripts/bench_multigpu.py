@@ -80,14 +80,17 @@ def summary(run_dir: Path) -> dict:
 
 
 def adapter_loads(run_dir: Path, base_dir: Path, base: str) -> bool:
-    """peft's PeftModel.from_pretrained on the base (our GPTQ loader for a GPTQ base), on the CPU."""
+    """peft's PeftModel.from_pretrained on the base (the base the run recorded, for a stored-quantized base such
+    as GPTQ; else the float checkpoint), on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import load_adapter
-    from quant.model import load_gptq_model
+    from finetune.model import load_adapter, load_base
+    from quant.formats.base import BaseSpec
+    from quant.formats.registry import base_format
 
     try:
-        model = (load_gptq_model(base_dir, device="cpu") if base == "gptq"
+        model = (load_base(BaseSpec.read(run_dir / "adapter"), torch.device("cpu")).model
+                 if base_format(base).stored_quantized
                  else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16))
         load_adapter(model, run_dir / "adapter")
         return True
@@ -111,13 +114,19 @@ def main() -> None:
         raise SystemExit(f"--gpus {args.gpus} but {torch.cuda.device_count()} CUDA devices are visible")
 
     from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text
+    from quant.formats.registry import base_format
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-multigpu-"))
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
     model = random_model(args.shape, dtype=dtype, device=dev)
-    dirs = {"nf4": save_model_dir(model, work / "bf16")}
-    if any(r.endswith("-gptq") for r in args.runs.split(",")):
-        dirs["gptq"] = save_rtn_gptq(model, work / "gptq", group_size=32 if args.shape == "tiny" else 128)
+    bases = {run.partition("-")[2] for run in args.runs.split(",")}
+    # A base quantized while loading trains from the float checkpoint; a stored-quantized one (GPTQ) from an
+    # RTN GPTQ copy of it.
+    stored = {b for b in bases if base_format(b, f"--runs base {b!r}").stored_quantized}
+    float_dir = save_model_dir(model, work / "bf16")
+    quantized_dir = save_rtn_gptq(model, work / "gptq", group_size=32 if args.shape == "tiny" else 128) \
+        if stored else None
+    dirs = {b: quantized_dir if b in stored else float_dir for b in bases}
     del model
     if not args.cpu:
         torch.cuda.empty_cache()

@@ -22,13 +22,15 @@ sys.path.insert(0, str(REPO))
 from finetune.recipe import load_recipe  # noqa: E402
 from finetune.synthetic import save_random_model  # noqa: E402
 from finetune.train.loop import train  # noqa: E402
+from quant.formats.registry import DEFAULT_BASE, base_format, base_names  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    quantized_on_load = [n for n in base_names() if not base_format(n).stored_quantized]  # from the float model
+    ap.add_argument("--quantization", default=DEFAULT_BASE, choices=quantized_on_load)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 

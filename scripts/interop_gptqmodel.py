@@ -31,6 +31,8 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
 
+from quant.formats.gptq_pack import V1  # noqa: E402
+
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-\n0123456789"
 FAILED: list[str] = []
 
@@ -251,7 +253,7 @@ def main() -> int:
         except ValueError as e:
             # GPTQModel refuses every sym=False v1 checkpoint it did not write itself (models/loader.py),
             # which is why our default for asymmetric grids is gptq_v2.
-            expected = not ckw.get("sym", True) and fmt == "gptq" and "sym=False" in str(e)
+            expected = not ckw.get("sym", True) and fmt == V1 and "sym=False" in str(e)
             check(f"ours {name} -> GPTQModel: refused by its v1-asym policy", expected, str(e).splitlines()[0][:90])
             continue
         reader_checks(ckpt, name, rec)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 ITEMS = [("mug", "mugs"), ("notebook", "notebooks"), ("lamp", "lamps"), ("backpack", "backpacks"),
@@ -108,12 +106,9 @@ def generate(seed: int, n_train: int, n_eval: int) -> tuple[list[dict], list[dic
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    from quant.files import write_text
+
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------- base-model check

@@ -1,16 +1,18 @@
-"""Fidelity of every merge output of one run, side by side: retention, KL and losses for bf16/nf4/int8/gptq/rtn.
+"""Fidelity of every merge output of one run, side by side: retention, KL and losses for bf16/nf4/int8/gptq/rtn
+(and any other output format of quant.formats.registry).
 
 Each output is written by `finetune.merge.merge` (report off), then all of them are scored on ONE pass over
 the eval data, so (a) the quantized base and (b) the adapter on it are computed once and every row compares
 against the same numbers. Prints a markdown table; --json writes the rows.
 
     python scripts/merge_fidelity_table.py runs/quickstart --group-size 64 --threads 1
-    python scripts/merge_fidelity_table.py /tmp/qs-gptq --formats bf16,gptq,rtn,bf16:original \\
+    python scripts/merge_fidelity_table.py /tmp/qs-gptq --formats bf16,gptq,gptq@method=rtn,bf16:original \\
         --base-original ~/.cache/qlora-finetune/gguf/SmolLM2-135M-Instruct.Q4_1-<hash>
 
-Format specs: bf16, fp16, nf4, fp4, int8, gptq (GPTQ requantization on --calib), rtn (GPTQ format, round to
-nearest); append ':original' or ':dequantized' to choose the weights the delta is added to (default: merge's
-'auto', which the table reports as resolved).
+Format specs: FORMAT[@OPTION=VALUE...][:INTO]. FORMAT is a `finetune merge --format` (bf16, fp16, nf4, fp4, int8,
+gptq: GPTQ requantization on --calib), options are that format's merge options (`gptq@method=rtn`: GPTQ format,
+round to nearest; `gptq@bits=3@group_size=64`); ':original' or ':dequantized' chooses the weights the delta is
+added to (default: merge's 'auto', which the table reports as resolved).
 --calib defaults to the run's training data (rendered with its chat template).
 """
 
@@ -25,22 +27,34 @@ from pathlib import Path
 import torch
 
 
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _spec(text: str) -> dict:
-    fmt, _, into = text.partition(":")
-    if fmt not in ("bf16", "fp16", "nf4", "fp4", "int8", "gptq", "rtn") or into not in ("", "original", "dequantized"):
-        raise SystemExit(f"bad format spec {text!r}")
-    return {"label": text, "format": "gptq" if fmt == "rtn" else fmt, "method": "rtn" if fmt == "rtn" else "gptq",
-            "merge_into": into or "auto"}
+    from finetune.merge.config import MERGE_INTO
+    from quant.formats.registry import output_names
+
+    head, _, into = text.partition(":")
+    fmt, *opts = head.split("@")
+    if fmt not in output_names() or (into and into not in MERGE_INTO) or not all("=" in o for o in opts):
+        raise SystemExit(f"bad format spec {text!r} (FORMAT[@OPTION=VALUE...][:INTO], FORMAT one of "
+                         f"{', '.join(output_names())})")
+    options = {k: _value(v) for k, v in (o.split("=", 1) for o in opts)}
+    return {"label": text, "format": fmt, "options": options, "merge_into": into or "auto"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory (or adapter / checkpoint directory)")
-    p.add_argument("--formats", default="bf16,nf4,int8,gptq,rtn")
+    p.add_argument("--formats", default="bf16,nf4,int8,gptq,gptq@method=rtn")
     p.add_argument("--calib", action="append", help="gptq calibration data (default: the run's data.train)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--group-size", type=int, default=None, help="gptq/rtn group size (default: merge's default)")
+    p.add_argument("--group-size", type=int, default=None, help="group size of every format that has one "
+                   "(default: merge's default)")
     p.add_argument("--base-original", help="full-precision model for ':original' rows of a GPTQ-trained adapter")
     p.add_argument("--eval", dest="eval_data", help="eval data (default: the run's data.eval)")
     p.add_argument("--eval-max-batches", type=int)
@@ -52,8 +66,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from finetune.merge import merge
+    from finetune.merge import MergeConfig, merge
     from finetune.merge.adapter import read_adapter
+    from finetune.merge.config import format_options
     from finetune.merge.report import fidelity_many, locate
 
     source = read_adapter(args.run)
@@ -67,23 +82,23 @@ def main() -> None:
     try:
         for spec in map(_spec, args.formats.split(",")):
             out = work / spec["label"].replace(":", "-")
-            kwargs = {}
-            if spec["format"] == "gptq":
-                kwargs = {"method": spec["method"], "group_size": args.group_size}
-                if spec["method"] == "gptq":
-                    kwargs.update(calib=calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+            cfg = MergeConfig(adapter=args.run, out=out, format=spec["format"], merge_into=spec["merge_into"],
+                              options=dict(spec["options"]), report=False, overwrite=True, device=device)
+            if args.group_size is not None and spec["format"] in format_options().get("group_size", ({}, []))[1]:
+                cfg.options.setdefault("group_size", args.group_size)
+            if cfg.fmt.accepts_calibration():
+                cfg.calib, cfg.calib_samples, cfg.calib_seqlen = calib, args.calib_samples, args.calib_seqlen
             if spec["merge_into"] == "original" and args.base_original:
-                kwargs["base_original"] = args.base_original
+                cfg.base_original = args.base_original
             if args.reuse and (out / "merge_report.json").exists():
                 report = json.loads((out / "merge_report.json").read_text())
             else:
-                report = merge(args.run, out, spec["format"], merge_into=spec["merge_into"], report=False,
-                               overwrite=True, device=device, progress=True, **kwargs).report
+                report = merge(cfg).report
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             rows.append({**spec, "merged_into": report["merge_into"], "merge_s": report["stream_seconds"],
                          "peak_anon_increase_mb": report["memory"]["peak_anon_increase_mb"],
                          "peak_rss_mb": report["memory"]["peak_rss_mb"], "size_mb": round(size / 2**20, 1),
-                         "gptq": report.get("gptq")})
+                         "encoding": report.get(spec["format"])})
             outputs[spec["label"]] = (out, spec["format"])
             print(f"merged {spec['label']} in {report['stream_seconds']:.1f}s", flush=True)
         scores = fidelity_many(source, outputs, torch.device(device), args.eval_data, args.eval_max_batches)
@@ -94,11 +109,11 @@ def main() -> None:
         row.update(scores[row["label"]])
 
     first = rows[0]
-    print(f"\n{source.adapter_dir} (base {source.base.spec}, {source.base.quantization}); "
+    print(f"\n{source.adapter_dir} (base {source.base.model}, {source.base.format}); "
           f"{first['label_tokens']} label tokens of {first['eval_examples']} examples from {first['eval_data']}\n")
     print("| model | merged into | loss | ppl | KL(b‖c) | retention | merge s | peak anon RSS +MiB | size MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| (a) base ({source.base.quantization}) | | {first['loss_base']:.4f} | {first['ppl_base']:.3f} | | | | | |")
+    print(f"| (a) base ({source.base.format}) | | {first['loss_base']:.4f} | {first['ppl_base']:.3f} | | | | | |")
     print(f"| (b) base + adapter | | {first['loss_adapter']:.4f} | {first['ppl_adapter']:.3f} | | | | | |")
     for r in rows:
         ret = f"{r['retention']:.4f}" if r["retention"] is not None else "n/a"

@@ -25,10 +25,10 @@ train)
       --set tracking.wandb.mode=disabled 2>&1 | grep -v -E "it/s|s/it|Loading" | tee "$OUT/train-$base.log"
   done ;;
 merge)
-  python scripts/merge_fidelity_table.py "$WORK/run-nf4" --formats bf16,nf4,nf4:dequantized,int8,gptq,rtn \
+  python scripts/merge_fidelity_table.py "$WORK/run-nf4" --formats bf16,nf4,nf4:dequantized,int8,gptq,gptq@method=rtn \
     --group-size 64 --json "$OUT/merge-nf4.json" 2>&1 | grep -v -E "it/s|s/it|Loading" | tee "$OUT/merge-nf4.log"
   original=$(python -c "from quant.loading import materialize; print(materialize('$SMOL'))")
-  python scripts/merge_fidelity_table.py "$WORK/run-gptq" --formats bf16,gptq,rtn,bf16:original,gptq:original \
+  python scripts/merge_fidelity_table.py "$WORK/run-gptq" --formats bf16,gptq,gptq@method=rtn,bf16:original,gptq:original \
     --base-original "$original" --json "$OUT/merge-gptq.json" 2>&1 | grep -v -E "it/s|s/it|Loading" | tee "$OUT/merge-gptq.log" ;;
 *) echo "unknown step $step (ppl, train, merge)"; exit 2 ;;
 esac; done

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from finetune.synthetic import byte_tokenizer, random_model
 
@@ -51,3 +54,29 @@ def tiny_recipe(model_dir, train_file, eval_file, out_dir, **sections) -> dict:
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return recipe
+
+
+def quiet_merge(adapter, out, fmt: str, echo=lambda *a: None, **fields):
+    """`finetune merge` from a test: a MergeConfig of these fields, without the progress bar or printing."""
+    from finetune.merge import MergeConfig, merge
+
+    return merge(MergeConfig(adapter=adapter, out=out, format=fmt, progress=False, **fields), echo=echo)
+
+
+@contextmanager
+def single_thread():
+    """Torch on one thread, as each launched process runs: tiny matmuls on a shared 2-core box are far slower
+    with OpenMP hand-offs between 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def error_line(stderr: str) -> str:
+    """The one `error: ...` line a CLI printed for bad input (and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]

@@ -23,8 +23,10 @@ from safetensors.torch import load_file
 from support import tiny_recipe
 from finetune.recipe import TrainConfig, recipe_from_dict
 from finetune.train.loop import train
-from finetune.train.runtime import fill_deepspeed_config, sharding_problem
+from finetune.train.runtime import fill_deepspeed_config
 from quant.errors import UserError
+from quant.formats.base import BaseSpec, ShardingSetup
+from quant.formats.registry import sharding_problem
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "accelerate"
@@ -99,9 +101,10 @@ def test_ddp_two_processes_match_one_process_and_resume(tmp_path, tiny_model_dir
                            train={**TWO_PROCESSES, "max_steps": STEPS})
     _ok(_launch("ddp", recipe))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-4", "metrics.jsonl", "recipe.yaml"]
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .lock: the run lock
+    assert visible == ["adapter", "checkpoint-4", "data_report.json", "metrics.jsonl", "recipe.yaml"]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
-    assert sorted(p.name for p in (out / "checkpoint-4").glob("rng*")) == ["rng-0.pt", "rng-1.pt"]
+    assert sorted(p.name for p in (out / "checkpoint-4").glob("rng*")) == ["rng-0.safetensors", "rng-1.safetensors"]
     assert [r["step"] for r in _loss_rows(out)] == [1, 2, 3, 4]  # the main process alone writes metrics
     diff = _max_diff(_adapter(out / "adapter"), _adapter(reference / "checkpoint-4" / "adapter"))
     assert diff < 1e-6, diff
@@ -197,7 +200,8 @@ def test_fsdp2_paths_on_cpu_train_gather_and_resume_exactly(tmp_path, tiny_model
     assert result["train_diff"] < 1e-6  # 3 steps sharded == 3 steps on one process
     assert result["norms"] == pytest.approx(result["plain_norms"], rel=1e-5)
     assert result["load_diff"] == 0.0 and result["optim_diff"] == 0.0 and result["step"] == 3
-    assert result["files"] == ["adapter", "optimizer.pt", "rng-0.pt", "rng-1.pt", "scheduler.pt", "trainer_state.json"]
+    assert result["files"] == ["adapter", "manifest.json", "optimizer.safetensors", "rng-0.safetensors",
+                               "rng-1.safetensors", "scheduler.json", "trainer_state.json"]
 
 
 # ----------------------------------------------------------------------------- configs, without launching
@@ -286,12 +290,19 @@ SUPPORT = {
 }
 
 
+def _problem(kind: str, stage: int, fsdp_version: int, mixed: str, fmt: str, storage: str = "uint8"):
+    """The registry's answer for a base of format `fmt` (4-bit weights stored as `storage`) under a setup."""
+    spec = BaseSpec(model="m", model_dir="m", format=fmt, compute_dtype="bfloat16",
+                    settings={"double_quant": True, "quant_storage": storage})
+    return sharding_problem(spec, ShardingSetup(kind, stage, fsdp_version, mixed))
+
+
 @pytest.mark.parametrize("setup", list(SUPPORT))
 def test_support_matrix(setup):
     kind, stage = setup
-    storage = {"nf4": torch.uint8, "nf4-auto": torch.bfloat16}
+    storage = {"nf4": "uint8", "nf4-auto": "bfloat16"}
     for base, expected in SUPPORT[setup].items():
-        problem = sharding_problem(kind, stage, 2, "no", base.split("-")[0], storage.get(base, torch.uint8))
+        problem = _problem(kind, stage, 2, "no", base.split("-")[0], storage.get(base, "uint8"))
         if expected is None:
             assert problem is None, (setup, base, problem)
         else:
@@ -300,8 +311,7 @@ def test_support_matrix(setup):
 
 
 def test_mixed_precision_that_would_cast_the_quantized_base_is_refused():
-    assert "mixed_precision bf16 casts every float parameter" in sharding_problem(
-        "DEEPSPEED", 3, 0, "bf16", "nf4", torch.float32)
-    assert sharding_problem("DEEPSPEED", 3, 0, "bf16", "nf4", torch.bfloat16) is None  # the cast is a no-op
-    assert "GPTQ scales" in sharding_problem("DEEPSPEED", 2, 0, "fp16", "gptq", torch.uint8)
-    assert "only FSDP2" in sharding_problem("FSDP", 0, 1, "no", "nf4", torch.bfloat16)
+    assert "mixed_precision bf16 casts every float parameter" in _problem("DEEPSPEED", 3, 0, "bf16", "nf4", "float32")
+    assert _problem("DEEPSPEED", 3, 0, "bf16", "nf4", "bfloat16") is None  # the cast is a no-op
+    assert "GPTQ scales" in _problem("DEEPSPEED", 2, 0, "fp16", "gptq")
+    assert "only FSDP2" in _problem("FSDP", 0, 1, "no", "nf4", "bfloat16")

@@ -53,7 +53,7 @@ def test_relative_data_path_resolves_against_the_recipe_directory(tmp_path, good
 @pytest.mark.parametrize("mutate, expected", [
     (lambda r: r["train"].update(max_stesp=3), "unknown key 'train.max_stesp' (did you mean 'max_steps'?)"),
     (lambda r: r["lora"].update(r="eight"), "lora.r = 'eight' is not valid (expected an integer)"),
-    (lambda r: r["train"].update(learning_rate=-1), "train.learning_rate = -1.0 is out of range (must be > 0)"),
+    (lambda r: r["train"].update(learning_rate=-1), "train.learning_rate = -1.0 is out of range (must be > 0 and <= 0.1; LoRA learning rates"),
     (lambda r: r["lora"].update(dropout=1.5), "lora.dropout = 1.5 is out of range (must be >= 0 and <= 1)"),
     (lambda r: r["base"].update(quantization="nf5"), "base.quantization = 'nf5' is not valid (expected one of"),
     (lambda r: r["data"].update(train="missing.jsonl"), "data.train = 'missing.jsonl': file not found"),
@@ -109,3 +109,53 @@ def test_print_recipe_round_trips(tmp_path, good):
     assert res.returncode == 0, res.stderr
     printed = yaml.safe_load(res.stdout)
     assert printed["lora"]["r"] == 4 and printed["train"]["max_steps"] == 5
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("train", "seed", -1, "train.seed = -1 is out of range (must be >= 0 and <= 4294967295)"),
+    ("train", "seed", 2**32, "train.seed = 4294967296 is out of range"),
+    ("lora", "alpha", float("inf"), "lora.alpha = inf is not a finite number"),
+    ("train", "learning_rate", float("inf"), "train.learning_rate = inf is not a finite number"),
+    ("train", "learning_rate", "1e400", "train.learning_rate = inf is not a finite number"),
+    ("train", "learning_rate", 1e6, "train.learning_rate = 1000000.0 is out of range (must be > 0 and <= 0.1; "
+                                    "LoRA learning rates are usually 1e-5 to 5e-4)"),
+    ("train", "max_grad_norm", float("nan"), "train.max_grad_norm = nan is not a finite number"),
+    ("train", "epochs", float("nan"), "train.epochs = nan is not a finite number"),
+    ("train", "epochs", float("inf"), "train.epochs = inf is not a finite number"),
+    ("data", "eval_fraction", float("nan"), "data.eval_fraction = nan is not a finite number"),
+    ("lora", "target_modules", "(", "lora.target_modules = '(' is neither 'all-linear' nor a valid regular expression"),
+    ("lora", "target_modules", "", "lora.target_modules = '' is empty"),
+    ("lora", "target_modules", [""], "lora.target_modules[0] is an empty module name"),
+    ("output", "dir", "", "output.dir is empty"),
+    ("base", "model", "x" * 5000, "base.model = 'xxxxxxxxxxxx"),
+    ("description", None, "a\0b", "description = 'a\\x00b' holds a NUL or an invalid Unicode character"),
+])
+def test_values_that_cannot_be_right_are_refused_naming_the_key(tmp_path, good, section, key, value, expected):
+    if key is None:
+        good[section] = value
+    else:
+        good.setdefault(section, {})[key] = value
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, good))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  max_steps: 2\ntrain:\n  max_steps: 3\n", "duplicate key 'train' at line 3 (first at line 1)"),
+    ("train:\n  max_steps: 2\n  max_steps: 3\n", "duplicate key 'max_steps' at line 3 (first at line 2)"),
+    (b"base:\n  model: \xff\n", "not UTF-8 text (byte 15)"),
+    ("a: " + "[" * 5000 + "]" * 5000, "nested too deeply to be a recipe"),
+])
+def test_recipe_files_that_cannot_be_right_are_one_line(tmp_path, text, expected):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path, good):
+    """`<<:` merges are YAML's way of sharing defaults; a key they bring in may be set again."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(good).replace("train:\n  max_steps: 5\n", "train:\n  <<: {max_steps: 9}\n  max_steps: 5\n"))
+    assert load_recipe(path).train.max_steps == 5

@@ -64,7 +64,8 @@ def test_gptq_base_trains_and_is_detected_automatically(tmp_path, gptq_dir, chat
     recipe = recipe_from_dict(tiny_recipe(gptq_dir, *chat_files, tmp_path / "run", base={"quantization": "auto"},
                                           train={"max_steps": 12}))
     result = train(recipe, echo=lambda *a: None)
-    assert (tmp_path / "run" / "adapter" / "base_model.txt").read_text().splitlines()[2] == "gptq"
+    base = json.loads((tmp_path / "run" / "adapter" / "base.json").read_text())
+    assert (base["format"], base["asked_format"], base["settings"]["bits"]) == ("gptq", "auto", 4)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.25, losses

@@ -12,6 +12,7 @@ row and the field. An empty value is data, not a mistake: the row or turn is dro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -114,7 +115,11 @@ def convert(rows: Rows, fmt: str, stats: SourceStats) -> list[Item]:
     items: list[Item] = []
     for index, row in enumerate(rows):
         stats.rows_read += 1
-        item = convert_row(rows, index, row, stats)
+        try:
+            item = convert_row(rows, index, row, stats)
+        except _BadValue as bad:
+            stats.drop(str(bad))
+            continue
         if item is not None:
             items.append(item)
     stats.rows_kept = len(items)
@@ -128,21 +133,38 @@ def _field(rows: Rows, index: int, row: dict, name: str, fmt: str):
     return value
 
 
+class _BadValue(Exception):
+    """A value that is there but cannot be text (NaN, a lone surrogate): the row is dropped and counted."""
+
+
 def _text_value(rows: Rows, index: int, value, what: str) -> str:
-    """Strings pass; numbers become text (CSV columns are often typed); OpenAI-style part lists are joined."""
+    """Strings pass; numbers become text (CSV columns are often typed); OpenAI-style part lists are joined.
+
+    NaN/Infinity (a JSON file with NaN literals, a float column with gaps) would train on the text "nan", and
+    a lone surrogate cannot be encoded for the tokenizer: such rows are dropped with their reason."""
     if value is None:
         return ""
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadValue("invalid Unicode (a lone surrogate) in a text field") from None
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _BadValue("NaN or Infinity where text was expected")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         kinds = {p.get("type", "text") for p in value}
         if kinds <= {"text"}:
-            return "\n".join(str(p.get("text") or "") for p in value)
+            return "\n".join(_text_value(rows, index, p.get("text"), what) for p in value)
         raise UserError(f"{rows.where(index)}: {what} has non-text parts {sorted(kinds - {'text'})}; "
                         f"only text content is supported")
     raise UserError(f"{rows.where(index)}: {what} must be a string, got {type(value).__name__}")
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _turn_list(rows: Rows, index: int, row: dict, fmt: str, preferred: str, other: str) -> tuple[str, list]:
@@ -181,7 +203,7 @@ def _conversation(rows: Rows, index: int, raw_turns: list, col: str, fmt: str, r
         if role is None:
             # Tool calls, function results and invented speaker names have no place in a plain chat
             # template; dropping the turn keeps the rest of the conversation usable.
-            stats.unknown_roles[label or "(empty)"] += 1
+            stats.unknown_roles[_printable(label) or "(empty)"] += 1
             continue
         if label not in NATIVE_ROLES[fmt]:
             stats.roles_mapped[f"{label}->{role}"] += 1

@@ -62,7 +62,11 @@ def read_rows(spec: str, split: str = "train", max_examples: int | None = None, 
             raise UserError(f"{what}: '{spec}' has unsupported file type '{suffix or '(none)'}' "
                             f"(use {', '.join(FILE_TYPES)} or a hub dataset id)")
         if suffix in (".jsonl", ".json"):
-            return _read_json(path, spec, [split, *split_fallbacks], max_examples, what)
+            try:
+                return _read_json(path, spec, [split, *split_fallbacks], max_examples, what)
+            except RecursionError:
+                raise UserError(f"{what}: '{spec}' holds JSON nested too deeply to be rows of data "
+                                "(over ~1,000 levels)") from None
         return _read_with_datasets(spec, suffix[1:], str(path), split, (), max_examples, what)
     if path.suffix.lower() in FILE_TYPES or spec.startswith((".", "/", "~")):
         raise UserError(f"{what}: file '{spec}' not found")
@@ -77,7 +81,7 @@ def read_rows(spec: str, split: str = "train", max_examples: int | None = None, 
 
 def _read_text(path: Path, spec: str, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM some editors write is not part of the data
     except UnicodeDecodeError as e:
         raise UserError(f"{what}: '{spec}' is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -124,6 +128,9 @@ def _read_json_lines(text: str, spec: str, max_examples: int | None, what: str) 
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{what}: '{spec}' line {lineno} is not valid JSON (column {e.colno}: {e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{what}: '{spec}' line {lineno} is nested too deeply to be a row "
+                            "(over ~1,000 levels)") from None
         if not isinstance(row, dict):
             raise UserError(f"{what}: '{spec}' line {lineno} is a JSON {type(row).__name__}, expected an object")
         data.append(row)

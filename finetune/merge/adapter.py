@@ -1,26 +1,30 @@
 """What an adapter directory holds: its LoRA factors with their scaling, and the base it was trained on.
 
 Accepted inputs: a run directory (`runs/x`, holding `adapter/`), a final adapter directory (`runs/x/adapter`),
-or a checkpoint (`runs/x/checkpoint-20` or its `adapter/`). The base comes from `base_model.txt` (written next
-to the final adapter: recipe spec, local model dir, resolved quantization) or else from the run's
-`recipe.yaml`; `--base` replaces the model directory but never the quantization the adapter was trained on.
+or a checkpoint (`runs/x/checkpoint-20` or its `adapter/`). The base is the record training saved next to the
+final adapter (`base.json`, a quant.formats BaseSpec), else resolved again from an older adapter's positional
+`base_model.txt` (recipe spec, local model dir, resolved quantization) with the run's `recipe.yaml`, else from
+the recipe alone. `--base` replaces the model directory but never the format the adapter was trained on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, WandbConfig
+from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
 from quant.errors import UserError
+from quant.formats import registry as formats
+from quant.formats.base import BaseSpec, resolve_compute_dtype
+from quant.loading import materialize
 
 PEFT_PREFIX = "base_model.model."
+LEGACY_BASE_FILE = "base_model.txt"  # written by finetune before base.json; still read
 # LoRA variants whose merged form is not W + scale·B@A, or that carry weights outside lora_A/lora_B.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) rescales the merged weight by a learned magnitude",
@@ -54,21 +58,11 @@ class LoraFactors:
 
 
 @dataclass
-class BaseInfo:
-    spec: str  # what the recipe named (HF dir, hub id, .gguf, pkg:...)
-    model_dir: str  # local directory the merge reads
-    quantization: str  # nf4 | fp4 | int8 | gptq | none, as trained
-    double_quant: bool
-    quant_storage: str
-    compute_dtype: str  # the recipe's value, may be "auto"
-
-
-@dataclass
 class AdapterSource:
     adapter_dir: Path
     run_dir: Path | None
     config: dict  # adapter_config.json
-    base: BaseInfo
+    base: BaseSpec  # the base as trained; model_dir is the directory the merge reads
     loras: dict[str, LoraFactors]  # module name in the base model -> factors
     data: DataConfig | None  # the run's data section (default eval data of the report)
     train: TrainConfig | None
@@ -97,19 +91,6 @@ def _find_upwards(start: Path, name: str, levels: int = 2) -> Path | None:
     return None
 
 
-def _dataclass_from(cls, values: dict | None, where: str):
-    """A recipe section from a run's machine-written recipe.yaml, without re-checking that its files exist
-    (a merge may run from another directory or after the training data moved)."""
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown keys {unknown}; was it written by another version of finetune?")
-    if cls is TrackingConfig and isinstance(values.get("wandb"), dict):
-        values["wandb"] = _dataclass_from(WandbConfig, values["wandb"], where)
-    return cls(**values)
-
-
 def _read_recipe(path: Path | None) -> dict:
     if path is None:
         return {}
@@ -122,31 +103,33 @@ def _read_recipe(path: Path | None) -> dict:
     return data
 
 
-def _resolve_base(adapter_dir: Path, recipe: dict, recipe_path: Path | None, base_override: str | None) -> BaseInfo:
-    from finetune.model import resolve_quantization
-    from quant.loading import materialize
-
-    base_cfg = _dataclass_from(BaseConfig, recipe.get("base"), f"{recipe_path}: base")
-    lines_file = adapter_dir / "base_model.txt"
+def _legacy_base(adapter_dir: Path, base_cfg: BaseConfig, device: torch.device) -> BaseSpec:
+    """The record of an adapter written before base.json: `base_model.txt` (spec, trained directory, resolved
+    quantization) or else the run recipe's base section, resolved now as training resolved it."""
+    lines_file = adapter_dir / LEGACY_BASE_FILE
     lines = lines_file.read_text().splitlines() if lines_file.is_file() else []
     if len(lines) >= 3:
         spec, trained_dir, quantization = lines[0], lines[1], lines[2]
     elif base_cfg.model:
-        spec, trained_dir, quantization = base_cfg.model, "", ""
+        spec, trained_dir, quantization = base_cfg.model, "", base_cfg.quantization
     else:
-        raise UserError(f"{adapter_dir}: neither base_model.txt nor a run recipe.yaml says which base the adapter "
-                        "was trained on; merge works on adapters written by `finetune sft`")
+        raise UserError(f"{adapter_dir}: neither base.json, {LEGACY_BASE_FILE} nor a run recipe.yaml says which "
+                        "base the adapter was trained on; merge works on adapters written by `finetune sft`")
+    model_dir = trained_dir if trained_dir and Path(trained_dir).exists() else \
+        materialize(spec, "the adapter's base model")
+    return formats.resolve_base(spec, model_dir, quantization, base_cfg.double_quant, base_cfg.quant_storage,
+                                resolve_compute_dtype(base_cfg.compute_dtype, device))
+
+
+def _resolve_base(adapter_dir: Path, base_cfg: BaseConfig, base_override: str | None,
+                  device: torch.device) -> BaseSpec:
+    base = BaseSpec.read(adapter_dir) or _legacy_base(adapter_dir, base_cfg, device)
+    formats.base_format(base.format, f"{adapter_dir / BaseSpec.FILE}: format")  # one this version knows
     if base_override:
-        model_dir = materialize(base_override, "--base")
-    elif trained_dir and Path(trained_dir).exists():
-        model_dir = trained_dir
-    else:
-        model_dir = materialize(spec, "the adapter's base model")
-    if not quantization:
-        quantization = resolve_quantization(dataclasses.replace(base_cfg, model=spec), model_dir)
-    return BaseInfo(spec=spec if not base_override else base_override, model_dir=str(model_dir),
-                    quantization=quantization, double_quant=base_cfg.double_quant,
-                    quant_storage=base_cfg.quant_storage, compute_dtype=base_cfg.compute_dtype)
+        return replace(base, model=base_override, model_dir=materialize(base_override, "--base"))
+    if not Path(base.model_dir).exists():  # e.g. the GGUF conversion cache was cleared: convert again
+        return replace(base, model_dir=materialize(base.model, "the adapter's base model"))
+    return base
 
 
 def _check_config(config: dict, adapter_dir: Path) -> None:
@@ -208,8 +191,9 @@ def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
     return loras
 
 
-def read_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
-    """Everything the merge needs to know about the adapter at `path` (see the module docstring)."""
+def read_adapter(path: str | Path, base: str | None = None, device: torch.device | None = None) -> AdapterSource:
+    """Everything the merge needs to know about the adapter at `path` (see the module docstring). `device`
+    resolves an older adapter's `compute_dtype: auto` (default CPU)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such adapter or run directory")
@@ -218,12 +202,15 @@ def read_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     _check_config(config, adapter_dir)
     recipe_path = _find_upwards(adapter_dir, "recipe.yaml")
     recipe = _read_recipe(recipe_path)
-    base_info = _resolve_base(adapter_dir, recipe, recipe_path, base)
     where = str(recipe_path)
-    data = _dataclass_from(DataConfig, recipe["data"], f"{where}: data") if recipe.get("data") else None
-    train = _dataclass_from(TrainConfig, recipe["train"], f"{where}: train") if recipe.get("train") else None
-    tracking = _dataclass_from(TrackingConfig, recipe["tracking"], f"{where}: tracking") if recipe.get("tracking") \
-        else None
+
+    def section(cls, key):
+        return build_section(cls, recipe[key], key, where) if recipe.get(key) else None
+
+    base_cfg = section(BaseConfig, "base") or BaseConfig()
+    base_info = _resolve_base(adapter_dir, base_cfg, base, device or torch.device("cpu"))
+    data, train, tracking = section(DataConfig, "data"), section(TrainConfig, "train"), section(TrackingConfig,
+                                                                                                 "tracking")
     has_tokenizer = any((adapter_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     return AdapterSource(
         adapter_dir=adapter_dir,
@@ -238,12 +225,3 @@ def read_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
         tracking=tracking,
         tokenizer_dir=adapter_dir if has_tokenizer else Path(base_info.model_dir),
     )
-
-
-def recipe_base_config(source: AdapterSource) -> BaseConfig:
-    """The BaseConfig that rebuilds the trained base from `source.base.model_dir` (for the fidelity report)."""
-    b = source.base
-    return BaseConfig(model=b.model_dir, quantization=b.quantization, double_quant=b.double_quant,
-                      compute_dtype=b.compute_dtype, quant_storage=b.quant_storage)
-
-

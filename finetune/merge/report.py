@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data import build_datasets, collate
-from finetune.merge.adapter import AdapterSource, recipe_base_config
+from finetune.merge.adapter import AdapterSource
 from finetune.recipe import DataConfig
 from finetune.train.loss import IGNORE, model_inputs
 from quant.errors import UserError
-from quant.formats.bnb import keep_reference_layout
+from quant.formats.registry import output_format
 
 log = logging.getLogger(__name__)
 
@@ -66,35 +66,18 @@ def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tu
 
 
 def load_adapter_model(source: AdapterSource, device: torch.device):
-    """(b): the quantized base exactly as training built it, with the adapter; (a) is it with the adapter off."""
+    """(b): the quantized base exactly as training built it (its record), with the adapter; (a) is it with the
+    adapter off."""
     from finetune.model import load_adapter, load_base
 
-    base = load_base(recipe_base_config(source), device)
+    base = load_base(source.base, device)
     return load_adapter(base.model, source.adapter_dir).eval(), base.compute_dtype
 
 
 def load_merged(out_dir: Path, fmt: str, device: torch.device, dtype: torch.dtype):
-    """(c): the merged output loaded the way its users would (transformers, or our GPTQ loader), computing in
-    `dtype` like (b) so that the comparison measures the weights, not the arithmetic."""
-    from transformers import AutoModelForCausalLM
-
-    if fmt == "gptq":
-        from quant.model import load_gptq_model
-
-        return load_gptq_model(out_dir, device=device, dtype=dtype).eval()
-    if fmt in ("bf16", "fp16"):
-        return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype).to(device).eval()
-    # transformers keeps a pre-quantized bitsandbytes checkpoint's unquantized tensors in its stored dtype
-    # whatever `dtype` says, so move them (never the packed weights) and the 4-bit compute dtype explicitly.
-    model = AutoModelForCausalLM.from_pretrained(str(out_dir), device_map={"": str(device)})
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-        if type(m).__name__ == "Linear4bit":
-            m.compute_dtype = dtype
-    keep_reference_layout(model)  # else eval mode computes through bitsandbytes' CPU bf16 kernel
-    return model.eval()
+    """(c): the merged output loaded the way its users would (its format says how), computing in `dtype` like
+    (b) so that the comparison measures the weights, not the arithmetic."""
+    return output_format(fmt).load_merged(Path(out_dir), device, dtype)
 
 
 @torch.no_grad()
@@ -216,4 +199,5 @@ def log_to_wandb(source: AdapterSource, report: dict, fmt: str) -> None:
 
 
 def write_report(path: Path, report: dict) -> None:
+    """merge_report.json, inside the merge's staged output directory."""
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -13,11 +13,12 @@ from typing import Callable
 import torch
 
 from finetune.merge.adapter import LoraFactors
-from finetune.merge.source import BaseWeights, Unit
+from finetune.merge.source import Unit
 from quant.errors import UserError
+from quant.formats.base import Rebuilder
 
 
-def check_adapter_fits(loras: dict[str, LoraFactors], base: BaseWeights, n_layers: int) -> None:
+def check_adapter_fits(loras: dict[str, LoraFactors], base: Rebuilder, n_layers: int) -> None:
     """Every adapted module exists in the base with the weight shape the LoRA factors imply."""
     missing, wrong = [], []
     for module, f in sorted(loras.items()):
@@ -48,15 +49,15 @@ def merge_unit(tensors: dict[str, torch.Tensor], loras: dict[str, LoraFactors], 
     return merged
 
 
-def stream_units(base: BaseWeights, units: list[Unit], loras: dict[str, LoraFactors],
-                 encode: Callable[[Unit, dict], dict], write: Callable[[dict], None],
+def stream_units(base: Rebuilder, units: list[Unit], loras: dict[str, LoraFactors],
+                 encode: Callable[[int | None, dict], dict], write: Callable[[dict], None],
                  progress: Callable[[Unit], None] | None = None) -> int:
     """For each unit: base weights (rebuilt as trained) + LoRA -> encoder -> writer. Returns modules merged."""
     done = 0
     for unit in units:
-        tensors = base.load(unit)
+        tensors = base.load(unit.keys)
         done += len(merge_unit(tensors, loras, base.device))
-        write(encode(unit, tensors))
+        write(encode(unit.index, tensors))
         del tensors
         if progress is not None:
             progress(unit)

@@ -8,9 +8,9 @@ and accumulation split of the same global batch gives the same update.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +19,25 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.data import build_datasets, count_label_tokens
+from finetune.kernels import install_fast_path
 from finetune.model import attach_lora, count_parameters, load_base, memory_report
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.batches import BatchStream, eval_batches
-from finetune.train.checkpoint import TrainState, atomic_dir, list_checkpoints
+from finetune.train.checkpoint import TrainState, atomic_dir, write_text_atomic
+from finetune.train.diskspace import disk_space_guard, tensor_bytes
+from finetune.train.guard import NonFiniteGradient, check_loss, check_weights, stop as guard_stop
 from finetune.train.loss import causal_lm_loss, fusable_head
 from finetune.train.optim import build_optimizer, build_scheduler
+from finetune.train.resume import SCHEDULE, check_data, data_fingerprint, reapply_schedule
+from finetune.train.rundir import RunStart, prepare_run
 from finetune.train.runtime import Runtime
 from finetune.train.samples import generate_samples, prompts_from_examples
 from finetune.train.tracking import Tracker, format_metrics
 from quant.errors import UserError
+from quant.formats.base import BaseSpec
 
 log = logging.getLogger("finetune")
+DATA_REPORT = "data_report.json"  # in output.dir: DataReport.to_dict() of the run's data
 
 
 @dataclass
@@ -45,18 +52,32 @@ class TrainResult:
     tokens_per_s: float
 
 
-def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
-    started = time.perf_counter()
+def train(recipe: Recipe, resume: bool = False, echo=print, force: bool = False) -> TrainResult:
+    """Train as `recipe` says. `resume`: continue from the newest valid checkpoint in output.dir; `force`:
+    allow recipe changes that alter the rest of the trajectory (finetune/train/resume.py)."""
     rt = Runtime.create()
     say = echo if rt.is_main else (lambda *a, **k: None)
-    out_dir = Path(recipe.output.dir)
+    # The base resolved once (format, settings, weights, compute dtype); one this distributed setup cannot
+    # train is refused before output.dir is touched.
+    spec = rt.check_base(recipe.base)
+    start = prepare_run(recipe, rt, resume, force, say)  # output.dir checked and locked before anything loads
+    try:
+        return _train(recipe, rt, start, spec, say)
+    finally:
+        start.close()
+
+
+def _train(recipe: Recipe, rt: Runtime, start: RunStart, spec: BaseSpec, say) -> TrainResult:
+    started = time.perf_counter()
+    out_dir = start.out_dir
     cfg = recipe.train
     rt.seed_everything(cfg.seed)
 
-    rt.check_base(recipe.base)
-    base = load_base(recipe.base, rt.device)
+    base = load_base(spec, rt.device, recipe.base.attn_implementation)
     trainable_before, total = count_parameters(base.model)
     model = attach_lora(base.model, recipe.lora, cfg.gradient_checkpointing)
+    fast = install_fast_path(model, cfg, distributed=rt.world_size > 1, sharded=rt.shards_parameters)
+    say(f"fast path: {fast.summary()}")
     trainable, _ = count_parameters(model)
     mem = memory_report(model)
     say(f"base: {recipe.base.model} as {base.quantization} ({total / 1e6:.1f}M params, compute {base.compute_dtype}); "
@@ -85,21 +106,27 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
         if head is None:
             say(f"train.fused_cross_entropy: off ({why}); using the plain loss")
     autocast = base.compute_dtype if cfg.autocast and base.compute_dtype != torch.float32 else None
-    state = TrainState(world_size=rt.world_size)
-    checkpoints = list_checkpoints(out_dir)
-    if resume and checkpoints:
-        state = rt.load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        say(f"resumed from {checkpoints[-1]} (step {state.step} of {total_steps})")
-    elif resume:
-        say(f"--resume: no complete checkpoint in {out_dir}; starting from step 0")
-    elif checkpoints or (out_dir / "adapter").exists():
-        raise UserError(f"output.dir = '{out_dir}' already holds a run; pass --resume to continue it, "
-                        "or choose another output.dir")
+    fingerprint = data_fingerprint(data.train)
+    state = TrainState(world_size=rt.world_size, data_sha256=fingerprint)
+    if start.checkpoint is not None:
+        state = rt.load_checkpoint(start.checkpoint, model, optimizer, scheduler)
+        check_data(start.checkpoint, state.data_sha256, fingerprint)
+        state.data_sha256 = fingerprint
+        if SCHEDULE & set(start.forced):
+            reapply_schedule(optimizer, scheduler, cfg, total_steps)
+        say(f"resumed from {start.checkpoint} (step {state.step} of {total_steps})")
     resumed = state.step > 0
+    recipe_text = dump_recipe(recipe)
     tracker = Tracker(recipe, out_dir, resume_step=state.step if resumed else None, enabled=rt.is_main)
     if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        with disk_space_guard(out_dir / "recipe.yaml", len(recipe_text)):
+            write_text_atomic(out_dir / "recipe.yaml", recipe_text)
+            # What the data pipeline kept, dropped and cut, for `finetune report` (the log line says the same).
+            write_text_atomic(out_dir / DATA_REPORT, json.dumps(data.report.to_dict(), indent=2) + "\n")
+
+    def save_checkpoint() -> None:
+        check_weights(recipe, out_dir, state.step, model)  # a checkpoint is only ever written from finite weights
+        rt.save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg.save_total_limit, recipe_text)
 
     def evaluate() -> float | None:
         if data.eval is None:
@@ -134,6 +161,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
 
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
+    start.closers.append(bar.close)
     write = bar.write if rt.is_main else (lambda *a, **k: None)
     batches = stream.iterate(state.epoch, state.batch_offset)
     last_loss, run_tokens, run_time = None, 0, 0.0
@@ -153,10 +181,14 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
                 rt.backward(loss_sum * rt.world_size / max(global_labels, 1))
             step_loss += float(loss_sum.detach())
             step_tokens += batch["num_tokens"]
-        grad_norm = rt.step(model, optimizer, scheduler, cfg.max_grad_norm)
-        state.step += 1
         step_loss, step_tokens = rt.sum_across(step_loss, step_tokens)
         last_loss = step_loss / max(global_labels, 1)
+        check_loss(recipe, out_dir, state.step + 1, last_loss)  # the same on every rank: all stop together
+        try:
+            grad_norm = rt.step(model, optimizer, scheduler, cfg.max_grad_norm)
+        except NonFiniteGradient as e:
+            raise guard_stop(recipe, out_dir, state.step + 1, "the gradient norm", e.norm) from None
+        state.step += 1
         dt = time.perf_counter() - t0
         state.tokens_seen += step_tokens
         run_tokens += step_tokens
@@ -181,17 +213,19 @@ def train(recipe: Recipe, resume: bool = False, echo=print) -> TrainResult:
                 tracker.log(state.step, {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))})
                 write(f"step {state.step}: eval loss {ev:.4f}")
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step != total_steps:
-            rt.save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+            save_checkpoint()
     bar.close()
 
     eval_after = evaluate()
     if eval_after is not None:
         tracker.log(state.step, {"eval_loss": eval_after, "eval_ppl": math.exp(min(eval_after, 50))})
     adapter_dir = out_dir / "adapter"
-    rt.save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+    save_checkpoint()
     adapter_state = rt.full_adapter_state(model)
     if rt.is_main:
-        _save_final_adapter(rt.unwrap(model), base, recipe, adapter_dir, adapter_state)
+        trainable = [p for p in rt.unwrap(model).parameters() if p.requires_grad]
+        with disk_space_guard(adapter_dir, tensor_bytes(trainable) + 2**20):  # + tokenizer files
+            _save_final_adapter(rt.unwrap(model), base, recipe, adapter_dir, adapter_state)
     rt.barrier()
     wall = time.perf_counter() - started
     tps = run_tokens / max(run_time, 1e-9)
@@ -222,8 +256,7 @@ def _save_final_adapter(model, base, recipe: Recipe, adapter_dir: Path, adapter_
         model.save_pretrained(tmp, state_dict=adapter_state)
         base.tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        # The adapter names the base it was trained on; a GGUF base is named by its converted directory too.
-        (tmp / "base_model.txt").write_text(f"{recipe.base.model}\n{base.model_dir}\n{base.quantization}\n")
-    if adapter_dir.exists() and not (adapter_dir / "adapter_config.json").exists():
-        shutil.rmtree(adapter_dir)
-        raise RuntimeError(f"{adapter_dir}: adapter save produced no adapter_config.json")
+        # The adapter names the base it was trained on (base.json): format, settings, the converted GGUF dir.
+        base.spec.save(tmp)
+        if not (tmp / "adapter_config.json").exists():
+            raise RuntimeError(f"{adapter_dir}: adapter save produced no adapter_config.json")

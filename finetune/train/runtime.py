@@ -24,47 +24,12 @@ import numpy as np
 import torch
 
 from finetune.train import checkpoint as ckpt
+from finetune.train.diskspace import disk_space_guard, tensor_bytes
+from finetune.train.guard import finite_norm
+from finetune.train.state_io import StateFormatError, WeightsOnlyEngine
 from quant.errors import UserError
-
-_MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def sharding_problem(distributed_type: str, zero_stage: int, fsdp_version: int, mixed_precision: str,
-                     quantization: str, storage_dtype: torch.dtype) -> str | None:
-    """Why this base cannot train under this accelerate setup, or None; decided before any weight is loaded.
-
-    `mixed_precision` is what DeepSpeed/FSDP would cast parameters to ("no", "bf16", "fp16").
-    """
-    where = f"accelerate distributed_type {distributed_type}"
-    if distributed_type == "DEEPSPEED":
-        where += f" (ZeRO-{zero_stage})"
-    if distributed_type == "FSDP" and fsdp_version != 2:
-        return (f"{where}: only FSDP2 is supported with quantized bases; set fsdp_version: 2 in the accelerate "
-                "config (recipes/accelerate/fsdp.yaml)")
-    sharded = distributed_type == "FSDP" or (distributed_type == "DEEPSPEED" and zero_stage == 3)
-    four_bit = quantization in ("nf4", "fp4")
-    if sharded:
-        if quantization == "gptq":
-            return (f"{where} shards parameters, but a GPTQ base keeps its packed int32 weights in buffers, which "
-                    "are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
-                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
-        if quantization == "int8":
-            return (f"{where} cannot shard bitsandbytes int8 weights (integer parameters); use base.quantization: "
-                    "nf4 with base.quant_storage: auto, or DDP/ZeRO-2")
-        if four_bit and not storage_dtype.is_floating_point:
-            return (f"{where} cannot shard 4-bit weights stored as {_name(storage_dtype)}; "
-                    "set base.quant_storage: auto (stores them in the compute dtype)")
-    if mixed_precision != "no" and distributed_type in ("DEEPSPEED", "FSDP"):
-        cast = _MIXED[mixed_precision]
-        if quantization == "gptq" or (four_bit and storage_dtype.is_floating_point and storage_dtype != cast):
-            stored = "GPTQ scales" if quantization == "gptq" else f"4-bit weights stored as {_name(storage_dtype)}"
-            return (f"{where} with mixed_precision {mixed_precision} casts every float parameter to {_name(cast)}, "
-                    f"which would corrupt the {stored}; set mixed_precision: no (base.compute_dtype is the precision)")
-    return None
+from quant.formats.base import MIXED_PRECISION, BaseSpec, ShardingSetup
+from quant.formats.registry import sharding_problem
 
 
 def fill_deepspeed_config(config: dict, cfg, world_size: int) -> None:
@@ -131,7 +96,7 @@ class Runtime:
     @property
     def shards_parameters(self) -> bool:
         """ZeRO-3/FSDP: each rank holds a slice of every parameter; forwards gather them collectively."""
-        return self.distributed_type == "FSDP" or (self.distributed_type == "DEEPSPEED" and self.zero_stage == 3)
+        return ShardingSetup(self.distributed_type, self.zero_stage).shards_parameters
 
     @property
     def eval_split(self) -> tuple[int, int]:
@@ -143,28 +108,25 @@ class Runtime:
         kind = f"DeepSpeed ZeRO-{self.zero_stage}" if self.distributed_type == "DEEPSPEED" else self.distributed_type
         return f"{kind}, {self.world_size} process{'es' if self.world_size > 1 else ''} on {self.device.type}"
 
-    def check_base(self, base_cfg) -> None:
-        """Refuse, before loading weights, a base that this distributed setup cannot train.
+    def check_base(self, base_cfg) -> BaseSpec:
+        """Resolve the base once (its record: format, settings, local weights) and refuse, before loading any
+        weight, one that this distributed setup cannot train (its format says why).
 
-        Also has the main process convert a GGUF base (or fetch a hub one) into the cache before the other
-        ranks look for it. Loading itself must not be serialised: ZeRO-3 partitions while it loads.
+        The main process converts a GGUF base (or fetches a hub one) into the cache before the other ranks look
+        for it. Loading itself must not be serialised: ZeRO-3 partitions while it loads.
         """
-        if self.distributed_type == "NO":
-            return
-        from finetune.model import resolve_compute_dtype, resolve_quantization
-        from quant.loading import materialize
+        from finetune.model import resolve_base
 
         with self.main_process_first():
-            model_dir = materialize(base_cfg.model, "base.model")
-        if self.distributed_type not in ("DEEPSPEED", "FSDP"):
-            return
-        quantization = resolve_quantization(base_cfg, model_dir)
-        compute = resolve_compute_dtype(base_cfg.compute_dtype, self.device)
-        storage = compute if base_cfg.quant_storage == "auto" else getattr(torch, base_cfg.quant_storage)
-        problem = sharding_problem(self.distributed_type, self.zero_stage, self._fsdp_version(),
-                                   self._mixed_precision(), quantization, storage)
-        if problem:
-            raise UserError(problem)
+            spec = resolve_base(base_cfg, self.device)
+        if self.distributed_type in ("DEEPSPEED", "FSDP"):
+            problem = sharding_problem(spec, self.sharding_setup())
+            if problem:
+                raise UserError(problem)
+        return spec
+
+    def sharding_setup(self) -> ShardingSetup:
+        return ShardingSetup(self.distributed_type, self.zero_stage, self._fsdp_version(), self._mixed_precision())
 
     def _fsdp_version(self) -> int:
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
@@ -173,7 +135,7 @@ class Runtime:
     def _mixed_precision(self) -> str:
         if self.distributed_type == "DEEPSPEED":
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            for name in ("bf16", "fp16"):
+            for name in MIXED_PRECISION:
                 if str(ds.get(name, {}).get("enabled", False)).lower() == "true":
                     return name
             return "no"
@@ -239,14 +201,14 @@ class Runtime:
         """Clip, step the optimizer and the LR schedule, zero the gradients; return the pre-clip grad norm."""
         if self.engine is not None:
             self.engine.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes
-            norm = self.engine.get_global_grad_norm()
+            norm = finite_norm(self.engine.get_global_grad_norm())
         else:
-            norm = self._clip_grad_norm(model, max_grad_norm)
+            # Checked before stepping: a NaN/inf gradient would be written into every LoRA weight.
+            norm = finite_norm(self._clip_grad_norm(model, max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     def _clip_grad_norm(self, model, max_norm: float):
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
@@ -271,21 +233,36 @@ class Runtime:
                 return {n: p.detach().cpu().clone() for n, p in named}
         return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in named}
 
-    def save_checkpoint(self, out_dir: Path, model, optimizer, scheduler, state, keep: int) -> None:
-        """Write `checkpoint-<step>` atomically; every rank calls this (ranks write their own shards)."""
+    def save_checkpoint(self, out_dir: Path, model, optimizer, scheduler, state, keep: int,
+                        recipe_text: str | None = None) -> None:
+        """Write `checkpoint-<step>` all or nothing; every rank calls this (ranks write their own shards).
+
+        A checkpoint that already exists under that name (the one this run resumed from) is complete and is
+        never written again."""
+        final = Path(out_dir) / f"checkpoint-{state.step}"
+        if self.from_main(int(final.is_dir())):
+            if self.is_main:
+                ckpt.prune_checkpoints(Path(out_dir), keep)
+            self.barrier()
+            return
         adapter = self.full_adapter_state(model)
         optimizer_state = self._full_optimizer_state(model, optimizer)
-        final = Path(out_dir) / f"checkpoint-{state.step}"
-        with ckpt.shared_atomic_dir(final, self.is_main, self.barrier) as tmp:
-            torch.save(ckpt.rng_state(), tmp / ckpt.rng_file(self.rank, self.world_size))
-            if self.engine is not None:
-                # ZeRO partitions the optimizer state (and master weights) per rank; DeepSpeed writes each part.
-                self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
-                                            exclude_frozen_parameters=True)
+        trainable = [p for p in self.unwrap(model).parameters() if p.requires_grad]
+        needed = 3 * tensor_bytes(trainable) + 2**16  # adapter + two Adam moments + small files
+        with disk_space_guard(final, needed):
+            seal = lambda tmp: ckpt.write_manifest(tmp, state.step)  # noqa: E731
+            with ckpt.shared_atomic_dir(final, self.is_main, self.barrier, seal=seal) as tmp:
+                ckpt.write_rng(tmp, self.rank, self.world_size)
+                if self.engine is not None:
+                    # ZeRO partitions the optimizer state (and master weights) per rank; DeepSpeed writes each
+                    # part with torch.save, and load_checkpoint reads them back weights-only.
+                    self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
+                                                exclude_frozen_parameters=True)
+                if self.is_main:
+                    ckpt.write_state_files(tmp, self.unwrap(model), optimizer_state, scheduler, state, adapter,
+                                           recipe_text)
             if self.is_main:
-                ckpt.write_state_files(tmp, self.unwrap(model), optimizer_state, scheduler, state, adapter)
-        if self.is_main:
-            ckpt.prune_checkpoints(Path(out_dir), keep)
+                ckpt.prune_checkpoints(Path(out_dir), keep)
         self.barrier()
 
     def _full_optimizer_state(self, model, optimizer) -> dict | None:
@@ -301,16 +278,21 @@ class Runtime:
 
     def load_checkpoint(self, path: Path, model, optimizer, scheduler):
         """Restore everything `save_checkpoint` wrote into this rank; refuses a different world size."""
-        saved = ckpt.read_train_state(path).world_size
-        if saved != self.world_size:
-            raise UserError(f"{path} was written by {saved} processes; resume it with the same number "
-                            f"(this run has {self.world_size})")
+        ckpt.check_world_size(path, self.world_size)
         if self.engine is not None:
             # Restores the LoRA weights (fp32 masters included) and the per-rank optimizer partitions.
-            loaded, _ = self.engine.load_checkpoint(str(Path(path) / "deepspeed"), tag="state",
-                                                    load_module_strict=False, load_lr_scheduler_states=False)
+            # DeepSpeed would unpickle its files with weights_only=False; ours reads them as data only.
+            inner = self.engine.checkpoint_engine
+            self.engine.checkpoint_engine = WeightsOnlyEngine(inner)
+            try:
+                loaded, _ = self.engine.load_checkpoint(str(Path(path) / "deepspeed"), tag="state",
+                                                        load_module_strict=False, load_lr_scheduler_states=False)
+            except StateFormatError as e:
+                raise UserError(f"{path}/deepspeed: {e}") from None
+            finally:
+                self.engine.checkpoint_engine = inner
             if loaded is None:
-                raise RuntimeError(f"{path}: DeepSpeed found no state to load")
+                raise UserError(f"{path}: DeepSpeed found no state to load in {path}/deepspeed")
             return ckpt.load_checkpoint(path, None, None, scheduler, self.rank)
         if self.distributed_type == "FSDP":
             return self._load_fsdp(path, model, optimizer, scheduler)
@@ -328,11 +310,11 @@ class Runtime:
         for name in names:
             key = name.replace(".default.", ".")
             if key not in weights:
-                raise RuntimeError(f"{path}/adapter: no tensor for {name}")
+                raise UserError(f"{path}/adapter: no tensor for {name}")
             full[name] = weights[key]
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, full, options=options)
-        optim = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False)
+        optim = ckpt.load_optimizer_state(Path(path))
         set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=optim, options=options)
         return ckpt.load_checkpoint(path, None, None, scheduler, self.rank)
 
@@ -343,6 +325,10 @@ class Runtime:
         t = torch.tensor([float(value), float(count)], dtype=torch.float64, device=self.device)
         t = self.accelerator.reduce(t, reduction="sum")
         return float(t[0]), int(round(float(t[1])))
+
+    def from_main(self, value: int) -> int:
+        """The main process's `value` on every rank (a collective: every rank must call it)."""
+        return self.sum_across(0.0, value if self.is_main else 0)[1]
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from finetune.recipe import Recipe
+from finetune.train.diskspace import disk_space_guard
+from quant.files import write_text
 
 
 class Tracker:
@@ -31,12 +33,13 @@ class Tracker:
             self.wandb_run = self._start_wandb(recipe, resume=resume_step is not None)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines a crashed run logged past the checkpoint we resume from, so each step appears once."""
+        """Drop lines a crashed run logged past the checkpoint we resume from, so each step appears once, and
+        a line torn by a kill mid-write. The file is replaced whole, never rewritten in place."""
         if not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in self.metrics_path.read_text(errors="replace").splitlines()
+                if (record := _record(line)) is not None and record.get("step", 0) <= step]
+        write_text(self.metrics_path, "".join(line + "\n" for line in keep))  # a crash here loses no line
 
     def _start_wandb(self, recipe: Recipe, resume: bool):
         import wandb
@@ -56,15 +59,16 @@ class Tracker:
             id=run_id,
             resume="allow" if run_id else None,
         )
-        id_file.write_text(run.id)
+        write_text(id_file, run.id)
         return run
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with disk_space_guard(self.metrics_path, len(line)), open(self.metrics_path, "a") as f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
         if self.wandb_run is not None:
@@ -79,6 +83,15 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _record(line: str) -> dict | None:
+    """A metrics line as a dict, or None for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step", 0), int) else None
 
 
 def _clean(value):

@@ -1,6 +1,13 @@
-"""bitsandbytes NF4/FP4 layers as we train, merge and evaluate them: always in bitsandbytes' reference layout.
+"""bitsandbytes formats: NF4/FP4 (`Linear4bit`) and LLM.int8 (`Linear8bitLt`), as training bases (quantized
+while the float checkpoint loads) and as merge outputs (bitsandbytes' own serialization, which transformers loads
+with no extra arguments).
 
-Why this module exists: bitsandbytes >= 0.49 `Linear4bit.forward`, on a CPU with AVX512-BF16, in eval mode and
+A bitsandbytes base is never stored quantized, so the merge rebuilds the weight training saw one tensor at a time
+from the float checkpoint, with the settings the base was loaded with: NF4/FP4 cast to the compute dtype and
+quantized in blocks of `BLOCKSIZE` with the base's double quantization and storage dtype; int8 through fp16, as
+`Int8Params` does. Tests compare both rebuilds bit for bit with the layers training builds.
+
+The reference layout. bitsandbytes >= 0.49 `Linear4bit.forward`, on a CPU with AVX512-BF16, in eval mode and
 on an input without grad, converts its packed weight *in place* into a CPU-specific layout for a bf16 kernel
 (`_convert_weight_packed_for_cpu`) and never converts it back when the module returns to `train()`. After one
 evaluation every later forward computes through that bf16 kernel (fp32 compute is no longer fp32) and the backward
@@ -15,7 +22,18 @@ Every path that builds bitsandbytes layers for training, merging or evaluation c
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
+from torch import nn
+
+from quant.formats.base import BaseSpec, EncodeRequest, Format, LinearEncoder, Rebuilder, dtype_name
+
+# On an AVX512-BF16 CPU, importing bitsandbytes tries to fetch a hub kernel for that bf16 path and warns
+# ("Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels") when it cannot. Our
+# layers never take the path (below), so the advice would only mislead; set before bitsandbytes is imported.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # The per-layer attribute bitsandbytes' Linear4bit.forward checks before converting (bitsandbytes 0.49-0.50).
 _CPU_PACKING_FLAG = "support_avx512bf16_for_cpu"
@@ -71,3 +89,261 @@ def _version() -> str:
     import bitsandbytes
 
     return getattr(bitsandbytes, "__version__", "?")
+
+
+# ------------------------------------------------------------------------------------------ the formats
+
+BLOCKSIZE = 64  # NF4/FP4 quantization block: what transformers' Linear4bit uses, for training and outputs
+
+
+def storage_dtype(quant_storage: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype 4-bit weights are packed into: `auto` = the compute dtype (shardable by ZeRO-3/FSDP)."""
+    return compute if quant_storage == "auto" else getattr(torch, quant_storage)
+
+
+def bnb_linear_names(model: nn.Module, skip_modules=None) -> set[str]:
+    """Linear modules that transformers replaces by bitsandbytes layers (same rule and skip list as it uses)."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from quant.errors import UserError
+
+    keep = HfQuantizer.get_modules_to_not_convert(model, skip_modules, getattr(model, "_keep_in_fp32_modules", None))
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            raise UserError(f"{type(model).__name__} uses GPT-2 style Conv1D layers ({name}); merge supports "
+                            "nn.Linear models")
+        if type(module) is nn.Linear and should_convert_module(name, keep):
+            names.add(name)
+    return names
+
+
+def _quantize_4bit(W: torch.Tensor, quant_type: str, double_quant: bool, dtype: torch.dtype,
+                   quant_storage: torch.dtype):
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.quantize_4bit(W.to(dtype).contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                              quant_type=quant_type, quant_storage=quant_storage)
+
+
+def rebuild_4bit(W: torch.Tensor, quant_type: str, double_quant: bool, dtype: torch.dtype,
+                 quant_storage: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The NF4/FP4 weight a bitsandbytes Linear4bit holds for float weight W, dequantized, in `dtype`."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(*_quantize_4bit(W, quant_type, double_quant, dtype, quant_storage))
+
+
+def _quantize_int8(W: torch.Tensor):
+    import bitsandbytes.functional as bnbf
+
+    CB, SCB, _ = bnbf.int8_vectorwise_quant(W.to(torch.float16).contiguous())  # through fp16, as Int8Params does
+    return CB, SCB
+
+
+def rebuild_int8(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The LLM.int8 weight (row-wise absmax int8, quantized from fp16 as Int8Params does), dequantized in fp32
+    the way peft's merge and bitsandbytes' CPU matmul do (int8_vectorwise_dequant)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.int8_vectorwise_dequant(*_quantize_int8(W.to(dtype)))
+
+
+class _BnbRebuilder(Rebuilder):
+    def __init__(self, ckpt, device, names: set[str], rebuild):
+        super().__init__(ckpt, device)
+        self.names, self.rebuild = names, rebuild
+
+    @torch.no_grad()
+    def load(self, keys):
+        out = super().load(keys)
+        for key in keys:
+            module, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module in self.names:
+                out[key] = self.rebuild(out[key])
+        return out
+
+
+class Bnb4Encoder(LinearEncoder):
+    """bitsandbytes 4-bit serialization (docs/quantized-formats.md B1): `<m>.weight` packed uint8 plus
+    `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
+    `weight.quant_state.bitsandbytes__<type>`. Quantizing the weight cast to `dtype` is what
+    `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` does to a `dtype`
+    checkpoint, so the file equals the ecosystem's own conversion of the merged model."""
+
+    def __init__(self, names, dtype, fmt: "Bnb4Format"):
+        super().__init__(names, dtype, fmt.name)
+        self.fmt = fmt
+
+    def encode_weight(self, module, weight):
+        q, state = _quantize_4bit(weight, self.fmt.name, True, self.dtype, torch.uint8)
+        key = f"{module}.weight"
+        return {key: q, **{f"{key}.{part}": value for part, value in state.as_dict(packed=True).items()}}
+
+    def quantization_config(self):
+        return self.fmt.bnb_config(self.dtype, double_quant=True, storage=torch.uint8).to_dict()
+
+
+class Int8Encoder(LinearEncoder):
+    """LLM.int8 serialization (B5): `<m>.weight` int8 row-major, `<m>.SCB` fp32, `<m>.weight_format` = 0."""
+
+    def __init__(self, names, dtype, fmt: "Int8Format"):
+        super().__init__(names, dtype, fmt.name)
+        self.fmt = fmt
+
+    def encode_weight(self, module, weight):
+        CB, SCB = _quantize_int8(weight)
+        return {f"{module}.weight": CB, f"{module}.SCB": SCB.float(),
+                f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}  # row-major, the only kind loaded
+
+    def quantization_config(self):
+        return self.fmt.bnb_config(self.dtype).to_dict()
+
+
+class _BnbFormat(Format):
+    base = output = True
+
+    def bnb_config(self, compute: torch.dtype, double_quant: bool = True, storage: torch.dtype = torch.uint8):
+        raise NotImplementedError
+
+    def _spec_config(self, spec: BaseSpec):
+        raise NotImplementedError
+
+    def load(self, spec, device, attn_implementation=None):
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        kwargs = {"dtype": spec.dtype, "attn_implementation": attn_implementation,
+                  "quantization_config": self._spec_config(spec)}
+        # bitsandbytes quantizes while moving weights to their device, so the map must be explicit; except
+        # under DeepSpeed ZeRO-3, where transformers refuses a map and uses the current device.
+        if not is_deepspeed_zero3_enabled():
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, **kwargs)
+        # Before any forward: an eval pass would otherwise convert 4-bit weights to a CPU bf16 layout for good.
+        keep_reference_layout(model)
+        if torch.device(device).type == "cpu":
+            _own_unquantized_tensors(model)
+        return model
+
+    def same_grid(self, base):
+        return base is self
+
+    def load_merged(self, out_dir: Path, device, dtype):
+        from transformers import AutoModelForCausalLM
+
+        # transformers keeps a pre-quantized bitsandbytes checkpoint's unquantized tensors in its stored dtype
+        # whatever `dtype` says, so move them (never the packed weights) and the 4-bit compute dtype explicitly.
+        model = AutoModelForCausalLM.from_pretrained(str(out_dir), device_map={"": str(device)})
+        for m in model.modules():
+            for p in m.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            if type(m).__name__ == "Linear4bit":
+                m.compute_dtype = dtype
+        keep_reference_layout(model)  # else eval mode computes through bitsandbytes' CPU bf16 kernel
+        return model.eval()
+
+
+def _own_unquantized_tensors(model: nn.Module) -> None:
+    """Copy the tensors that stay unquantized (embeddings, norms, LM head) out of the checkpoint file.
+
+    On CPU, with the file's dtype, transformers leaves them as views of the memory-mapped safetensors file, which
+    then stays mapped for the whole run with every page the quantization read resident: SmolLM2's fp32 file kept
+    ~400 MiB of RSS for ~110 MiB of such tensors.
+    """
+    quantized = tuple(t for t in (_params_type("Params4bit"), _params_type("Int8Params")) if t is not None)
+    for module in model.modules():
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if tensor.is_floating_point() and not isinstance(tensor, quantized):
+                tensor.data = tensor.data.clone()
+
+
+def _params_type(name: str):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return getattr(bnb.nn, name, None)
+
+
+class Bnb4Format(_BnbFormat):
+    """NF4 or FP4 (bitsandbytes Linear4bit), with double quantization and a storage dtype."""
+
+    def stores(self, config):
+        qc = config.get("quantization_config") or {}
+        return (qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+                and qc.get("bnb_4bit_quant_type", "fp4") == self.name)
+
+    summary = f"bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize {BLOCKSIZE})"
+
+    def __init__(self, quant_type: str):
+        self.name = quant_type
+
+    def bnb_config(self, compute, double_quant=True, storage=torch.uint8):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.name,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute,
+                                  bnb_4bit_quant_storage=storage)
+
+    def settings(self, model_dir, double_quant, quant_storage, compute_dtype):
+        return {"double_quant": bool(double_quant),
+                "quant_storage": dtype_name(storage_dtype(quant_storage, compute_dtype))}
+
+    def _storage(self, spec: BaseSpec) -> torch.dtype:
+        return getattr(torch, spec.settings.get("quant_storage", "uint8"))
+
+    def _spec_config(self, spec):
+        return self.bnb_config(spec.dtype, spec.settings.get("double_quant", True), self._storage(spec))
+
+    def rebuilder(self, spec, ckpt, model, device):
+        double_quant, storage = spec.settings.get("double_quant", True), self._storage(spec)
+        return _BnbRebuilder(ckpt, device, bnb_linear_names(model),
+                             lambda W: rebuild_4bit(W, self.name, double_quant, spec.dtype, storage))
+
+    def sharding_problem(self, spec, setup):
+        storage = self._storage(spec)
+        if setup.shards_parameters and not storage.is_floating_point:
+            return (f"{setup.where} cannot shard 4-bit weights stored as {dtype_name(storage)}; "
+                    "set base.quant_storage: auto (stores them in the compute dtype)")
+        cast = setup.cast_dtype
+        if cast is not None and storage.is_floating_point and storage != cast:
+            return setup.cast_problem(f"4-bit weights stored as {dtype_name(storage)}")
+        return None
+
+    def encoder(self, request: EncodeRequest):
+        return Bnb4Encoder(bnb_linear_names(request.model), request.dtype, self)
+
+
+class Int8Format(_BnbFormat):
+    """LLM.int8 (bitsandbytes Linear8bitLt): integer parameters, which ZeRO-3/FSDP cannot shard."""
+
+    name = "int8"
+    summary = "bitsandbytes LLM.int8 serialization (weight int8 + SCB)"
+
+    def stores(self, config):
+        qc = config.get("quantization_config") or {}
+        return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_8bit"))
+
+    def bnb_config(self, compute, double_quant=True, storage=torch.uint8):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True)
+
+    def _spec_config(self, spec):
+        return self.bnb_config(spec.dtype)
+
+    def rebuilder(self, spec, ckpt, model, device):
+        return _BnbRebuilder(ckpt, device, bnb_linear_names(model), lambda W: rebuild_int8(W, spec.dtype))
+
+    def sharding_problem(self, spec, setup):
+        if setup.shards_parameters:
+            return (f"{setup.where} cannot shard bitsandbytes int8 weights (integer parameters); use "
+                    "base.quantization: nf4 with base.quant_storage: auto, or DDP/ZeRO-2")
+        return None
+
+    def encoder(self, request):
+        return Int8Encoder(bnb_linear_names(request.model), request.dtype, self)

@@ -1,130 +1,29 @@
-"""GPTQ on-disk format (docs/quantized-formats.md section A): bit packing, zero-point conventions,
-writing a checkpoint directory atomically and reading a checkpoint's quantization_config.
-
-Packing is one LSB-first bit stream per column (qweight) or per row (qzeros): value j of every run of
-32 values starts at bit bits·j of `bits` consecutive int32 words. For 2/4/8 bits no value straddles a
-word, which reproduces the per-word layout of the doc; for 3 bits it is exactly the doc's 3-word scheme.
+"""GPTQ (docs/quantized-formats.md section A): the checkpoint's quantization_config, writing a checkpoint
+directory, and the GPTQ format object: a training base loaded from its packed tensors (our `QuantLinear`) and a
+merge output requantized by our GPTQ on the merged model's own activations (`quant.formats.gptq_encode`).
+Bit packing and zero points are in `quant.formats.gptq_pack`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from quant.errors import UserError
-from quant.files import publish
+from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, disk_needed, staged
+from quant.formats.base import REQUIRED, EncodeRequest, Format, Rebuilder, option
+from quant.formats.gptq_pack import V1, resolve_checkpoint_format, zero_offset
+from quant.gptq import METHODS
 
-FORMATS = ("gptq", "gptq_v2")
-_WORD = 32
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"unsupported bit width {bits}")
+QUANT_METHOD = "gptq"
+PARTS = ("qweight", "qzeros", "scales", "g_idx")  # the tensors of one packed Linear
 
 
-def packed_len(n: int, bits: int) -> int:
-    """Words needed for n values; n must fill whole words (and whole 32-value runs for 3 bits)."""
-    _check_bits(bits)
-    unit = _WORD if bits == 3 else _WORD // bits
-    if n % unit:
-        raise ValueError(f"{n} values cannot be packed at {bits} bits: need a multiple of {unit}")
-    return n * bits // _WORD
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """int64 holding unsigned 32-bit patterns -> the same bits as int32 (two's complement)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def pack_rows(Q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes Q [R, C] along dim 0 into int32 [R·bits/32, C]."""
-    R, C = Q.shape
-    n_words = packed_len(R, bits)
-    q = Q.to(torch.int64) & (2**bits - 1)
-    if bits != 3:
-        per = _WORD // bits
-        q = q.reshape(R // per, per, C)
-        shifts = (torch.arange(per, device=Q.device) * bits).view(1, per, 1)
-        return _to_int32((q << shifts).sum(dim=1))
-    q = q.reshape(R // _WORD, _WORD, C)
-    words = torch.zeros(n_words // 3, 3, C, dtype=torch.int64, device=Q.device)
-    for j in range(_WORD):
-        bit = bits * j
-        w, s = divmod(bit, _WORD)
-        words[:, w] |= (q[:, j] << s) & 0xFFFFFFFF
-        if s + bits > _WORD:  # the value straddles into the next word
-            words[:, w + 1] |= q[:, j] >> (_WORD - s)
-    return _to_int32(words.view(-1, C))
-
-
-def unpack_rows(P: torch.Tensor, bits: int, rows: int | None = None) -> torch.Tensor:
-    """Inverse of pack_rows: int32 [R·bits/32, C] -> int32 codes [R, C] (R = rows, default all)."""
-    _check_bits(bits)
-    W, C = P.shape
-    mask = 2**bits - 1
-    if bits != 3:
-        per = _WORD // bits
-        shifts = (torch.arange(per, device=P.device, dtype=torch.int32) * bits).view(1, per, 1)
-        # int32 arithmetic shifts sign-extend, but the mask drops everything above the field.
-        q = ((P.to(torch.int32).unsqueeze(1) >> shifts) & mask).reshape(W * per, C)
-    else:
-        words = (P.to(torch.int64) & 0xFFFFFFFF).view(W // 3, 3, C)
-        q = torch.empty(W // 3, _WORD, C, dtype=torch.int32, device=P.device)
-        for j in range(_WORD):
-            w, s = divmod(bits * j, _WORD)
-            v = words[:, w] >> s
-            if s + bits > _WORD:
-                v = v | (words[:, w + 1] << (_WORD - s))
-            q[:, j] = v & mask
-        q = q.view(-1, C)
-    return q if rows is None else q[:rows]
-
-
-def pack_cols(Z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack Z [R, C] along dim 1 (the qzeros layout) into int32 [R, C·bits/32]."""
-    return pack_rows(Z.T.contiguous(), bits).T.contiguous()
-
-
-def unpack_cols(P: torch.Tensor, bits: int, cols: int | None = None) -> torch.Tensor:
-    return unpack_rows(P.T.contiguous(), bits, cols).T.contiguous()
-
-
-def zero_offset(checkpoint_format: str) -> int:
-    """What readers add to a stored zero: v1 stores z - 1 (doc A3)."""
-    if checkpoint_format not in FORMATS:
-        raise UserError(f"unknown GPTQ checkpoint_format {checkpoint_format!r}; expected one of {', '.join(FORMATS)}")
-    return 1 if checkpoint_format == "gptq" else 0
-
-
-def encode_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str) -> torch.Tensor:
-    """Real zero points [G, N] -> packed qzeros in the given format."""
-    stored = zeros.to(torch.int64) - zero_offset(checkpoint_format)
-    if stored.min() < 0:
-        raise ValueError("zero point 0 cannot be stored in GPTQ v1; write gptq_v2 (doc A3 hazard)")
-    return pack_cols(stored, bits)
-
-
-def decode_zeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str, cols: int | None = None) -> torch.Tensor:
-    """Packed qzeros -> real zero points (int32). A v1 field 2^b-1 decodes to 2^b, as vLLM and
-    AutoGPTQ's qlinear_cuda read it; we never write such a field."""
-    return unpack_cols(qzeros, bits, cols) + zero_offset(checkpoint_format)
-
-
-def convert_qzeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> torch.Tensor:
-    """Re-encode packed zeros between v1 and v2 field by field (no word arithmetic: 3-bit fields straddle)."""
-    if src == dst:
-        return qzeros
-    z = decode_zeros(qzeros, bits, src)
-    return encode_zeros(z, bits, dst)
-
-
-def quantization_config(cfg, checkpoint_format: str = "gptq", tool: str = "qlora-finetune") -> dict:
+def quantization_config(cfg, checkpoint_format: str = V1, tool: str = "qlora-finetune") -> dict:
     """The block written to config.json and quantize_config.json (doc A6 recommendation, plus meta)."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -134,7 +33,7 @@ def quantization_config(cfg, checkpoint_format: str = "gptq", tool: str = "qlora
         ver = "0"
     zero_offset(checkpoint_format)
     return {
-        "quant_method": "gptq",
+        "quant_method": QUANT_METHOD,
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "desc_act": cfg.desc_act,
@@ -167,12 +66,12 @@ def read_quant_config(path: str | os.PathLike) -> dict:
             raw = json.loads((path / name).read_text())
     if raw is None:
         raise UserError(f"{path}: no quantization_config in config.json and no quantize_config.json; not a GPTQ checkpoint")
-    method = raw.get("quant_method", "gptq")
-    if method != "gptq":
-        raise UserError(f"{path}: quant_method is {method!r}, expected 'gptq'")
+    method = raw.get("quant_method", QUANT_METHOD)
+    if method != QUANT_METHOD:
+        raise UserError(f"{path}: quant_method is {method!r}, expected {QUANT_METHOD!r}")
     if "bits" not in raw and "w_bit" not in raw:
         raise UserError(f"{path}: quantization_config has no 'bits'")
-    fmt = raw.get("checkpoint_format") or raw.get("format") or "gptq"
+    fmt = raw.get("checkpoint_format") or raw.get("format") or V1
     if raw.get("is_marlin_format"):
         raise UserError(f"{path}: marlin-repacked GPTQ checkpoints are not supported; use the original gptq checkpoint")
     zero_offset(fmt)
@@ -189,65 +88,171 @@ def read_quant_config(path: str | os.PathLike) -> dict:
     return out
 
 
-def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, cur, size = [], {}, 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = t, size + n
-    if cur:
-        shards.append(cur)
-    return shards
-
-
 def write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config_dict: dict, qconfig: dict,
-                     extra_dir_writer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write tensors + config.json + quantize_config.json to a temp dir, then rename it to out_dir.
+                     extra_dir_writer=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write tensors + config.json + quantize_config.json to a staged directory renamed to out_dir when complete.
 
     `extra_dir_writer(tmp_dir)` adds files such as the tokenizer before the rename. An existing out_dir
     is replaced only after the new one is complete.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        shards = _shard({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata=meta)
-                for k, v in shard.items():
-                    weight_map[k] = name
-                    total += v.numel() * v.element_size()
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config_dict = dict(config_dict, quantization_config=qconfig)
-        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-        (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with staged(out, need=disk_needed(total, max_shard_bytes)) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        try:
+            for k, v in tensors.items():
+                writer.add({k: v})
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_quant_config(tmp, dict(config_dict, quantization_config=qconfig), qconfig)
         if extra_dir_writer is not None:
             extra_dir_writer(tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no .safetensors weights found")
-    return files
+def write_quant_config(directory: Path, config_dict: dict | None, qconfig: dict) -> None:
+    """config.json (when given) and quantize_config.json, repeated for AutoGPTQ-style readers (doc A6)."""
+    if config_dict is not None:
+        (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    (directory / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
+
+
+def base_gptq_config(settings: dict):
+    """The GPTQConfig a checkpoint was quantized with, from its normalized settings (`read_quant_config`)."""
+    from quant.gptq import GPTQConfig
+
+    return GPTQConfig(bits=settings["bits"], group_size=settings["group_size"], desc_act=settings["desc_act"],
+                      sym=settings["sym"], damp_percent=settings["damp_percent"],
+                      static_groups=settings["static_groups"], true_sequential=settings["true_sequential"],
+                      mse=settings["mse"])
+
+
+def dequantize_gptq(parts: dict[str, torch.Tensor], bits: int, zero_offset: int) -> torch.Tensor:
+    """nn.Linear-layout fp32 weight [out, in] of one GPTQ layer from qweight/qzeros/scales/g_idx."""
+    from quant.kernels.torch_ref import gptq_dequantize
+
+    return gptq_dequantize(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], bits, zero_offset,
+                           out_dtype=torch.float32).T.contiguous()
+
+
+class _GPTQRebuilder(Rebuilder):
+    """Packed layers come back dequantized (quant's reference kernel) as `<module>.weight` in fp32."""
+
+    def __init__(self, ckpt, device):
+        super().__init__(ckpt, device)
+        q = read_quant_config(ckpt.path)
+        self.bits, self.zero_offset = q["bits"], zero_offset(q["checkpoint_format"])
+
+    def weight_shape(self, module):
+        if f"{module}.qweight" in self.ckpt.file_of:
+            return self.ckpt.shape(f"{module}.scales")[1], self.ckpt.shape(f"{module}.g_idx")[0]
+        return super().weight_shape(module)
+
+    @torch.no_grad()
+    def load(self, keys):
+        out, packed = {}, {}
+        for key, t in super().load(keys).items():
+            module, _, leaf = key.rpartition(".")
+            if leaf in PARTS:
+                packed.setdefault(module, {})[leaf] = t
+            else:
+                out[key] = t
+        for module, parts in packed.items():
+            missing = [p for p in PARTS if p not in parts]
+            if missing:
+                raise UserError(f"{self.ckpt.path}: GPTQ layer {module} lacks {missing}")
+            out[f"{module}.weight"] = dequantize_gptq(parts, self.bits, self.zero_offset)
+        return out
+
+
+@dataclass
+class GPTQOptions:
+    method: str | None = option("gptq (default) or round-to-nearest (no calibration)", str, METHODS)
+    bits: int | None = option("default: the GPTQ base's, else 4", int, (2, 3, 4, 8))
+    group_size: int | None = option("default: the GPTQ base's, else 128; -1 = one group per row", int)
+    desc_act: bool | None = option("act-order; default: the GPTQ base's, else off", bool)
+
+
+class GPTQFormat(Format):
+    name = "gptq"
+    label = "GPTQ"
+    summary = ("our GPTQ on --calib data, run on the merged model's own activations layer by layer (default "
+               "settings: those of a GPTQ base, or 4-bit g128 symmetric); --method rtn for round-to-nearest (no "
+               "calibration). Loads with quant.model.load_gptq_model, transformers + GPTQModel/optimum and vLLM "
+               "(docs/quantized-formats.md A).")
+    base = output = True
+    quant_method = QUANT_METHOD
+    gpu_compute_dtype = torch.float16  # the GPTQ GPU kernels (ours, vLLM's) run in fp16
+    stored_quantized = True
+    options = GPTQOptions
+    default_dtype = torch.float16  # what GPTQ readers, vLLM's kernels among them, expect
+    calib_hint = ", or use --method rtn"
+
+    def declares(self, quantization_config, model_dir):
+        if super().declares(quantization_config, model_dir):
+            return True
+        # AutoGPTQ-era directories: no config.json, only quantize_config.json.
+        return (quantization_config is None and model_dir is not None and not (model_dir / "config.json").exists()
+                and (model_dir / "quantize_config.json").exists())
+
+    def settings(self, model_dir, double_quant, quant_storage, compute_dtype):
+        q = read_quant_config(model_dir)
+        raw = q["raw"]
+        return {"bits": q["bits"], "group_size": q["group_size"], "desc_act": q["desc_act"], "sym": q["sym"],
+                "checkpoint_format": q["checkpoint_format"], "damp_percent": float(raw.get("damp_percent", 0.01)),
+                "static_groups": bool(raw.get("static_groups", False)),
+                "true_sequential": bool(raw.get("true_sequential", True)),
+                "mse": float((raw.get("meta") or {}).get("mse", 0.0))}
+
+    def load(self, spec, device, attn_implementation=None):
+        from quant.model import load_gptq_model
+
+        model = load_gptq_model(spec.model_dir, device=device, dtype=spec.dtype)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        return model
+
+    def rebuilder(self, spec, ckpt, model, device):
+        return _GPTQRebuilder(ckpt, device)
+
+    def sharding_problem(self, spec, setup):
+        if setup.shards_parameters:
+            return (f"{setup.where} shards parameters, but a GPTQ base keeps its packed int32 weights in buffers, "
+                    "which are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
+                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
+        if setup.cast_dtype is not None:
+            return setup.cast_problem("GPTQ scales")
+        return None
+
+    def calibration(self, options):
+        return REQUIRED if (getattr(options, "method", None) or METHODS[0]) == METHODS[0] else None
+
+    def gptq_config(self, base, options: GPTQOptions | None):
+        """Default: a GPTQ base's own settings (bits, group size, act-order, sym, damping), else 4-bit g128;
+        the options override bits, group size and act-order."""
+        from quant.gptq import GPTQConfig
+
+        options = options or GPTQOptions()
+        cfg = base_gptq_config(base.settings) if base.format == self.name else GPTQConfig(bits=4, group_size=128)
+        cfg.method = options.method or METHODS[0]
+        for key in ("bits", "group_size", "desc_act"):
+            if getattr(options, key) is not None:
+                setattr(cfg, key, getattr(options, key))
+        return cfg.validate()
+
+    def encoder(self, request: EncodeRequest):
+        from quant.formats.gptq_encode import GPTQEncoder
+        from quant.model import check_layers_fit
+
+        cfg = self.gptq_config(request.base, request.options)
+        check_layers_fit(request.model, cfg)
+        run_dtype = torch.float32 if request.device.type == "cpu" else torch.float16
+        return GPTQEncoder(request.model, cfg, resolve_checkpoint_format(cfg.sym), request.calib, request.device,
+                           run_dtype, request.dtype)
+
+    def load_merged(self, out_dir, device, dtype):
+        from quant.model import load_gptq_model
+
+        return load_gptq_model(out_dir, device=device, dtype=dtype).eval()

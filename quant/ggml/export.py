@@ -10,6 +10,7 @@ K-quant and legacy scale searches then weight by.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -46,11 +47,6 @@ def resolve_source(spec: str) -> tuple[Path, Path]:
     return local, Path(src) if is_gguf(src) else local
 
 
-def _is_gptq(path: Path, config: dict) -> bool:
-    qc = config.get("quantization_config") or {}
-    return qc.get("quant_method") == "gptq" or (path / "quantize_config.json").is_file()
-
-
 def _order(key: str) -> tuple:
     m = _LAYER.search(key)
     if m:
@@ -62,7 +58,7 @@ def safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of an HF safetensors checkpoint in layer order, read one at a time (memory-mapped files)."""
     from safetensors import safe_open
 
-    from quant.formats.gptq import safetensors_files
+    from quant.files import safetensors_files
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in safetensors_files(path)]
     where = {k: h for h in handles for k in h.keys()}
@@ -70,19 +66,15 @@ def safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield key, where[key].get_tensor(key)
 
 
-def module_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The float tensors of a loaded model by HF name; GPTQ layers are dequantized one at a time."""
-    from quant.nn import QuantLinear
+def rebuilt_tensors(fmt, spec, local: Path, device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every float tensor of a checkpoint stored quantized (GPTQ, ...), rebuilt by its format one layer at a
+    time: packed layers come back dequantized as `<module>.weight`."""
+    from quant.files import Checkpoint
 
-    for mod_name, mod in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(mod, QuantLinear):
-            yield prefix + "weight", mod.dequantize(torch.float32)
-            if mod.bias is not None:
-                yield prefix + "bias", mod.bias.float()
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            yield prefix + pname, p.detach()
+    rebuilder = fmt.rebuilder(spec, Checkpoint(local, "model"), None, device)
+    for _, group in itertools.groupby(sorted(rebuilder.ckpt.keys(), key=_order), key=lambda k: _order(k)[:2]):
+        for key, t in sorted(rebuilder.load(list(group)).items(), key=lambda kv: _order(kv[0])):
+            yield key, t.to("cpu")
 
 
 def _calibration(model, tokenizer, calib, samples: int, seqlen: int, text_field: str, split: str, seed: int,
@@ -96,39 +88,47 @@ def _calibration(model, tokenizer, calib, samples: int, seqlen: int, text_field:
     return collect_importance(model, chunks, progress=progress)
 
 
+def _source_format(model_spec: str, local: Path, device: torch.device):
+    """The base record of the source (its format from the registry: a float checkpoint is `none`)."""
+    from quant.formats.registry import UNQUANTIZED, format_of, resolve_base
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    spec = resolve_base(model_spec, str(local), compute_dtype=dtype, what="model", default=UNQUANTIZED)
+    return format_of(spec), spec
+
+
 def export_gguf(model_spec: str, out: str | Path, gguf_type: str = "q4_k_m", calib=None, calib_samples: int = 128,
                 calib_seqlen: int = 512, text_field: str = "text", calib_split: str = "train", name: str | None = None,
-                device=None, seed: int = 0, progress: bool = True) -> GGUFReport:
-    """Write MODEL as one .gguf file of `gguf_type`; with `calib`, importance-weighted scale searches."""
+                device=None, seed: int = 0, progress: bool = True, overwrite: bool = False) -> GGUFReport:
+    """Write MODEL as one .gguf file of `gguf_type`; with `calib`, importance-weighted scale searches.
+
+    `out` is held for the whole run (quant.files.claim_output): one writer at a time, leftovers of a killed
+    earlier export removed, an existing file refused unless `overwrite`, which replaces it only once the new
+    file is complete.
+    """
     from transformers import AutoTokenizer
 
-    from quant.loading import load_float_model
-    from quant.model import load_gptq_model
+    from quant.files import claim_output
 
     ft = file_type(gguf_type)
     out = Path(out)
     if out.suffix != ".gguf" or out.is_dir():
         raise UserError(f"--out {out}: name a .gguf file")
-    local, tokenizer_src = resolve_source(model_spec)
-    config = json.loads((local / "config.json").read_text())
-    gptq = _is_gptq(local, config)
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if calib and not ft.quantized or calib and ft.name == "q8_0":
-        log.warning("--calib has no effect on %s (it weights the 4-6 bit scale searches); ignoring it", ft.name)
-        calib = None
-    model = load_gptq_model(local, device=device) if gptq else None
-    importance = None
-    if calib:
-        tokenizer = AutoTokenizer.from_pretrained(str(local))
-        if model is None:
-            model = load_float_model(str(local), dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
-                                     device=str(device))
-        importance = _calibration(model, tokenizer, calib, calib_samples, calib_seqlen, text_field, calib_split,
-                                  seed, progress)
-        if not gptq:
+    with claim_output(out, overwrite, action="export"):
+        local, tokenizer_src = resolve_source(model_spec)
+        config = json.loads((local / "config.json").read_text())
+        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        fmt, spec = _source_format(model_spec, local, device)
+        if calib and (not ft.quantized or ft.name == "q8_0"):
+            log.warning("--calib has no effect on %s (it weights the 4-6 bit scale searches); ignoring it", ft.name)
+            calib = None
+        importance = None
+        if calib:
+            model = fmt.load(spec, device)
+            importance = _calibration(model, AutoTokenizer.from_pretrained(str(local)), calib, calib_samples,
+                                      calib_seqlen, text_field, calib_split, seed, progress)
             del model
-            model = None
-    stream = module_tensors(model) if gptq else safetensors_tensors(local)
-    config.pop("quantization_config", None)
-    return write_gguf(stream, config, tokenizer_src, out, ft.name, importance=importance,
-                      name=name or Path(model_spec).stem, device=device, progress=progress)
+        stream = rebuilt_tensors(fmt, spec, local, device) if fmt.stored_quantized else safetensors_tensors(local)
+        config.pop("quantization_config", None)
+        return write_gguf(stream, config, tokenizer_src, out, ft.name, importance=importance,
+                          name=name or Path(model_spec).stem, device=device, progress=progress)

@@ -9,10 +9,7 @@ Peak memory is one float tensor plus its quantization work; disk holds the outpu
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,6 +75,89 @@ def _load_vocab(tokenizer: str | Path, arch: Arch) -> Vocab:
     return vocab_from_dir(path, arch.n_vocab)
 
 
+class GGUFSink:
+    """Quantizes tensors as they are added and writes one .gguf file at `path` on `close()` (the module
+    docstring says how); the merge's writer for `finetune merge --format gguf` (add/close/abort, `total` bytes).
+
+    `spill` is the scratch file the quantized bytes wait in (default: `path` + ".spill"); it is removed by
+    `close()` and `abort()`. `importance` may be filled in while tensors arrive (the merge computes each layer's
+    activation energy just before handing the layer over).
+    """
+
+    def __init__(self, path: str | Path, config: Mapping, tokenizer: str | Path, gguf_type: str = "q4_k_m",
+                 importance: Mapping[str, torch.Tensor] | None = None, name: str | None = None, device=None,
+                 progress: bool = True, spill: str | Path | None = None):
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        self.path = Path(path)
+        self.ft = file_type(gguf_type)
+        self.arch = Arch.from_config(cfg, name=name)
+        self.vocab = _load_vocab(tokenizer, self.arch)  # fail on a bad tokenizer before any quantization work
+        self.importance, self.device = importance, device
+        self.spill_path = Path(spill) if spill is not None else self.path.with_name(self.path.name + ".spill")
+        self.spill = open(self.spill_path, "wb")
+        self.spilled: list[_Spilled] = []
+        self.seen: set[str] = set()
+        self.total = 0
+        self.expected = self.arch.expected()
+        extras = self.arch.extra_tensors()
+        self.bar = tqdm(total=len(self.expected) + len(extras), desc=f"gguf {self.ft.name}", unit="tensor",
+                        disable=not progress)
+        for gname, t in extras:
+            self._add(gname, t, gname)
+
+    def shape(self) -> ModelShape:
+        return ModelShape(self.arch.n_layer, self.arch.tied, self.arch.large, has_importance=self.importance is not None)
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Quantize and spill (HF name, float tensor) pairs; names llama.cpp has no use for (a tied head) are
+        skipped."""
+        for hf_name, t in tensors.items():
+            gname = self.arch.gguf_name(hf_name)
+            if gname is not None:
+                self._add(hf_name, t, gname)
+
+    def _add(self, hf_name: str, t: torch.Tensor, gname: str) -> None:
+        if gname in self.seen:
+            raise UserError(f"tensor {hf_name!r} appears twice in the stream (as {gname})")
+        self.seen.add(gname)
+        data = self.arch.prepare(gname, t.detach())
+        ggml = choose(gname, tuple(data.shape), self.ft, self.shape())
+        imp = _importance_for(hf_name, gname, self.arch, self.importance)
+        try:
+            raw = encode(data, tensor_type(ggml), imp, device=self.device)
+        except ValueError as e:
+            raise UserError(f"tensor {hf_name!r} ({gname}, {ggml.name}): {e}") from None
+        self.spilled.append(_Spilled(gname, tuple(data.shape), ggml, self.spill.tell(), raw.nbytes))
+        self.spill.write(raw.tobytes())
+        self.total += raw.nbytes
+        self.bar.set_postfix_str(f"{gname} {ggml.name}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> list[Path]:
+        """Check that every tensor llama.cpp needs came, write the file, remove the spill."""
+        self.bar.close()
+        self.spill.close()
+        try:
+            missing = [n for n in self.expected if n not in self.seen]
+            if missing:
+                raise UserError(f"the tensor stream ended without {len(missing)} tensors llama.cpp needs, e.g. "
+                                f"{', '.join(missing[:3])}")
+            _assemble(self.path, self.spill_path, self.spilled, self.arch, self.ft, self.vocab)
+        finally:
+            self.spill_path.unlink(missing_ok=True)
+        self.total = self.path.stat().st_size
+        return [self.path]
+
+    def abort(self) -> None:
+        self.bar.close()
+        self.spill.close()
+        self.spill_path.unlink(missing_ok=True)
+
+    def report(self) -> GGUFReport:
+        return GGUFReport(self.path, self.ft.name, {s.name: s.ggml.name for s in self.spilled}, self.total,
+                          importance=bool(self.importance))
+
+
 def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping, tokenizer: str | Path, out: str | Path,
                gguf_type: str = "q4_k_m", importance: Mapping[str, torch.Tensor] | None = None,
                name: str | None = None, device=None, progress: bool = True) -> GGUFReport:
@@ -88,70 +168,39 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping, tok
                skipped. Each tensor is quantized and released before the next is pulled.
     config     the HF config (config.json as a dict, or a PretrainedConfig): Llama, Mistral or Qwen2.
     tokenizer  a directory with the HF tokenizer files, or a .gguf file whose tokenizer metadata is copied.
-    out        the .gguf path; written to a temporary name in the same directory and renamed when complete.
+    out        the .gguf path; written under a temporary name next to it (quant.files.staged) and renamed when
+               complete, so an existing file is replaced only then.
     gguf_type  f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (llama.cpp's file types and mixes).
     importance HF weight name -> per-input-column activation energy (`quant.ggml.imatrix`); "lm_head.weight"
                also serves a tied embedding. None: ggml's reference (data-free) scale searches.
     device     where the scale searches run (default: where each tensor is).
     """
+    from quant.files import staged
+    from quant.replace import new_tmp
+
     t0 = time.perf_counter()
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    ft = file_type(gguf_type)
-    arch = Arch.from_config(cfg, name=name)
-    vocab = _load_vocab(tokenizer, arch)  # fail on a bad tokenizer before any quantization work
-    shape = ModelShape(arch.n_layer, arch.tied, arch.large, has_importance=bool(importance))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    spill = tempfile.NamedTemporaryFile(prefix=f".{out.name}.", suffix=".spill", dir=out.parent, delete=False)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    report = GGUFReport(out, ft.name, importance=bool(importance))
-    try:
-        with spill:
-            spilled = _quantize_stream(tensors, arch, ft, shape, importance, spill, device, progress)
-        _assemble(tmp, Path(spill.name), spilled, arch, ft, vocab)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        Path(spill.name).unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-    report.tensors = {s.name: s.ggml.name for s in spilled}
-    report.bytes = out.stat().st_size
-    report.seconds = time.perf_counter() - t0
-    return report
+    sink = None
 
+    def need() -> int | None:  # the spill and the file being assembled from it
+        return 2 * sink.total if sink is not None and sink.total else None
 
-def _quantize_stream(tensors, arch: Arch, ft, shape: ModelShape, importance, spill, device, progress) -> list[_Spilled]:
-    expected = arch.expected()
-    extras = [(n, t, n) for n, t in arch.extra_tensors()]
-    spilled: list[_Spilled] = []
-    seen: set[str] = set()
-    bar = tqdm(total=len(expected) + len(extras), desc=f"gguf {ft.name}", unit="tensor", disable=not progress)
-    stream = ((hf, t, arch.gguf_name(hf)) for hf, t in tensors)
-    for hf_name, t, gname in itertools.chain(extras, stream):
-        if gname is None:
-            continue
-        if gname in seen:
-            raise UserError(f"tensor {hf_name!r} appears twice in the stream (as {gname})")
-        seen.add(gname)
-        data = arch.prepare(gname, t.detach())
-        ggml = choose(gname, tuple(data.shape), ft, shape)
+    with staged(out, directory=False, need=need) as tmp:
+        spill = new_tmp(out, directory=False)  # a name `recover` removes should this process be killed
         try:
-            raw = encode(data, tensor_type(ggml), _importance_for(hf_name, gname, arch, importance), device=device)
-        except ValueError as e:
-            raise UserError(f"tensor {hf_name!r} ({gname}, {ggml.name}): {e}") from None
-        spilled.append(_Spilled(gname, tuple(data.shape), ggml, spill.tell(), raw.nbytes))
-        spill.write(raw.tobytes())
-        del data, raw, t
-        bar.set_postfix_str(f"{gname} {ggml.name}", refresh=False)
-        bar.update(1)
-    bar.close()
-    missing = [n for n in expected if n not in seen]
-    if missing:
-        raise UserError(f"the tensor stream ended without {len(missing)} tensors llama.cpp needs, e.g. "
-                        f"{', '.join(missing[:3])}")
-    return spilled
+            sink = GGUFSink(tmp, config, tokenizer, gguf_type, importance, name, device, progress, spill=spill)
+            for hf_name, t in tensors:
+                sink.add({hf_name: t})
+                del t
+            sink.close()
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            spill.unlink(missing_ok=True)
+            raise
+    report = sink.report()
+    report.path, report.seconds = out, time.perf_counter() - t0
+    return report
 
 
 def _assemble(tmp: Path, spill: Path, spilled: list[_Spilled], arch: Arch, ft, vocab: Vocab) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from quant.formats.gptq import unpack_cols, unpack_rows
+from quant.formats.gptq_pack import unpack_cols, unpack_rows
 
 
 def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int, out_dtype=torch.float32):

@@ -5,7 +5,7 @@ of W in registers and feeds it to tl.dot, so the float weight never exists in me
 for decode-sized inputs; above FUSED_MAX_M rows it dequantizes W once and calls cuBLAS instead.
 `gptq_dequantize` materializes W (the backward pass uses it for one layer at a time, then drops it).
 
-Codes are read as one LSB-first bit stream (see quant.formats.gptq): for element k the field starts at
+Codes are read as one LSB-first bit stream (see quant.formats.gptq_pack): for element k the field starts at
 bit b·(k mod 32) of word (k div 32)·b + that offset div 32; only 3-bit fields can straddle two words.
 
 Only `quant.nn` imports this module, lazily and only for CUDA tensors, so `import quant` works without

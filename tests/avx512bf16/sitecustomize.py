@@ -7,30 +7,43 @@ conftest calls `force()`, and this directory is put first on PYTHONPATH, so Pyth
 `sitecustomize` in every subprocess the tests start (accelerate launches, CLI runs) and forces it there too.
 Where the CPU really lacks the kernel, a converted layer computes garbage, so any forward through that path
 fails its test loudly.
+
+With QLORA_TEST_BNB_IMPORT_AS_AVX512BF16=1 bitsandbytes' import also takes its AVX512-BF16 branch (it then
+registers that CPU kernel and tries to fetch a hub kernel, warning when it cannot): for the console test only,
+since a converted layer would then call the real AVX512 kernel, which a CPU without it cannot execute.
 """
 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
+import os
 import sys
 
-_MODULE = "bitsandbytes.nn.modules"
+# Linear4bit.__init__ reads the capability through bitsandbytes.nn.modules' own name into
+# support_avx512bf16_for_cpu; the CPU backend reads bitsandbytes.functional's at import.
+_MODULES = {"bitsandbytes.nn.modules"}
+if os.environ.get("QLORA_TEST_BNB_IMPORT_AS_AVX512BF16") == "1":
+    _MODULES.add("bitsandbytes.functional")
 
 
 def _patch(module) -> None:
-    # Linear4bit.__init__ reads the capability through this module-level name into support_avx512bf16_for_cpu.
     if not hasattr(module, "has_avx512bf16"):
-        raise RuntimeError(f"{_MODULE} has no has_avx512bf16 any more: update tests/avx512bf16/sitecustomize.py")
+        raise RuntimeError(f"{module.__name__} has no has_avx512bf16 any more: update {__file__}")
     module.has_avx512bf16 = lambda: True
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, names: set[str]):
+        self.names = set(names)
+
     def find_spec(self, name, path=None, target=None):
-        if name != _MODULE:
+        if name not in self.names:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.names.discard(name)
+        if not self.names:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
         run = spec.loader.exec_module
 
         def exec_module(module):
@@ -42,10 +55,14 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def force() -> None:
-    if _MODULE in sys.modules:
-        _patch(sys.modules[_MODULE])
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    pending = set()
+    for name in _MODULES:
+        if name in sys.modules:
+            _patch(sys.modules[name])
+        else:
+            pending.add(name)
+    if pending and not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(pending))
 
 
 force()

@@ -8,12 +8,9 @@ import shutil
 import pytest
 
 from finetune.cli import main
-from finetune.merge import merge, writers
+from quant import files
 from quant.errors import UserError
-
-
-def _quiet(**kw):
-    return dict(progress=False, echo=lambda *a: None, **kw)
+from support import quiet_merge
 
 
 class _Boom(Exception):
@@ -22,7 +19,7 @@ class _Boom(Exception):
 
 @pytest.mark.parametrize("exc", [_Boom, KeyboardInterrupt])
 def test_interrupted_merge_leaves_no_output(nf4_run, tmp_path, monkeypatch, exc):
-    real_add, calls = writers.ShardWriter.add, {"n": 0}
+    real_add, calls = files.ShardWriter.add, {"n": 0}
 
     def failing_add(self, tensors):
         calls["n"] += 1
@@ -30,28 +27,29 @@ def test_interrupted_merge_leaves_no_output(nf4_run, tmp_path, monkeypatch, exc)
             raise exc()
         return real_add(self, tensors)
 
-    monkeypatch.setattr(writers.ShardWriter, "add", failing_add)
+    monkeypatch.setattr(files.ShardWriter, "add", failing_add)
     with pytest.raises(exc):
-        merge(nf4_run, tmp_path / "out", "nf4", report=False, **_quiet())
+        quiet_merge(nf4_run, tmp_path / "out", "nf4", report=False)
     assert calls["n"] == 2
     assert not (tmp_path / "out").exists()
-    assert list(tmp_path.iterdir()) == [], "the temporary directory is removed too"
+    assert [p.name for p in tmp_path.iterdir()] == [".out.lock"], "the temporary directory is removed too (the " \
+        "lock file stays, as filelock keeps it on Unix)"
 
 
 def test_failed_overwrite_keeps_the_previous_output(nf4_run, tmp_path, monkeypatch):
-    out = merge(nf4_run, tmp_path / "out", "bf16", report=False, **_quiet()).out_dir
+    out = quiet_merge(nf4_run, tmp_path / "out", "bf16", report=False).out_dir
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
-        merge(nf4_run, out, "bf16", report=False, **_quiet())
+        quiet_merge(nf4_run, out, "bf16", report=False)
 
     def failing_report(*a, **k):
         raise _Boom()
 
     monkeypatch.setattr("finetune.merge.report.fidelity", failing_report)
     with pytest.raises(_Boom):  # fails after the whole model was written: still nothing replaced
-        merge(nf4_run, out, "nf4", overwrite=True, **_quiet())
+        quiet_merge(nf4_run, out, "nf4", overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
 
 
 def _edited_adapter(run, tmp_path, **config):
@@ -68,7 +66,7 @@ def test_user_errors(nf4_run, gptq_run, tmp_path, tokenizer):
 
     def fails(match, *args, **kwargs):
         with pytest.raises(UserError, match=match):
-            merge(*args, **_quiet(report=False, **kwargs))
+            quiet_merge(*args, report=False, **kwargs)
         assert not (tmp_path / "o").exists()
 
     out = tmp_path / "o"
@@ -82,11 +80,13 @@ def test_user_errors(nf4_run, gptq_run, tmp_path, tokenizer):
     fails(r"has no Linear weight for 7 adapted modules, e\.g\. \['model\.layers\.1\.mlp\.down_proj'",
           nf4_run, out, "bf16", base=str(shallow))
     fails("needs calibration data: pass --calib", nf4_run, out, "gptq")
-    fails("apply to --format gptq only", nf4_run, out, "nf4", calib="x.txt")
+    fails("--calib applies to --format gptq only", nf4_run, out, "nf4", calib="x.txt")
+    fails("--bits/--group-size apply to --format gptq only", nf4_run, out, "int8",
+          options={"bits": 4, "group_size": 64})
     fails("--merge-into original on a GPTQ-trained adapter needs --base-original", gptq_run, out, "bf16",
           merge_into="original")
     fails("trained on a GPTQ base but .* is not a GPTQ checkpoint", gptq_run, out, "bf16", base=str(wider))
-    fails("group size 128 does not fit layer", nf4_run, out, "gptq", method="rtn")
+    fails("group size 128 does not fit layer", nf4_run, out, "gptq", options={"method": "rtn"})
     fails("--format must be one of", nf4_run, out, "gguf")
     fails("DoRA", _edited_adapter(nf4_run, tmp_path, use_dora=True), out, "bf16")
     fails("no adapter_config.json", wider, out, "bf16")

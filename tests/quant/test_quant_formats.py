@@ -10,13 +10,13 @@ from quant_helpers import calib_ids, tiny_llama
 from safetensors import safe_open
 
 from quant.errors import UserError
-from quant.formats.gptq import (
+from quant.formats.gptq import read_quant_config
+from quant.formats.gptq_pack import (
     convert_qzeros,
     decode_zeros,
     encode_zeros,
     pack_cols,
     pack_rows,
-    read_quant_config,
     unpack_cols,
     unpack_rows,
 )

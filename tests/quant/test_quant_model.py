@@ -12,7 +12,7 @@ from quant_helpers import calib_ids, tiny_llama
 from safetensors.torch import load_file
 
 from quant.errors import UserError
-from quant.formats.gptq import convert_qzeros
+from quant.formats.gptq_pack import convert_qzeros
 from quant.gptq import GPTQConfig
 from quant.model import load_gptq_model, quantize_model, save_quantized
 from quant.nn import QuantLinear

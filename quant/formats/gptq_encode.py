@@ -1,4 +1,5 @@
-"""GPTQ (or RTN) requantization of the merged model, streamed one decoder layer at a time.
+"""GPTQ (or RTN) requantization of a merged model, streamed one decoder layer at a time (`finetune merge
+--format gptq`).
 
 GPTQ minimises each layer's output error on the inputs that layer really sees, so the calibration
 activations must be those of the MERGED model, already requantized up to the previous layer. The
@@ -14,21 +15,21 @@ block is the current layer and whose "token ids" are indices into the stored hid
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from finetune.merge.source import Unit
 from quant.errors import UserError
+from quant.formats.base import Encoder
+from quant.formats.gptq import quantization_config, write_quant_config
 from quant.gptq import GPTQConfig
 from quant.nn import QuantLinear
 from quant.sequential import LayerLog, capture_inputs, find_blocks, quantize_blocks
 
 log = logging.getLogger(__name__)
-
-_RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 class _OneLayer(nn.Module):
@@ -56,7 +57,7 @@ def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
             mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
-class GPTQEncoder:
+class GPTQEncoder(Encoder):
     """Turns each merged unit into GPTQ checkpoint tensors (see the module docstring).
 
     `calib`: list of [1, T] token ids; None only for cfg.method == 'rtn'. Non-quantized tensors are written
@@ -72,17 +73,34 @@ class GPTQEncoder:
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
         self.layers: list[LayerLog] = []
-        if cfg.method == "gptq" and not calib:
+        self.calibrated = cfg.calibrated
+        self.label = f"gptq, {cfg.method}"
+        if self.calibrated and not calib:
             raise ValueError("GPTQ requantization needs calibration token ids")
 
-    def __call__(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if unit.index is None:
+    def __call__(self, layer: int | None, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if layer is None:
             return self._outside(tensors)
-        return self._layer(unit.index, tensors)
+        return self._layer(layer, tensors)
+
+    def quantization_config(self) -> dict:
+        return quantization_config(self.cfg, self.format)
+
+    def write_files(self, directory: Path) -> None:
+        """quantize_config.json (format doc A6: repeated for AutoGPTQ-style readers) and the per-layer log."""
+        write_quant_config(directory, None, self.quantization_config())
+        layers = [vars(entry) for entry in self.layers]
+        errs = [entry["rel_error"] for entry in layers if entry["rel_error"] is not None]
+        (directory / "quant_log.json").write_text(json.dumps(
+            {"method": self.cfg.method, "mean_rel_error": sum(errs) / len(errs) if errs else None, "layers": layers},
+            indent=1))
+
+    def describe(self) -> dict:
+        return {**self.cfg.to_dict(), "checkpoint_format": self.format}
 
     @torch.no_grad()
     def _outside(self, tensors):
-        if self.cfg.method == "gptq":
+        if self.calibrated:
             state = {k: v.to(self.device, self.run_dtype) if v.is_floating_point() else v.to(self.device)
                      for k, v in tensors.items()}
             self.model.load_state_dict(state, strict=False, assign=True)
@@ -111,13 +129,13 @@ class GPTQEncoder:
             raise UserError(f"layer {i}: merged tensors do not fit the model: {str(e).splitlines()[-1].strip()}") \
                 from None
         wrapper = _OneLayer(layer, self.hidden, self.kwargs)
-        index_ids = [torch.tensor([[j]]) for j in range(len(self.hidden))] if self.cfg.method == "gptq" else None
+        index_ids = [torch.tensor([[j]]) for j in range(len(self.hidden))] if self.calibrated else None
         report = quantize_blocks(wrapper, index_ids, self.cfg, device=self.device, checkpoint_format=self.format,
                                  progress=False)
         for entry in report.layers:
             entry.name = head + entry.name.split(".", 2)[-1]
             self.layers.append(entry)
-        if self.cfg.method == "gptq" and i + 1 < len(self.blocks):
+        if self.calibrated and i + 1 < len(self.blocks):
             for j in range(len(self.hidden)):  # the next layer sees this layer's quantized outputs
                 self.hidden[j] = _run_layer(layer, self.hidden[j], self.kwargs[j])
         quantized = {n for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
@@ -127,37 +145,3 @@ class GPTQEncoder:
             out[head + k] = v if keep or not v.is_floating_point() else v.to(self.out_dtype)
         self.blocks[i] = nn.Module()  # drop the layer: its tensors are written by the caller
         return out
-
-
-# ------------------------------------------------------------------------------------------ calibration
-
-
-def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seqlen: int,
-                    seed: int = 0) -> list[torch.Tensor]:
-    """Calibration windows from plain text (quant's sources: .txt/.md, directories, pkg:..., hub datasets) or
-    from record files in any training format (chat, sharegpt, alpaca, completion, text), which are rendered
-    through the training data pipeline, chat template included: what the merged model will be fed."""
-    from dataclasses import replace
-
-    from finetune.data import build_datasets
-    from quant.calibration import load_texts, token_stream, token_windows
-
-    if n_samples < 1 or seqlen < 2:
-        raise UserError(f"calibration needs at least 1 sample of >= 2 tokens (got {n_samples} x {seqlen})")
-    streams = []
-    for src in sources:
-        if Path(src).suffix in _RECORD_SUFFIXES and Path(src).is_file():
-            cfg = replace(data_cfg, train=str(src), eval=None, eval_fraction=0.0, packing=False,
-                          train_on_prompt=True, max_examples=None, max_length=max(seqlen, 8))
-            bundle = build_datasets(cfg, tokenizer, seed)
-            streams.append(torch.cat([torch.as_tensor(ex["input_ids"], dtype=torch.long) for ex in bundle.train]))
-        else:
-            streams.append(token_stream(load_texts(src, what="--calib"), tokenizer))
-    ids = torch.cat(streams)
-    if ids.numel() < 2:
-        raise UserError("--calib: the calibration data tokenizes to fewer than 2 tokens")
-    chunks = token_windows(ids, n_samples, seqlen, seed)
-    if len(chunks) < n_samples:
-        log.warning("calibration data holds only %d windows of %d tokens (asked for %d)", len(chunks), seqlen,
-                    n_samples)
-    return chunks

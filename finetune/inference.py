@@ -1,0 +1,109 @@
+"""What `finetune chat`, `generate` and `eval` run: a RUN_OR_MODEL argument resolved and loaded for inference.
+
+RUN_OR_MODEL is one of
+- a `finetune sft` run directory, its `adapter/` or a `checkpoint-N/`: the adapter on its quantized base,
+  rebuilt exactly as in training (the base is named by the adapter's base.json, or base_model.txt / the run's recipe.yaml for older ones);
+- a model directory written by `finetune merge` (or any Hugging Face checkpoint): loaded by its standard
+  loader, the format read from its config.json (`model_format`).
+
+Models are loaded whole; this is inference, not the streaming merge.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quant.errors import UserError
+from quant.formats.registry import FORMATS, stored_output
+
+# What `model_format` recognises, for the one-line error on anything else.
+SUPPORTED = ("run directories and adapters (the adapter on its quantized base), and model directories stored as "
+             + ", ".join(f.title for f in FORMATS if f.output) + " or unquantized fp32 (read from config.json)")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Loaded:
+    """A model ready for generation. For an adapter, `model` is the peft model: `model.disable_adapter()` is
+    its base, so a run gives the 'base' and 'adapter' rows of `finetune eval` from one load."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user passed
+    kind: str  # "adapter", or the merged format (bf16, fp16, fp32, nf4, fp4, int8, gptq)
+    device: torch.device
+    dtype: torch.dtype
+    source: object = None  # finetune.merge.adapter.AdapterSource for adapters: the run's recipe sections
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.kind == "adapter"
+
+
+def is_adapter_path(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file()
+
+
+def model_format(model_dir: Path) -> str:
+    """How a model directory is stored, as the tables name it: its output format (quant.formats.registry reads
+    config.json), or the dtype of another unquantized checkpoint (fp32)."""
+    fmt, config = _stored(Path(model_dir))
+    if fmt.stores(config):
+        return fmt.name
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return {"float32": "fp32"}.get(dtype, dtype)
+
+
+def _stored(model_dir: Path):
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a run, adapter or model directory (no adapter_config.json or "
+                        f"config.json); supported: {SUPPORTED}")
+    try:
+        return stored_output(model_dir)
+    except UserError as e:
+        raise UserError(f"{e}; supported: {SUPPORTED}") from None
+
+
+def default_dtype(device: torch.device, fmt) -> torch.dtype:
+    """Compute dtype for a model directory: fp32 on CPU (bnb/GPTQ CPU kernels are slow or absent in half
+    precision), else the one its format computes in on GPUs (bf16; fp16 for fp16 and GPTQ)."""
+    return torch.float32 if device.type == "cpu" else fmt.gpu_compute_dtype
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+
+
+def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Loaded:
+    """Load RUN_OR_MODEL (see the module docstring) on `device`; `dtype` overrides a merged model's compute dtype
+    (an adapter always computes in its recipe's base.compute_dtype, as in training)."""
+    from quant.loading import load_tokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such run or model directory")
+    if path.is_dir() and is_adapter_path(path):
+        from finetune.merge.adapter import read_adapter
+        from finetune.merge.report import load_adapter_model
+
+        source = read_adapter(path)
+        model, compute_dtype = load_adapter_model(source, device)
+        tokenizer = load_tokenizer(str(source.tokenizer_dir), str(path))
+        return Loaded(model, tokenizer, str(path), "adapter", device, compute_dtype, source)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory; supported: {SUPPORTED}")
+    fmt, _ = _stored(path)
+    compute = _DTYPES[dtype] if dtype else default_dtype(device, fmt)
+    model = fmt.load_merged(path, device, compute)
+    return Loaded(model, load_tokenizer(str(path), str(path)), str(path), model_format(path), device, compute)

@@ -1,0 +1,184 @@
+"""What a `finetune sft` run directory records, read for the report.
+
+A run directory holds `metrics.jsonl` (train rows with loss/lr/grad_norm/tokens_per_s/peak_mem_mb/tokens, eval
+rows with eval_loss/eval_ppl), `recipe.yaml`, `data_report.json` (what the data pipeline kept, dropped and
+truncated) and, when merged, the merges' `merge_report.json`.
+
+Which merges belong to a run: every `RUN/merges/*/merge_report.json` (`finetune merge RUN --out
+RUN/merges/NAME`), plus the merges in directories passed with `--merges DIR` (a merge output, or a folder of
+them) whose report names this run's adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from quant.errors import UserError
+
+MERGES_DIR = "merges"
+DATA_REPORT = "data_report.json"  # written by finetune.train.loop
+
+
+@dataclass
+class Merge:
+    path: Path
+    report: dict
+
+    @property
+    def label(self) -> str:
+        fmt = self.report.get("format", "?")
+        gptq = self.report.get("gptq") or {}
+        if fmt == "gptq" and gptq:
+            method = gptq.get("method", "gptq")
+            fmt = f"{method} {gptq.get('bits', '?')}b g{gptq.get('group_size', '?')}"
+        return f"{fmt} ({self.path.name})"
+
+    @property
+    def fidelity(self) -> dict | None:
+        return self.report.get("fidelity")
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    train: list[dict]  # metrics rows with a training loss
+    eval: list[dict]  # metrics rows with eval_loss
+    recipe: dict
+    data_report: dict | None
+    merges: list[Merge] = field(default_factory=list)
+
+    @property
+    def has_tokens(self) -> bool:
+        return any("tokens" in r for r in self.train)
+
+    def tokens_at(self, step: int) -> int | None:
+        """Tokens seen by `step` (0 before training), from the train rows."""
+        if step == 0:
+            return 0
+        for r in self.train:
+            if r["step"] >= step:
+                return r.get("tokens") if r["step"] == step else None
+        return None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    rows = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # A crash can leave a half-written last line; anything earlier is damage worth naming.
+            if n == len(lines):
+                continue
+            raise UserError(f"{path}:{n}: not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise UserError(f"{path}:{n}: expected a JSON object with an integer 'step'")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory")
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{path}: no metrics.jsonl; pass a `finetune sft` output directory (output.dir)")
+    rows = _read_metrics(metrics)
+    train = sorted((r for r in rows if isinstance(r.get("loss"), (int, float))), key=lambda r: r["step"])
+    evals = sorted((r for r in rows if isinstance(r.get("eval_loss"), (int, float))), key=lambda r: r["step"])
+    if not train and not evals:
+        raise UserError(f"{metrics}: no logged metrics (no row has 'loss' or 'eval_loss')")
+    recipe = {}
+    if (path / "recipe.yaml").is_file():
+        try:
+            recipe = yaml.safe_load((path / "recipe.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path / 'recipe.yaml'}: not valid YAML ({e})") from None
+    merges = [Merge(p.parent, rep) for p in sorted((path / MERGES_DIR).glob("*/merge_report.json"))
+              if (rep := _read_json(p)) is not None]
+    return Run(path, path.name, train, evals, recipe if isinstance(recipe, dict) else {},
+               _read_json(path / DATA_REPORT), merges)
+
+
+def attach_merges(runs: list[Run], dirs: list[str]) -> list[str]:
+    """Add the merges found in `dirs` to the runs whose adapter they were made from; returns notes on the
+    merges that matched no run."""
+    notes = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise UserError(f"--merges {d}: no such directory")
+        reports = [d / "merge_report.json"] if (d / "merge_report.json").is_file() else \
+            sorted(d.glob("*/merge_report.json"))
+        if not reports:
+            raise UserError(f"--merges {d}: no merge_report.json in it or its subdirectories")
+        for p in reports:
+            report = _read_json(p)
+            owner = _owner(runs, report.get("adapter"))
+            if owner is None:
+                notes.append(f"{p.parent}: made from {report.get('adapter')}, which is none of the runs; left out")
+            elif all(m.path.resolve() != p.parent.resolve() for m in owner.merges):
+                owner.merges.append(Merge(p.parent, report))
+    return notes
+
+
+def _owner(runs: list[Run], adapter: str | None) -> Run | None:
+    if not adapter:
+        return None
+    a = Path(adapter).resolve()
+    for run in runs:
+        r = run.path.resolve()
+        if a == r or r in a.parents:
+            return run
+    return None
+
+
+def unique_names(runs: list[Run]) -> None:
+    """Runs are named by their directory; two runs with the same directory name get their full paths."""
+    names = [r.path.name for r in runs]
+    for run in runs:
+        run.name = run.path.name if names.count(run.path.name) == 1 else str(run.path)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# Keys that differ between any two runs without saying anything about training.
+_NOT_A_DIFFERENCE = ("output.dir", "tracking.wandb.name", "tracking.wandb.dir", "description")
+
+
+def recipe_differences(runs: list[Run]) -> dict[str, list]:
+    """{dotted key: [value in each run]} for the recipe keys whose values differ between the runs."""
+    flat = [flatten(r.recipe) for r in runs]
+    keys = sorted(set().union(*flat)) if flat else []
+    return {k: [f.get(k) for f in flat] for k in keys
+            if k not in _NOT_A_DIFFERENCE and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1}

@@ -1,0 +1,48 @@
+"""Unquantized weights: the `none` training base (the float checkpoint in the compute dtype) and the bf16/fp16
+merge outputs (plain Hugging Face checkpoints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quant.formats.base import BaseSpec, CastEncoder, EncodeRequest, Format, dtype_name
+
+
+class FloatBase(Format):
+    """`base.quantization: none`: the float checkpoint, trained in the compute dtype; every setup shards it."""
+
+    name = "none"
+    label = "unquantized"
+    base = True
+
+    def load(self, spec: BaseSpec, device, attn_implementation=None):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=spec.dtype,
+                                                     attn_implementation=attn_implementation)
+        return model.to(device)
+
+
+class FloatOutput(Format):
+    """`--format bf16` / `fp16`: every floating tensor in that dtype, no quantization_config."""
+
+    output = True
+    fixed_dtype = True
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.default_dtype, self.gpu_compute_dtype = name, dtype, dtype
+
+    def stores(self, config):
+        return not config.get("quantization_config") and config.get("torch_dtype", config.get("dtype")) == \
+            dtype_name(self.default_dtype)
+        self.summary = "plain Hugging Face checkpoint (AutoModelForCausalLM.from_pretrained)"
+
+    def encoder(self, request: EncodeRequest) -> CastEncoder:
+        return CastEncoder(request.dtype, self.name)
+
+    def load_merged(self, out_dir: Path, device, dtype):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype).to(device).eval()

@@ -1,0 +1,198 @@
+"""Try many bad inputs on `finetune sft` (tiny random model, CPU) and count how each one ends.
+
+    python scripts/fuzz_inputs.py [--quick] [--json OUT.json]
+
+Every case runs the real CLI entry point (`finetune.cli.main`) in this process, from a scratch working
+directory, and is classified as
+- clean:      exit 2 with one `error: ...` line on stderr (or argparse's usage error), no traceback;
+- traceback:  any exception escaping the CLI, or any other exit status;
+- accepted:   exit 0 and a sound result (finite adapter, finite logged losses, nothing written outside
+              output.dir); or, for checkpoint damage, a resumed run that ends with the reference adapter;
+- silent:     exit 0 although the case must be refused, or a broken result (NaN adapter, `null` losses,
+              files outside output.dir, a resumed adapter that differs from the uninterrupted one).
+Groups: recipe values (every key x a list of bad values), recipe files, base models, output dirs, data
+rows, damaged checkpoints, a full disk, flags. Goal: 0 tracebacks, 0 silent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import yaml  # noqa: E402
+from fuzz_cases import Case, data_cases, file_cases, model_cases, outdir_cases, value_cases  # noqa: E402
+from fuzz_checkpoints import checkpoint_cases  # noqa: E402
+
+MARKERS = ("CODE-RAN", "PICKLE-RAN")  # what a planted payload creates in env["root"] if it ever runs
+
+
+def run_cli(argv: list[str], cwd: Path) -> tuple[int | None, str, str | None]:
+    """(exit status, stderr, traceback cause or None) of `finetune ARGV` run in-process from `cwd`."""
+    from finetune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 2
+    except Exception as e:  # noqa: BLE001 - a traceback is what we count
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        return None, err.getvalue(), f"{type(e).__name__} at {Path(frame.filename).name}:{frame.lineno}: {e}"[:300]
+    finally:
+        os.chdir(here)
+    return code, err.getvalue(), None
+
+
+def sound_result(out_dir: Path, cwd_before: set, cwd: Path) -> str | None:
+    """Why an exit-0 run's result is broken, or None."""
+    from safetensors.torch import load_file
+
+    adapter = out_dir / "adapter" / "adapter_model.safetensors"
+    if not adapter.exists():
+        return "exit 0 without an adapter"
+    if any(not bool(t.isfinite().all()) for t in load_file(str(adapter)).values()):
+        return "adapter holds NaN/inf"
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record and not (isinstance(record["loss"], float) and math.isfinite(record["loss"])):
+            return f"logged loss {record['loss']!r}"
+    stray = set(p.name for p in cwd.iterdir()) - cwd_before - {out_dir.name}
+    if stray and not out_dir.resolve().is_relative_to(cwd.resolve()):
+        return f"wrote outside output.dir: {sorted(stray)}"
+    return None
+
+
+def classify(case: Case, code, err: str, cause, out_dir: Path, cwd_before: set, cwd: Path) -> tuple[str, str]:
+    if cause is not None:
+        return "traceback", cause
+    # Library progress bars and warnings may precede it; the error itself must be one line, and the last.
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("error: ", "finetune: error: "))]
+    if code == 2:
+        if "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0]:
+            return "clean", errors[0][:200]
+        return "traceback", f"exit 2 without one error line: {err[-300:]!r}"
+    if code != 0:
+        return "traceback", f"exit {code}: {err[-300:]!r}"
+    if case.must_refuse:
+        return "silent", "exit 0 for input that must be refused"
+    problem = case.verify(out_dir) if case.verify else sound_result(out_dir, cwd_before, cwd)
+    return ("silent", problem) if problem else ("accepted", "")
+
+
+def run_case(case: Case, env: dict, scratch: Path) -> tuple[str, str]:
+    cwd = Path(tempfile.mkdtemp(dir=scratch, prefix="case-"))
+    try:
+        argv = case.prepare(cwd, env)
+        out_dir = _out_dir(cwd) if case.out_dir is None else case.out_dir(cwd)
+        before = set(p.name for p in cwd.iterdir())
+        with case.patch(cwd) if case.patch else contextlib.nullcontext():
+            code, err, cause = run_cli(argv, cwd)
+            ran = [m for m in MARKERS if (env["root"] / m).exists()]
+            if ran:
+                return "silent", f"planted code ran ({ran})"
+            outcome = classify(case, code, err, cause, out_dir, before, cwd)
+            lost = case.after(cwd, env) if case.after and outcome[0] != "traceback" else None
+        return ("silent", lost) if lost else outcome
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
+
+
+def _out_dir(cwd: Path) -> Path:
+    """output.dir of the case's recipe (as written), relative to its working directory."""
+    try:
+        spec = yaml.safe_load((cwd / "r.yaml").read_text())["output"]["dir"]
+    except Exception:  # noqa: BLE001 - no recipe, or no usable output.dir: the default
+        spec = "runs/default"
+    return cwd / str(spec) if isinstance(spec, str) else cwd / "runs/default"
+
+
+def build_env(root: Path) -> dict:
+    """The tiny model, a good data file and a good recipe dict the cases mutate."""
+    from finetune.synthetic import save_random_model
+
+    model_dir = save_random_model("tiny", root / "tiny-model", num_hidden_layers=1)
+    words = ["red", "blue", "green", "gold", "gray", "pink"]
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+            for w in words * 4]
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "base": {"model": str(model_dir), "quantization": "none", "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(train), "max_length": 32, "packing": True},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "constant",
+                  "gradient_checkpointing": False, "seed": 0},
+        "output": {"dir": "run"},
+        "tracking": {"wandb": {"mode": "disabled"}},
+    }
+    return {"root": root, "model_dir": model_dir, "train": train, "rows": rows, "recipe": recipe}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a sample of the recipe-value cases (about 1/4)")
+    ap.add_argument("--json", help="write the counts and every non-clean case here")
+    ap.add_argument("--only", help="run only groups whose name contains this")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every case's outcome and message")
+    args = ap.parse_args()
+    import logging
+
+    import torch
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="fuzz-inputs-"))
+    try:
+        env = build_env(root)
+        groups = {"recipe values": value_cases(env, args.quick), "recipe files": file_cases(env),
+                  "base models": model_cases(env), "output dirs": outdir_cases(env), "data rows": data_cases(env),
+                  "checkpoints": checkpoint_cases(env)}
+        totals, report = Counter(), {}
+        for name, cases in groups.items():
+            if args.only and args.only not in name:
+                continue
+            counts, notes = Counter(), []
+            for case in cases:
+                outcome, detail = run_case(case, env, root)
+                counts[outcome] += 1
+                if args.verbose:
+                    print(f"  {outcome:9s} {case.name}: {detail}")
+                if outcome in ("traceback", "silent"):
+                    notes.append(f"{outcome}: {case.name}: {detail}")
+            totals.update(counts)
+            report[name] = {"counts": dict(counts), "problems": notes}
+            print(f"{name:14s} {sum(counts.values()):5d} cases: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            for note in notes:
+                print("    " + note)
+        print(f"{'total':14s} {sum(totals.values()):5d} cases: clean {totals['clean']}, accepted {totals['accepted']}, "
+              f"tracebacks {totals['traceback']}, silent acceptances {totals['silent']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"totals": dict(totals), "groups": report}, indent=1))
+        return 0 if not (totals["traceback"] or totals["silent"]) else 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

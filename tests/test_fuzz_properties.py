@@ -1,0 +1,147 @@
+"""Property-based fuzzing (hypothesis) of what users hand us: recipes and data rows.
+
+Whatever the input, the outcome is either a valid object or one line naming the problem (RecipeError /
+UserError): never another exception, never a non-finite or out-of-range value in a Recipe, never a NaN or
+an unencodable string trained as text. scripts/fuzz_inputs.py runs the same idea end to end on the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import typing
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from support import tiny_recipe
+from finetune.data import build_datasets
+from finetune.recipe import DataConfig, Recipe, RecipeError, load_recipe, recipe_from_dict
+from quant.errors import UserError
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = (st.none() | st.booleans() | st.integers() | st.integers(-2**70, 2**70) | st.floats()
+           | st.text(max_size=12) | st.sampled_from(["1e400", "2e-4", ".inf", "all-linear", "(", "", "~", "\0"]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=6), inner, max_size=3), max_leaves=6)
+
+
+def _dotted_keys(cls=Recipe, prefix="") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += _dotted_keys(tp, f"{prefix}{f.name}.")
+    return keys
+
+
+keys = st.sampled_from(_dotted_keys()) | st.lists(st.text(max_size=6), min_size=1, max_size=3).map(".".join)
+
+
+def _apply(recipe: dict, key: str, value) -> None:
+    node, parts = recipe, key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _check_valid(obj, where="") -> None:
+    """Every float finite, every ranged value in its range, throughout the built Recipe."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_valid(value, f"{where}{f.name}.")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            assert not (isinstance(item, float) and not math.isfinite(item)), (where + f.name, item)
+            assert not (isinstance(item, str) and "\0" in item), (where + f.name, item)
+        lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+        if value is not None and lo is not None:
+            assert value > lo if f.metadata.get("lo_open") else value >= lo, (where + f.name, value)
+        if value is not None and hi is not None:
+            assert value <= hi, (where + f.name, value)
+
+
+@pytest.fixture(scope="module")
+def base_recipe(tiny_model_dir, chat_files) -> dict:
+    return tiny_recipe(tiny_model_dir, *chat_files, "runs/fuzz")
+
+
+@SETTINGS
+@given(mutations=st.lists(st.tuples(keys, values), max_size=4))
+def test_any_recipe_dict_builds_a_valid_recipe_or_one_line(base_recipe, mutations):
+    recipe = json.loads(json.dumps(base_recipe))
+    for key, value in mutations:
+        _apply(recipe, key, value)
+    try:
+        built = recipe_from_dict(recipe, "r.yaml")
+    except RecipeError as e:
+        assert str(e).startswith("r.yaml: ") and "\n" not in str(e)
+        return
+    _check_valid(built)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@SETTINGS
+@given(text=st.text(max_size=200) | st.binary(max_size=200))
+def test_any_recipe_file_loads_or_is_one_line(scratch, text):
+    with tempfile.NamedTemporaryFile(dir=scratch, suffix=".yaml", delete=False) as f:
+        f.write(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    try:
+        _check_valid(load_recipe(f.name))
+    except RecipeError as e:
+        assert "\n" not in str(e)
+    finally:
+        Path(f.name).unlink()
+
+
+# ---------------------------------------------------------------------------------------------- data rows
+
+texts = st.text(alphabet=st.characters(codec=None, categories=None), max_size=30)  # lone surrogates included
+contents = texts | st.floats() | st.integers() | st.none() | st.lists(
+    st.fixed_dictionaries({"type": st.just("text"), "text": texts | st.floats()}), max_size=2)
+turns = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "gpt", "tool", ""]),
+                               "content": contents})
+rows = st.lists(st.fixed_dictionaries({"messages": st.lists(turns, min_size=1, max_size=4)}), min_size=1, max_size=8)
+
+
+def _clean_text(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    if isinstance(value, list):
+        return all(_clean_text(p.get("text")) for p in value)
+    return True
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=rows)
+def test_any_chat_rows_train_only_clean_text_or_are_one_line(scratch, tokenizer, data):
+    with tempfile.NamedTemporaryFile("w", dir=scratch, suffix=".jsonl", delete=False, encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in data))  # NaN literals and \\ud800 escapes, as dumps write them
+    try:
+        bundle = build_datasets(DataConfig(train=f.name, max_length=64, packing=False), tokenizer, seed=0)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    finally:
+        Path(f.name).unlink()
+    for example in bundle.train:  # every turn a trained row kept held only finite numbers and encodable strings
+        kept = [t for t in data[example["row"]]["messages"] if t["role"] in ("user", "assistant", "system", "gpt")]
+        assert all(_clean_text(t["content"]) for t in kept), data[example["row"]]
