@@ -53,6 +53,7 @@ from quant.errors import UserError
 from quant.formats.base import BaseSpec, Format, ShardingSetup, dtype_name
 from quant.formats.bnb import Bnb4Format, Int8Format
 from quant.formats.float import FloatBase, FloatOutput
+from quant.formats.gguf import GGUFFormat
 from quant.formats.gptq import GPTQFormat
 
 AUTO = "auto"
@@ -64,6 +65,7 @@ FORMATS: tuple[Format, ...] = (
     Bnb4Format("fp4"),
     Int8Format(),
     GPTQFormat(),
+    GGUFFormat(),
     FloatBase(),
 )
 DEFAULT_BASE = "nf4"  # what `auto` trains on when the checkpoint is not stored quantized (the QLoRA default)
