@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as G
-from gguf_helpers import save_tiny, token_ids
+from gguf_helpers import save_tiny, token_ids, trained_tokenizer
 
 from quant.formats.gguf import FILE
 from quant.formats.registry import output_format, resolve_base
@@ -24,15 +24,13 @@ CPU = torch.device("cpu")
 TOLERANCE = {G.F32: 1e-7, G.Q8_0: 0.01, G.Q6_K: 0.03, G.Q4_K: 0.1}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(base dir, adapter dir, merged float model): a LoRA on every Linear whose delta is ~40% of the weights,
-    so that a file missing the merge fails the tolerance by far."""
+def _adapter(root, **tiny):
+    """(base dir, adapter dir, merged float model): a LoRA on every Linear of a tiny model whose delta is large
+    against the weights, so that a file missing the merge fails by far."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("gguf-merge")
-    base = save_tiny(root / "base", "llama")
+    base = save_tiny(root / "base", "llama", **tiny)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     torch.manual_seed(5)
@@ -44,6 +42,17 @@ def trained(tmp_path_factory):
     model.save_pretrained(adapter)
     resolve_base(str(base), str(base), "none").save(adapter)
     return base, adapter, model.merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _adapter(tmp_path_factory.mktemp("gguf-merge"))
+
+
+@pytest.fixture(scope="module")
+def smollm_like(tmp_path_factory):
+    """SmolLM2's shape of things: tied embeddings (the held-back head is the embedding) and its BPE tokenizer."""
+    return _adapter(tmp_path_factory.mktemp("gguf-merge-tied"), tie=True, tokenizer=trained_tokenizer("smollm"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,6 +74,15 @@ def _source(model, config=None) -> dict[str, torch.Tensor]:
     arch = Arch.from_config((config or model.config).to_dict())
     named = ((arch.gguf_name(k), v.detach().float()) for k, v in model.state_dict().items())
     return {g: arch.prepare(g, v) for g, v in named if g is not None}
+
+
+def _llama_cpp(path, use):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    try:
+        return use(llm)
+    finally:
+        llm.close()
 
 
 def test_merge_writes_one_gguf_file_of_the_merged_weights(trained, tmp_path):
@@ -91,20 +109,14 @@ def test_merge_writes_one_gguf_file_of_the_merged_weights(trained, tmp_path):
     ids = token_ids(32)
     with torch.no_grad():
         got = loaded(ids).logits[0]
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(out / FILE), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
-    try:
-        llm.eval(ids[0].tolist())
-        cpp = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
-    finally:
-        llm.close()
-    assert _rel(cpp, got) < 0.05  # llama.cpp runs the same file as transformers, up to its 8-bit activations
+    cpp = _llama_cpp(out / FILE, lambda llm: (llm.eval(ids[0].tolist()), llm.scores[: ids.shape[1]])[1])
+    assert _rel(torch.tensor(np.array(cpp)), got) < 0.05  # the same file as transformers, up to 8-bit activations
 
 
-def test_calibrated_merge_weights_by_the_merged_models_activation_energy(trained, tmp_path):
+def test_calibrated_merge_weights_by_the_merged_models_activation_energy(smollm_like, tmp_path):
     """The importance the streaming merge measures layer by layer is the merged model's own: the file equals one
     written from the merged model's whole-model activation energy, and differs from an uncalibrated one."""
-    base, adapter, merged = trained
+    base, adapter, merged = smollm_like
     calib = [token_ids(24, seed=s) for s in range(3)]
     result = quiet_merge(adapter, tmp_path / "c", "gguf", report=False, calib=calib,
                          options={"gguf_type": "q4_k_m"})
@@ -116,7 +128,13 @@ def test_calibrated_merge_weights_by_the_merged_models_activation_energy(trained
     got, ref, uncal = (_dequantized(p) for p in (result.out_dir / FILE, tmp_path / "ref.gguf", plain.out_dir / FILE))
     for name, (ggml, values) in ref.items():
         torch.testing.assert_close(got[name][1], values, rtol=0, atol=1e-6 * values.abs().max().item())
-    assert not torch.equal(got["output.weight"][1], uncal["output.weight"][1])  # the held-back head is weighted
+    assert "output.weight" not in got  # tied: the embedding is the head, held back until the final norm ran
+    assert not torch.equal(got["token_embd.weight"][1], uncal["token_embd.weight"][1])
+    from transformers import AutoTokenizer
+
+    text = "Full fathom five thy father lies; of his bones are coral made."
+    want = AutoTokenizer.from_pretrained(str(base)).encode(text)  # the adapter has no copy: the base's is used
+    assert _llama_cpp(result.out_dir / FILE, lambda llm: llm.tokenize(text.encode(), add_bos=False)) == want
     assert not torch.equal(got["blk.1.ffn_up.weight"][1], uncal["blk.1.ffn_up.weight"][1])
 
 
