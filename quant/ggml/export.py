@@ -2,8 +2,9 @@
 
 Sources: an HF directory (its safetensors are read memory-mapped, one tensor at a time), a hub id (from the
 local HF cache), a .gguf file or `pkg:...` (dequantized once into our cache; its tokenizer metadata is copied
-as it is), or a GPTQ checkpoint (ours or the ecosystem's: the packed model is loaded, which is small, and each
-layer is dequantized when the writer asks for it), so a GPTQ-only base goes straight to GGUF.
+as it is), or a checkpoint stored quantized in a format of quant.formats.registry (GPTQ, ours or the
+ecosystem's: its format rebuilds the float weights one decoder layer at a time, as the merge reads a base), so a
+GPTQ-only base goes straight to GGUF.
 With `calib`, the model first runs on the calibration windows to measure each Linear's input energy, which the
 K-quant and legacy scale searches then weight by.
 """
@@ -40,7 +41,8 @@ def resolve_source(spec: str) -> tuple[Path, Path]:
         try:
             local = snapshot_download(local, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
         except Exception as e:  # hub errors (offline, missing repo) come in many types
-            raise UserError(f"model {spec}: not found locally and not downloadable ({str(e).splitlines()[0]})") from None
+            reason = str(e).splitlines()[0]
+            raise UserError(f"model {spec}: not found locally and not downloadable ({reason})") from None
     local = Path(local)
     if not (local / "config.json").is_file():
         raise UserError(f"model {spec}: {local} has no config.json; expected a Hugging Face model directory")

@@ -106,7 +106,8 @@ class GGUFSink:
             self._add(gname, t, gname)
 
     def shape(self) -> ModelShape:
-        return ModelShape(self.arch.n_layer, self.arch.tied, self.arch.large, has_importance=self.importance is not None)
+        return ModelShape(self.arch.n_layer, self.arch.tied, self.arch.large,
+                          has_importance=self.importance is not None)
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Quantize and spill (HF name, float tensor) pairs; names llama.cpp has no use for (a tied head) are

@@ -38,7 +38,8 @@ def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
 
 
 # |llama.cpp logits - source logits| / max |source logit|. llama.cpp quantizes activations to 8 bits for quantized
-# matmuls and keeps its KV cache in f16, so a file is compared with our own decoded weights' error budget from test_gguf_export plus that.
+# matmuls and keeps its KV cache in f16, so a file is compared with our own decoded weights' error budget from
+# test_gguf_export plus that.
 TOLERANCE = {"f32": 3e-3, "bf16": 0.03, "q8_0": 0.06, "q4_k_m": 0.5}
 
 
