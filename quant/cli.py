@@ -1,5 +1,5 @@
-"""`quant` command line: `quant gptq` / `quant awq` (quantize to a GPTQ / AWQ checkpoint) and `quant eval`
-(perplexity).
+"""`quant` command line: `quant gptq` / `quant awq` (quantize to a GPTQ / AWQ checkpoint), `quant gguf` (export
+for llama.cpp) and `quant eval` (perplexity).
 
 Parsing only; each subcommand calls one public function. A UserError becomes one line on stderr and
 exit code 2.
@@ -37,7 +37,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quant", description="GPTQ and AWQ quantization and perplexity evaluation")
+    p = argparse.ArgumentParser(prog="quant", description="GPTQ and AWQ quantization, GGUF export and perplexity "
+                                "evaluation")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy small box 1 is often fastest)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-progress", dest="progress", action="store_false")
     w.set_defaults(run=_run_awq)
 
+    _gguf_parser(sub)
+
     e = sub.add_parser("eval", help="perplexity of MODEL on held-out text")
     e.add_argument("model")
     e.add_argument("--data", action="append", required=True, help="text/md/jsonl/parquet file, directory, pkg:... "
@@ -106,6 +109,46 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", dest="progress", action="store_false")
     e.set_defaults(run=_run_eval)
     return p
+
+
+def _gguf_parser(sub) -> None:
+    from quant.ggml.mix import FILE_TYPES
+
+    g = sub.add_parser(
+        "gguf", help="write MODEL as one .gguf file for llama.cpp / Ollama",
+        description="Write MODEL (HF dir, hub id, .gguf, pkg:..., or a GPTQ checkpoint) as one .gguf file: llama.cpp's "
+        "architecture metadata, tokenizer and tensor names, quantized by our own K-quant/legacy packing with "
+        "llama.cpp's per-tensor mixes (q4_k_m: Q4_K with Q6_K for the head and for attn_v/ffn_down of a third of "
+        "the layers; rows that are not a multiple of 256 fall back to Q5_0/Q5_1/Q8_0 as in llama.cpp). Llama, "
+        "Mistral and Qwen2 architectures.")
+    g.add_argument("model")
+    g.add_argument("--out", required=True, help="output .gguf file (must not exist unless --overwrite; written under "
+                   "a temporary name, then renamed)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new file is complete")
+    g.add_argument("--type", dest="gguf_type", default="q4_k_m", choices=list(FILE_TYPES),
+                   help="file type (default q4_k_m); f32/f16/bf16 store the weights unquantized")
+    g.add_argument("--calib", action="append", help="calibration text (file, directory, pkg:..., hub dataset; "
+                   "repeatable): weight the scale searches by each column's activation energy on it, like "
+                   "llama.cpp's importance matrix (no effect on f32/f16/bf16/q8_0)")
+    g.add_argument("--calib-samples", type=int, default=128)
+    g.add_argument("--calib-seqlen", type=int, default=512)
+    g.add_argument("--calib-split", default="train")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--name", default=None, help="general.name in the file (default: the model's file/dir name)")
+    g.add_argument("--device", default=None, help="cpu or cuda, for calibration and the scale searches")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.set_defaults(run=_run_gguf)
+
+
+def _run_gguf(a) -> None:
+    from quant.ggml.export import export_gguf
+
+    report = export_gguf(a.model, a.out, a.gguf_type, calib=a.calib, calib_samples=a.calib_samples,
+                         calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
+                         name=a.name, device=a.device, seed=a.seed, progress=a.progress,
+                         overwrite=a.overwrite)
+    print("wrote " + report.summary())
 
 
 def _run_gptq(a) -> None:

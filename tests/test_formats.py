@@ -26,7 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 # How far each output's weights may be from the float weights it encodes (relative Frobenius error, random
 # weights of the tiny model; for a format that folds scales, of its logits). A new output format needs its line here.
-TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3, "nf4": 0.15, "fp4": 0.2, "int8": 0.02, "gptq": 0.3, "awq": 0.15}
+TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3, "nf4": 0.15, "fp4": 0.2, "int8": 0.02, "gptq": 0.3, "awq": 0.15,
+             "gguf": 0.06}  # Q4_K_M, whose K-quants fall back to Q5_0/Q8_0 on the tiny model's 64-wide rows
+# Output-only formats that quantize every matrix, embeddings and head included (no training base to rebuild them
+# exactly): held to their tolerance here, and bit-exactly to their file's own reader in their own tests.
+APPROXIMATE = {"gguf": "tests/quant/test_gguf_merge.py"}
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +101,18 @@ def test_every_output_format_round_trips(name, bf16_exact_base, zero_adapter, tm
         rebuilt = fmt.rebuilder(spec, ckpt, skeleton(ckpt.config), CPU).load(ckpt.keys())
     linears = [n for n, m in skeleton(source.config).named_modules() if type(m) is nn.Linear and n != "lm_head"]
     assert len(linears) == 14
+    exact = name not in APPROXIMATE  # a training format loads what training sees, a float format the cast weights
     for module in linears:
         W, got = source.get(f"{module}.weight"), _weight(loaded.get_submodule(module))
         assert fmt.folds_scales or ((got - W).norm() / W.norm()).item() < TOLERANCE[name], module
         expected = rebuilt[f"{module}.weight"] if fmt.base else W.to(out_dtype)
-        assert torch.equal(got, expected.float()), module
+        assert torch.equal(got, expected.float()) or not exact, module
     layers = find_blocks(loaded)[0] + "."
     for key, t in loaded.state_dict().items():
         folded = fmt.folds_scales and key.startswith(layers)
         if key.rpartition(".")[0] not in linears and key in source.file_of and t.is_floating_point() and not folded:
-            assert torch.equal(t, source.get(key).to(out_dtype).float()), key
+            W = source.get(key).to(out_dtype).float()
+            assert torch.equal(t, W) if exact else ((t - W).norm() / W.norm()).item() < TOLERANCE[name], key
     if fmt.folds_scales:
         from transformers import AutoModelForCausalLM
 
@@ -162,7 +168,8 @@ def test_registry_names_are_unique_and_every_role_is_served():
     names = [f.name for f in FORMATS]
     assert len(names) == len(set(names))
     assert set(base_names()) | set(output_names()) == set(names)
-    with pytest.raises(UserError, match=r"^--format must be one of bf16, fp16, nf4, fp4, int8, gptq, awq \(got 'x'\)$"):
+    listed = "bf16, fp16, nf4, fp4, int8, gptq, awq, gguf"
+    with pytest.raises(UserError, match=rf"^--format must be one of {listed} \(got 'x'\)$"):
         output_format("x")
 
 

@@ -48,6 +48,26 @@ def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
             mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
+@torch.no_grad()
+def layer0_inputs(model, prefix: str, blocks, tensors: dict[str, torch.Tensor], calib: list[torch.Tensor], device,
+                  run_dtype) -> tuple[list, list]:
+    """The calibration inputs of decoder layer 0 (hidden states, keyword arguments per window): the tensors outside
+    the layers (embeddings, ...) are loaded into the skeleton `model`, run on `calib`, and dropped again."""
+    state = {k: v.to(device, run_dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    for name, mod in model.named_modules():
+        if not (name == prefix or name.startswith(prefix + ".")):
+            for bname, b in mod.named_buffers(recurse=False):
+                mod._buffers[bname] = b.to(device)
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix + ".")]
+    if missing:
+        raise UserError(f"the base checkpoint lacks {missing[:3]}, needed to compute calibration inputs")
+    hidden, kwargs = capture_inputs(model, blocks, calib, device)
+    _replace_with_meta(model, prefix)
+    return hidden, kwargs
+
+
 class LayerwiseEncoder(Encoder):
     """Turns each merged unit into packed checkpoint tensors (see the module docstring).
 
@@ -90,20 +110,8 @@ class LayerwiseEncoder(Encoder):
     @torch.no_grad()
     def _outside(self, tensors):
         if self.calibrated:
-            state = {k: v.to(self.device, self.run_dtype) if v.is_floating_point() else v.to(self.device)
-                     for k, v in tensors.items()}
-            self.model.load_state_dict(state, strict=False, assign=True)
-            self.model.tie_weights()
-            for name, mod in self.model.named_modules():
-                if not (name == self.prefix or name.startswith(self.prefix + ".")):
-                    for bname, b in mod.named_buffers(recurse=False):
-                        mod._buffers[bname] = b.to(self.device)
-            missing = [n for n, p in self.model.named_parameters()
-                       if p.is_meta and not n.startswith(self.prefix + ".")]
-            if missing:
-                raise UserError(f"the base checkpoint lacks {missing[:3]}, needed to compute calibration inputs")
-            self.hidden, self.kwargs = capture_inputs(self.model, self.blocks, self.calib, self.device)
-            _replace_with_meta(self.model, self.prefix)
+            self.hidden, self.kwargs = layer0_inputs(self.model, self.prefix, self.blocks, tensors, self.calib,
+                                                     self.device, self.run_dtype)
         return {k: v.to(self.out_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
     @torch.no_grad()

@@ -54,6 +54,7 @@ from quant.formats.awq import AWQFormat
 from quant.formats.base import BaseSpec, Format, ShardingSetup, dtype_name
 from quant.formats.bnb import Bnb4Format, Int8Format
 from quant.formats.float import FloatBase, FloatOutput
+from quant.formats.gguf import GGUFFormat
 from quant.formats.gptq import GPTQFormat
 
 AUTO = "auto"
@@ -66,6 +67,7 @@ FORMATS: tuple[Format, ...] = (
     Int8Format(),
     GPTQFormat(),
     AWQFormat(),
+    GGUFFormat(),
     FloatBase(),
 )
 DEFAULT_BASE = "nf4"  # what `auto` trains on when the checkpoint is not stored quantized (the QLoRA default)

@@ -18,7 +18,7 @@ from support import quiet_merge
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"format": "gguf"}, "--format must be one of bf16, fp16, nf4, fp4, int8, gptq, awq (got 'gguf')"),
+    ({"format": "onnx"}, "--format must be one of bf16, fp16, nf4, fp4, int8, gptq, awq, gguf (got 'onnx')"),
     ({"merge_into": "both"}, "--merge-into must be one of auto, dequantized, original (got 'both')"),
     ({"dtype": "float64", "format": "nf4"}, "--dtype must be one of bfloat16, float16, float32 (got 'float64')"),
     ({"dtype": "float16"}, "--dtype applies to quantized formats; --format bf16 already fixes the dtype"),
@@ -26,10 +26,10 @@ from support import quiet_merge
     ({"calib_seqlen": 1}, "--calib-seqlen must be an integer >= 2 (got 1)"),
     ({"eval_max_batches": 0}, "--eval-max-batches must be an integer >= 1 (got 0)"),
     ({"device": "abacus"}, "--device must be cpu, cuda or cuda:N (got 'abacus')"),
-    ({"calib": ["x.txt"]}, "--calib applies to --format gptq, awq only"),
+    ({"calib": ["x.txt"]}, "--calib applies to --format gptq, awq, gguf only"),
     ({"options": {"bits": 4}}, "--bits applies to --format gptq, awq only"),
     ({"options": {"bits": 4, "desc_act": True}, "format": "nf4"}, "--bits/--desc-act apply to --format gptq, awq only"),
-    ({"options": {"colour": 1}}, "options: unknown ['colour']; format options are bits, desc_act, group_size, method"),
+    ({"options": {"colour": 1}}, "options: unknown ['colour']; format options are bits, desc_act, gguf_type, group_size, method"),
     ({"format": "gptq", "options": {"bits": 5, "method": "rtn"}}, "--bits must be one of 2, 3, 4, 8 (got 5)"),
     ({"format": "gptq", "options": {"group_size": "64", "method": "rtn"}},
      "--group-size = '64' is not valid (expected int)"),

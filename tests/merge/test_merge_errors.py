@@ -80,14 +80,14 @@ def test_user_errors(nf4_run, gptq_run, tmp_path, tokenizer):
     fails(r"has no Linear weight for 7 adapted modules, e\.g\. \['model\.layers\.1\.mlp\.down_proj'",
           nf4_run, out, "bf16", base=str(shallow))
     fails("needs calibration data: pass --calib", nf4_run, out, "gptq")
-    fails("--calib applies to --format gptq, awq only", nf4_run, out, "nf4", calib="x.txt")
+    fails("--calib applies to --format gptq, awq, gguf only", nf4_run, out, "nf4", calib="x.txt")
     fails("--bits/--group-size apply to --format gptq, awq only", nf4_run, out, "int8",
           options={"bits": 4, "group_size": 64})
     fails("--merge-into original on a GPTQ-trained adapter needs --base-original", gptq_run, out, "bf16",
           merge_into="original")
     fails("trained on a GPTQ base but .* is not a GPTQ checkpoint", gptq_run, out, "bf16", base=str(wider))
     fails("group size 128 does not fit layer", nf4_run, out, "gptq", options={"method": "rtn"})
-    fails("--format must be one of", nf4_run, out, "gguf")
+    fails("--format must be one of", nf4_run, out, "onnx")
     fails("DoRA", _edited_adapter(nf4_run, tmp_path, use_dora=True), out, "bf16")
     fails("no adapter_config.json", wider, out, "bf16")
     fails("is the adapter, run or base directory", nf4_run, nf4_run / "adapter", "bf16", overwrite=True)

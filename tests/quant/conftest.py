@@ -17,6 +17,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: the GGUF scale searches are many small passes, several times faster on one thread than
+    on two of a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_model():
     return tiny_llama()
 
