@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
-from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, Rebuilder, option
+from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, PackedRebuilder, option
 
 BITS = 4
 PACK = 32 // BITS  # codes per int32 word
@@ -166,36 +166,20 @@ def read_quant_config(path: str | os.PathLike) -> dict:
 _SEARCH_SETTINGS = ("method", "clip", "n_grid", "max_shrink", "duo_scaling", "search_tokens")
 
 
-class _AWQRebuilder(Rebuilder):
+class _AWQRebuilder(PackedRebuilder):
     """Packed layers come back dequantized (quant's reference kernel) as `<module>.weight` in fp32, exactly the
     weights AWQLinear computes with."""
+
+    label, parts, in_features_of = "AWQ", PARTS, "qweight"
 
     def __init__(self, ckpt, device):
         super().__init__(ckpt, device)
         self.group_size = read_quant_config(ckpt.path)["group_size"]
 
-    def weight_shape(self, module):
-        if f"{module}.qweight" in self.ckpt.file_of:
-            return self.ckpt.shape(f"{module}.scales")[1], self.ckpt.shape(f"{module}.qweight")[0]
-        return super().weight_shape(module)
-
-    @torch.no_grad()
-    def load(self, keys):
-        out, packed = {}, {}
-        for key, t in super().load(keys).items():
-            module, _, leaf = key.rpartition(".")
-            if leaf in PARTS:
-                packed.setdefault(module, {})[leaf] = t
-            else:
-                out[key] = t
-        for module, parts in packed.items():
-            missing = [p for p in PARTS if p not in parts]
-            if missing:
-                raise UserError(f"{self.ckpt.path}: AWQ layer {module} lacks {missing}")
-            K = parts["qweight"].shape[0]
-            gs = layer_group_size(K, parts["scales"].shape[0], self.group_size, f"{self.ckpt.path}: {module}")
-            out[f"{module}.weight"] = dequantize_layer(parts, gs)
-        return out
+    def dequantize(self, module, parts):
+        K = parts["qweight"].shape[0]
+        gs = layer_group_size(K, parts["scales"].shape[0], self.group_size, f"{self.ckpt.path}: {module}")
+        return dequantize_layer(parts, gs)
 
 
 @dataclass

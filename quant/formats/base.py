@@ -161,6 +161,39 @@ class Rebuilder:
         return {k: self.ckpt.get(k, self.device) for k in keys}
 
 
+class PackedRebuilder(Rebuilder):
+    """A packed-weight checkpoint (GPTQ, AWQ): the `parts` tensors of each packed Linear come back dequantized as
+    its `<module>.weight`; a subclass names the parts and the tensor holding the input width, and dequantizes."""
+
+    label = ""  # how messages name the format
+    parts: tuple[str, ...] = ()
+    in_features_of = ""  # the part whose first dimension is in_features
+
+    def dequantize(self, module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_shape(self, module):
+        if f"{module}.qweight" in self.ckpt.file_of:
+            return self.ckpt.shape(f"{module}.scales")[1], self.ckpt.shape(f"{module}.{self.in_features_of}")[0]
+        return super().weight_shape(module)
+
+    @torch.no_grad()
+    def load(self, keys):
+        out, packed = {}, {}
+        for key, t in super().load(keys).items():
+            module, _, leaf = key.rpartition(".")
+            if leaf in self.parts:
+                packed.setdefault(module, {})[leaf] = t
+            else:
+                out[key] = t
+        for module, parts in packed.items():
+            missing = [p for p in self.parts if p not in parts]
+            if missing:
+                raise UserError(f"{self.ckpt.path}: {self.label} layer {module} lacks {missing}")
+            out[f"{module}.weight"] = self.dequantize(module, parts)
+        return out
+
+
 # ------------------------------------------------------------------------------------------ merge output
 
 

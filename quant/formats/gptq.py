@@ -15,7 +15,7 @@ import torch
 
 from quant.errors import UserError
 from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, disk_needed, staged
-from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, Rebuilder, option
+from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, PackedRebuilder, option
 from quant.formats.gptq_pack import V1, resolve_checkpoint_format, zero_offset
 from quant.gptq import METHODS
 
@@ -137,34 +137,18 @@ def dequantize_gptq(parts: dict[str, torch.Tensor], bits: int, zero_offset: int)
                            out_dtype=torch.float32).T.contiguous()
 
 
-class _GPTQRebuilder(Rebuilder):
+class _GPTQRebuilder(PackedRebuilder):
     """Packed layers come back dequantized (quant's reference kernel) as `<module>.weight` in fp32."""
+
+    label, parts, in_features_of = "GPTQ", PARTS, "g_idx"
 
     def __init__(self, ckpt, device):
         super().__init__(ckpt, device)
         q = read_quant_config(ckpt.path)
         self.bits, self.zero_offset = q["bits"], zero_offset(q["checkpoint_format"])
 
-    def weight_shape(self, module):
-        if f"{module}.qweight" in self.ckpt.file_of:
-            return self.ckpt.shape(f"{module}.scales")[1], self.ckpt.shape(f"{module}.g_idx")[0]
-        return super().weight_shape(module)
-
-    @torch.no_grad()
-    def load(self, keys):
-        out, packed = {}, {}
-        for key, t in super().load(keys).items():
-            module, _, leaf = key.rpartition(".")
-            if leaf in PARTS:
-                packed.setdefault(module, {})[leaf] = t
-            else:
-                out[key] = t
-        for module, parts in packed.items():
-            missing = [p for p in PARTS if p not in parts]
-            if missing:
-                raise UserError(f"{self.ckpt.path}: GPTQ layer {module} lacks {missing}")
-            out[f"{module}.weight"] = dequantize_gptq(parts, self.bits, self.zero_offset)
-        return out
+    def dequantize(self, module, parts):
+        return dequantize_gptq(parts, self.bits, self.zero_offset)
 
 
 @dataclass
