@@ -139,7 +139,7 @@ def _merge_parser(sub) -> None:
     c = m.add_argument_group("calibration (formats that requantize on the merged model's activations)")
     c.add_argument("--calib", action="append", metavar="DATA", help="calibration data: text/md, jsonl/json/parquet/"
                    "csv in any training format (rendered with the chat template), directory, pkg:... or hub "
-                   "dataset; repeatable; required for --format gptq --method gptq and --format awq, optional for gguf "
+                   "dataset; repeatable; required for --format gptq and awq (unless --method rtn), optional for gguf "
                    "(importance-weighted scale searches)")
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")

@@ -97,6 +97,16 @@ def save_rtn_gptq(model, path: str | Path, group_size: int = 128) -> Path:
     return save_quantized(model, path, tokenizer=byte_tokenizer())
 
 
+def save_rtn_awq(model, path: str | Path, group_size: int = 128) -> Path:
+    """Like save_rtn_gptq, in AWQ's gemm format: asymmetric 4-bit with zero points, no scale search."""
+    from quant.awq import AWQConfig
+    from quant.awq_model import quantize_model_awq, save_awq
+
+    cfg = AWQConfig(group_size=group_size, method="rtn").validate()
+    quantize_model_awq(model, None, cfg, device=next(model.parameters()).device, progress=False)
+    return save_awq(model, path, tokenizer=byte_tokenizer())
+
+
 def synthetic_text(path: str | Path, rows: int, chars: int, seed: int = 0) -> Path:
     """A jsonl file of `rows` {"text": ...} rows of about `chars` characters of random words, for benchmarks."""
     import json

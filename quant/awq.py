@@ -24,9 +24,8 @@ from typing import Callable
 import torch
 
 from quant.errors import UserError
-from quant.formats.awq import BITS, GROUP_SIZES
+from quant.formats.awq import BITS, GROUP_SIZES, METHODS
 
-METHODS = ("awq", "rtn")
 # fp16 cannot hold a smaller normal scale; a group whose whole range is below it is ~zero anyway.
 _MIN_SCALE = torch.finfo(torch.float16).tiny
 

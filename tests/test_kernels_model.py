@@ -10,7 +10,7 @@ import torch
 from finetune.kernels import KernelOptions, install, install_fast_path
 from finetune.model import attach_lora, load_base
 from finetune.recipe import BaseConfig, LoraConfig, TrainConfig
-from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq
+from finetune.synthetic import random_model, save_model_dir, save_rtn_awq, save_rtn_gptq
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,11 +20,12 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("kernels-model")
     model = random_model("tiny", num_hidden_layers=2)
     dense = save_model_dir(model, root / "dense")
-    return {"dense": dense, "gptq": save_rtn_gptq(model, root / "gptq", group_size=32)}
+    awq = save_rtn_awq(random_model("tiny", num_hidden_layers=2), root / "awq", group_size=32)
+    return {"dense": dense, "gptq": save_rtn_gptq(model, root / "gptq", group_size=32), "awq": awq}
 
 
 def build(dirs, quantization, opts, dropout=0.0, device="cpu", dtype="float32", targets="all-linear"):
-    src = dirs["gptq" if quantization == "gptq" else "dense"]
+    src = dirs.get(quantization, dirs["dense"])  # nf4 / int8 / none: quantized on the fly from the dense copy
     base = load_base(BaseConfig(model=str(src), quantization=quantization, compute_dtype=dtype), torch.device(device))
     torch.manual_seed(0)
     model = attach_lora(base.model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=targets), True)
@@ -59,7 +60,7 @@ def compare(dirs, quantization, opts, packed, dropout=0.0, device="cpu", dtype="
     return report
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "gptq", "none"])
+@pytest.mark.parametrize("quantization", ["nf4", "gptq", "awq", "none"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_fast_path_matches_peft(model_dirs, quantization, packed):
     report = compare(model_dirs, quantization, KernelOptions(), packed)

@@ -117,6 +117,23 @@ def test_awq_base_adapter_merges_back_to_awq(awq_run, awq_dir, chat_files, tmp_p
     assert _kl(want, got) < _kl(want, plain) / 10
 
 
+def test_awq_merge_by_round_to_nearest_needs_no_calibration(awq_run, tmp_path, capsys):
+    """--method rtn: the AWQ grid without the scale search, so no --calib; a GPTQ method name is refused."""
+    merged = tmp_path / "merged-rtn"
+    with single_thread():
+        code = finetune_main(["merge", str(awq_run[2]), "--out", str(merged), "--format", "awq", "--method", "rtn",
+                              "--group-size", "64", "-q"])
+    assert code == 0
+    _check_awq_layout(merged, 64)
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["awq"]["method"] == "rtn" and report["fidelity"]["retention"] > 0.8
+    assert not json.loads((merged / "quant_log.json").read_text())["scales"]  # nothing searched, nothing folded
+    capsys.readouterr()
+    code = finetune_main(["merge", str(awq_run[2]), "--out", str(tmp_path / "x"), "--format", "awq", "--method",
+                          "gptq", "-q"])
+    assert code == 2 and error_line(capsys.readouterr().err) == "error: --method must be one of awq, rtn (got 'gptq')"
+
+
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """Mean per-token KL(p || q) of two models' next-token distributions."""
     p, q = p_logits.log_softmax(-1).flatten(0, 1), q_logits.log_softmax(-1).flatten(0, 1)

@@ -49,19 +49,22 @@ def _linear4bit_types():
     return (bnb.nn.Linear4bit,)
 
 
-def _quantlinear_type():
+def _packed_linear_types():
+    """quant's packed layers (GPTQ, AWQ): each has `dequantize(dtype)` -> the weight [out, in]."""
     from quant.nn import QuantLinear
+    from quant.nn_awq import AWQLinear
 
-    return QuantLinear
+    return QuantLinear, AWQLinear
 
 
 def base_weight_kind(base: nn.Module) -> str | None:
-    """'nf4' (any bitsandbytes 4-bit), 'gptq', 'dense', or None when the layer type is not supported here."""
+    """'nf4' (any bitsandbytes 4-bit), 'packed' (GPTQ, AWQ), 'dense', or None when the layer type is not
+    supported here."""
     if isinstance(base, _linear4bit_types()):
         w = base.weight
         return "nf4" if w.dtype == torch.uint8 and getattr(w, "quant_state", None) is not None else None
-    if isinstance(base, _quantlinear_type()):
-        return "gptq"
+    if isinstance(base, _packed_linear_types()):
+        return "packed"
     if type(base) is nn.Linear:
         return "dense"
     return None
@@ -108,13 +111,13 @@ class Projection:
             w = self.base.weight
             state = w.quant_state
             args = (w.data, self._absmax(state), state.blocksize, state.quant_type, state.shape, state.dtype)
-            if w.is_cuda:  # bitsandbytes has no CPU `out=` kernel
-                out = torch.ops.bitsandbytes.dequantize_4bit.out(
-                    *args, out=scratch(state.shape, state.dtype, w.device, slot))
+            if w.is_cuda:  # bitsandbytes has no CPU `out=` kernel; the out= overload returns nothing
+                out = scratch(state.shape, state.dtype, w.device, slot)
+                torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
             else:
                 out = torch.ops.bitsandbytes.dequantize_4bit.default(*args)
             return out if out.dtype == dtype else out.to(dtype)
-        if self.kind == "gptq":
+        if self.kind == "packed":
             return self.base.dequantize(dtype)
         w = self.base.weight
         return w if w.dtype == dtype else w.to(dtype)

@@ -39,7 +39,10 @@ def format_options() -> dict[str, tuple[dict, list[str]]]:
     for fmt in FORMATS:
         if fmt.output and fmt.options is not None:
             for f in dataclasses.fields(fmt.options):
-                found.setdefault(f.name, (dict(f.metadata), []))[1].append(fmt.name)
+                meta, taking = found.setdefault(f.name, (dict(f.metadata), []))
+                taking.append(fmt.name)
+                if meta["choices"] and f.metadata["choices"]:  # --method: gptq, rtn + awq, rtn
+                    meta["choices"] = tuple(dict.fromkeys((*meta["choices"], *f.metadata["choices"])))
     return found
 
 
@@ -119,8 +122,9 @@ class MergeConfig:
             taking = self._taking(lambda f: f.options is not None and
                                   any(k in {x.name for x in dataclasses.fields(f.options)} for k in misplaced))
             raise UserError(f"{flags} {'applies' if len(misplaced) == 1 else 'apply'} to --format {taking} only")
+        own = {f.name: f.metadata for f in dataclasses.fields(fmt.options)} if fmt.options else {}
         for key, value in given.items():
-            _check_option(key, value, known[key][0])
+            _check_option(key, value, own[key])  # this format's choices (--method awq is not a gptq method)
         return fmt.options(**given) if fmt.options else None
 
     @staticmethod

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
-from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, PackedRebuilder, option
+from quant.formats.base import METHOD_HELP, REQUIRED, EncodeRequest, PackedFormat, PackedRebuilder, option
 
 BITS = 4
 PACK = 32 // BITS  # codes per int32 word
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_ORDER[i] of its run of 8
 AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a run of 8 sits in nibble AWQ_REVERSE[j]
 GROUP_SIZES = (32, 64, 128)
+METHODS = ("awq", "rtn")  # scale search + clipping, or plain round-to-nearest on the same grid
 VERSION = "gemm"
 QUANT_METHOD = "awq"
 PARTS = ("qweight", "qzeros", "scales")  # the packed tensors of one layer (plus an optional bias)
@@ -184,6 +185,7 @@ class _AWQRebuilder(PackedRebuilder):
 
 @dataclass
 class AWQOptions:
+    method: str | None = option(METHOD_HELP, str, METHODS)
     bits: int | None = option("default: 4, the only width of the AWQ gemm format", int, (BITS,))
     group_size: int | None = option("default: the AWQ base's, else 128 (32 or 64 for in_features like SmolLM2's "
                                     "576, which vLLM needs divisible)", int, GROUP_SIZES)
@@ -193,13 +195,15 @@ class AWQFormat(PackedFormat):
     name = "awq"
     label = "AWQ"
     summary = ("our AWQ on --calib data, run on the merged model's own activations layer by layer (default "
-               "settings: those of an AWQ base, or 4-bit g128 with zero points). Loads with "
+               "settings: those of an AWQ base, or 4-bit g128 with zero points); --method rtn for round-to-nearest on "
+               "the same grid (no calibration). Loads with "
                "quant.awq_model.load_awq_model, vLLM (awq, awq_marlin), transformers and GPTQModel "
                "(quant/formats/AWQ.md).")
     quant_method = QUANT_METHOD
     options = AWQOptions
     packed_what = "AWQ scales"
     folds_scales = True
+    calib_hint = ", or use --method rtn"
 
     def declares(self, quantization_config, model_dir):
         if super().declares(quantization_config, model_dir):
@@ -222,20 +226,22 @@ class AWQFormat(PackedFormat):
         return _AWQRebuilder(ckpt, device)
 
     def calibration(self, options):
-        return REQUIRED
+        return REQUIRED if (getattr(options, "method", None) or METHODS[0]) == METHODS[0] else None
 
     def awq_config(self, base, options: AWQOptions | None):
         """Default: an AWQ base's own settings (group size, search settings), else 4-bit g128; the options
-        override bits and group size."""
-        from quant.awq import METHODS, AWQConfig
+        override method, bits and group size."""
+        from quant.awq import AWQConfig
 
         options = options or AWQOptions()
         cfg = AWQConfig(group_size=128)
         if base.format == self.name:
             cfg = AWQConfig(group_size=base.settings["group_size"],
                             **{k: v for k, v in base.settings.items() if k in _SEARCH_SETTINGS})
-        cfg.method = METHODS[0]  # the merge always searches scales (an RTN base too): calibration is required
-        for key in ("bits", "group_size"):
+        # The merged weights are new, so scales are searched again unless --method rtn asks for plain rounding
+        # (an RTN base is requantized with the search too: its recorded method describes the base, not the merge).
+        cfg.method = METHODS[0]
+        for key in ("method", "bits", "group_size"):
             if getattr(options, key) is not None:
                 setattr(cfg, key, getattr(options, key))
         return cfg.validate()

@@ -24,6 +24,8 @@ import torch
 from quant.errors import UserError
 
 REQUIRED, OPTIONAL = "required", "optional"  # Format.calibration
+# --method, shared by the GPTQ and AWQ outputs: each format's own choices, one flag.
+METHOD_HELP = "gptq / awq: the format's own solver on --calib (default); rtn: round-to-nearest, no calibration"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # What accelerate's mixed_precision (and DeepSpeed's config sections of the same names) makes DeepSpeed/FSDP cast
 # every float parameter to.

@@ -15,7 +15,7 @@ import torch
 
 from quant.errors import UserError
 from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, disk_needed, staged
-from quant.formats.base import REQUIRED, EncodeRequest, PackedFormat, PackedRebuilder, option
+from quant.formats.base import METHOD_HELP, REQUIRED, EncodeRequest, PackedFormat, PackedRebuilder, option
 from quant.formats.gptq_pack import V1, resolve_checkpoint_format, zero_offset
 from quant.gptq import METHODS
 
@@ -153,7 +153,7 @@ class _GPTQRebuilder(PackedRebuilder):
 
 @dataclass
 class GPTQOptions:
-    method: str | None = option("gptq (default) or round-to-nearest (no calibration)", str, METHODS)
+    method: str | None = option(METHOD_HELP, str, METHODS)
     # bits and group_size are shared with the AWQ output (one flag each, this help): say both formats' values.
     bits: int | None = option("default: a GPTQ/AWQ base's own, else 4 (awq: 4 only)", int, (2, 3, 4, 8))
     group_size: int | None = option("default: a GPTQ/AWQ base's own, else 128; gptq: -1 = one group per row; awq: "
