@@ -52,16 +52,16 @@ def model_format(model_dir: Path) -> str:
     """How a model directory is stored, as the tables name it: its output format (quant.formats.registry reads
     config.json), or the dtype of another unquantized checkpoint (fp32)."""
     fmt, config = _stored(Path(model_dir))
-    if fmt.stores(config):
+    if not config or fmt.stores(config):  # no config.json: the format's own file (GGUF)
         return fmt.name
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     return {"float32": "fp32"}.get(dtype, dtype)
 
 
 def _stored(model_dir: Path):
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: not a run, adapter or model directory (no adapter_config.json or "
-                        f"config.json); supported: {SUPPORTED}")
+    if not (model_dir / "config.json").is_file() and not any(f.output and f.holds(model_dir) for f in FORMATS):
+        raise UserError(f"{model_dir}: not a run, adapter or model directory (no adapter_config.json, "
+                        f"config.json or model.gguf); supported: {SUPPORTED}")
     try:
         return stored_output(model_dir)
     except UserError as e:
@@ -106,4 +106,4 @@ def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Lo
     fmt, _ = _stored(path)
     compute = _DTYPES[dtype] if dtype else default_dtype(device, fmt)
     model = fmt.load_merged(path, device, compute)
-    return Loaded(model, load_tokenizer(str(path), str(path)), str(path), model_format(path), device, compute)
+    return Loaded(model, fmt.load_tokenizer(path), str(path), model_format(path), device, compute)

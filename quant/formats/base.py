@@ -363,6 +363,16 @@ class Format:
         holds weights in this output format, so that `load_merged` runs it."""
         return self.declares(config.get("quantization_config"), None)
 
+    def holds(self, model_dir: Path) -> bool:
+        """Whether a directory without config.json is this format's output all the same (GGUF: one .gguf file)."""
+        return False
+
+    def load_tokenizer(self, model_dir: Path):
+        """The tokenizer of a model directory in this format (tokenizer files beside the weights)."""
+        from quant.loading import load_tokenizer
+
+        return load_tokenizer(str(model_dir), str(model_dir))
+
 
 class PackedFormat(Format):
     """A format stored as packed integer tensors that our own layer computes with (GPTQ, AWQ): a training base

@@ -151,3 +151,14 @@ class GGUFFormat(Format):
 
     def stores(self, config: dict) -> bool:
         return False  # a GGUF output has no config.json; llama.cpp and transformers (gguf_file) read it
+
+    def holds(self, model_dir: Path) -> bool:
+        return (Path(model_dir) / FILE).is_file()
+
+    def load_tokenizer(self, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), gguf_file=FILE)  # the file's own tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer

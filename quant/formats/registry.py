@@ -112,11 +112,14 @@ def declared_format(model_dir: str | Path) -> Format | None:
 
 def stored_output(model_dir: str | Path) -> tuple[Format, dict]:
     """The output format a model directory (a merge output, or any checkpoint in one of our formats) is stored
-    in, and its config.json; an unquantized checkpoint of another float dtype (fp32) is served by the first
+    in, and its config.json ({} for a format whose output has none: GGUF); an unquantized checkpoint of another float dtype (fp32) is served by the first
     float output's loader, in the dtype the caller asks for. UserError for anything else, naming what is."""
     config_file = Path(model_dir) / "config.json"
     readable = ", ".join(f.name for f in FORMATS if f.output)
     if not config_file.is_file():
+        held = next((f for f in FORMATS if f.output and f.holds(Path(model_dir))), None)
+        if held is not None:
+            return held, {}
         raise UserError(f"{model_dir}: no config.json; not a model directory (readable: {readable})")
     _quantization_config(config_file)  # a damaged file: one line
     config = json.loads(config_file.read_text(encoding="utf-8"))

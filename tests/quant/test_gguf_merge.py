@@ -113,6 +113,25 @@ def test_merge_writes_one_gguf_file_of_the_merged_weights(trained, tmp_path):
     assert _rel(torch.tensor(np.array(cpp)), got) < 0.05  # the same file as transformers, up to 8-bit activations
 
 
+def test_chat_generate_and_eval_read_a_gguf_merge(smollm_like, tmp_path):
+    """A GGUF merge directory holds no config.json or tokenizer files; finetune's model loading (chat, generate,
+    eval) reads it as transformers does: the model from the file, the tokenizer from the file's metadata."""
+    from transformers import AutoTokenizer
+
+    from finetune.inference import load
+
+    base, adapter, _ = smollm_like
+    out = quiet_merge(adapter, tmp_path / "out", "gguf", report=False, options={"gguf_type": "Q8_0"}).out_dir
+    used = load(out, CPU)
+    assert used.kind == "gguf"
+    text = "To be, or not to be: that is the question."
+    assert used.tokenizer(text).input_ids == AutoTokenizer.from_pretrained(str(base))(text).input_ids
+    ids = token_ids(16)
+    with torch.no_grad():
+        want = output_format("gguf").load_merged(out, CPU, torch.float32)(ids).logits
+        assert torch.equal(used.model(ids).logits, want)
+
+
 def test_calibrated_merge_weights_by_the_merged_models_activation_energy(smollm_like, tmp_path):
     """The importance the streaming merge measures layer by layer is the merged model's own: the file equals one
     written from the merged model's whole-model activation energy, and differs from an uncalibrated one."""
