@@ -11,6 +11,7 @@ line each is a flag, `group_size` -> `--group-size`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,10 @@ class MergeConfig:
         self.options = self._format_options(fmt)
         if self.calib and not fmt.accepts_calibration():
             raise UserError(f"--calib applies to --format {self._taking(lambda f: f.accepts_calibration())} only")
+        if self.calib and fmt.calibration(self.options) is None:  # e.g. gguf Q8_0, gptq --method rtn
+            logging.getLogger("finetune.merge").warning(
+                "--calib has no effect on --format %s with these settings (nothing is searched); ignoring it", fmt.name)
+            self.calib = None
         if fmt.calibration(self.options) == REQUIRED and not self.calib:
             raise UserError(f"--format {fmt.name} needs calibration data: pass --calib DATA (text/jsonl/parquet "
                             f"file, directory or pkg:...), e.g. the training data{fmt.calib_hint}")

@@ -36,6 +36,9 @@ from support import quiet_merge
     ({"format": "gptq", "options": {"method": "awq"}}, "--method must be one of gptq, rtn (got 'awq')"),
     ({"format": "gptq"}, "--format gptq needs calibration data: pass --calib DATA (text/jsonl/parquet file, "
                          "directory or pkg:...), e.g. the training data, or use --method rtn"),
+    ({"format": "awq", "options": {"method": "gptq"}}, "--method must be one of awq, rtn (got 'gptq')"),
+    ({"format": "awq"}, "--format awq needs calibration data: pass --calib DATA (text/jsonl/parquet file, "
+                        "directory or pkg:...), e.g. the training data, or use --method rtn"),
 ])
 def test_every_bad_value_is_one_line_naming_its_flag(fields, message):
     cfg = MergeConfig(**{"adapter": "run", "out": "out", "format": "bf16", **fields})
@@ -50,6 +53,16 @@ def test_a_valid_config_is_normalised():
     assert cfg.calib == ["data.txt"] and cfg.out_dtype == torch.float16
     assert (cfg.options.method, cfg.options.group_size, cfg.options.bits) == ("gptq", 64, None)
     assert MergeConfig(adapter="run", out="out", format="nf4", dtype="float32").validate().out_dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt,options", [("gguf", {"gguf_type": "Q8_0"}), ("gguf", {"gguf_type": "bf16"}),
+                                         ("gptq", {"method": "rtn"}), ("awq", {"method": "rtn"})])
+def test_calibration_data_a_format_would_not_use_is_dropped_with_a_warning(fmt, options, caplog):
+    cfg = MergeConfig(adapter="run", out="out", format=fmt, calib="data.txt", options=options)
+    with caplog.at_level("WARNING", logger="finetune.merge"):
+        assert cfg.validate().calib is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--calib has no effect on --format {fmt} with these settings (nothing is searched); ignoring it"]
 
 
 def test_cli_builds_the_config_and_prints_one_line(nf4_run, tmp_path, capsys):
