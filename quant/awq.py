@@ -30,6 +30,9 @@ from quant.formats.awq import BITS, GROUP_SIZES, METHODS
 _MIN_SCALE = torch.finfo(torch.float16).tiny
 
 
+ROUNDINGS = ("nearest", "dithered")
+
+
 @dataclass
 class AWQConfig:
     """Everything that decides the quantized weights; its fields are recorded in quantization_config.meta."""
@@ -45,6 +48,11 @@ class AWQConfig:
     # samples, evenly spaced); statistics and single-Linear losses always use every token. On 4 SmolLM2 blocks
     # 1024, 4096 and 16384 gave held-out errors within 1 % of each other, at up to 8x the search cost.
     search_tokens: int = 2048
+    # How codes are picked on the searched grid: "nearest" (AWQ as published) or "dithered": unbiased stochastic
+    # rounding (seeded) inside GPTQ's error feedback. The merge uses "dithered": a merged weight is the base's
+    # grid point plus a LoRA delta far below half a step, so nearest rounding returns it to the base's code and
+    # the adapter vanishes (quickstart retention 0.57), while dithered rounding keeps the delta in expectation.
+    rounding: str = "nearest"
 
     @property
     def calibrated(self) -> bool:
@@ -62,6 +70,8 @@ class AWQConfig:
             raise UserError(f"the scale grid needs at least 2 points (got {self.n_grid})")
         if not 0 < self.max_shrink < 1:
             raise UserError(f"max_shrink must be in (0, 1) (got {self.max_shrink})")
+        if self.rounding not in ROUNDINGS:
+            raise UserError(f"rounding must be one of {', '.join(ROUNDINGS)} (got {self.rounding!r})")
         if self.search_tokens < 1:
             raise UserError(f"search tokens must be >= 1 (got {self.search_tokens})")
         return self

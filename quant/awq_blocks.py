@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 
 from quant.awq import AWQConfig, AWQResult, ScaleChoice, hessian_loss, quantize_weight, search_clip, search_scales
 from quant.errors import UserError
-from quant.gptq import HessianAccumulator, relative_error
+from quant.gptq import HessianAccumulator, relative_error, round_on_grid
 from quant.nn_awq import AWQLinear
 from quant.sequential import LayerLog, QuantReport, _linear_groups, _run_block, block_linears, drive_blocks
 
@@ -237,6 +238,10 @@ def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: 
     H = acc.H if acc is not None and acc.n > 0 else None
     clip = cfg.calibrated and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
     res = quantize_weight(W, cfg, search_clip(W, H, cfg) if clip else None)
+    if cfg.rounding == "dithered" and H is not None:
+        seed = zlib.crc32(name.encode())  # reproducible, and independent from layer to layer
+        res.q = round_on_grid(W, H, res.scales, res.zeros, cfg.group_size, cfg.bits, name=name,
+                              dither=torch.Generator().manual_seed(seed))
     Wq = res.dequantize()
     if H is not None:
         res.rel_error = relative_error(W, Wq, H)

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 
-from quant.awq import METHODS as AWQ_METHODS
+from quant.awq import METHODS as AWQ_METHODS, ROUNDINGS
 from quant.errors import UserError
 from quant.formats.gptq_pack import FORMATS as CHECKPOINT_FORMATS
 from quant.formats.registry import AUTO, base_names
@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=False,
                    help="AutoAWQ's variant: s = mean|x|^a / mean|w|^(1-a)")
     w.add_argument("--grid", type=int, default=20, help="points of the alpha grid (and 1/grid clipping steps)")
+    w.add_argument("--rounding", choices=ROUNDINGS, default=ROUNDINGS[0], help="how codes are picked on the searched "
+                   "grid: nearest (AWQ as published) or dithered (unbiased stochastic rounding, seeded, inside GPTQ's "
+                   "error feedback; what finetune merge uses)")
     w.add_argument("--search-tokens", type=int, default=2048, help="calibration tokens forwarded per scale "
                    "candidate through attention/MLP (default 2048; statistics always use every token)")
     _calibration_args(w)
@@ -176,7 +179,7 @@ def _run_awq(a) -> None:
     from quant.awq_model import quantize_awq
 
     cfg = AWQConfig(bits=a.bits, group_size=a.group_size, method=a.method, clip=a.clip, n_grid=a.grid,
-                    duo_scaling=a.duo_scaling, search_tokens=a.search_tokens)
+                    duo_scaling=a.duo_scaling, search_tokens=a.search_tokens, rounding=a.rounding)
     report = quantize_awq(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                           calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                           device=a.device, seed=a.seed, progress=a.progress, overwrite=a.overwrite)

@@ -164,8 +164,10 @@ def _cpu_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def _column_loop(Wt, Hinv, Qt, scales, zeros, proc_group, scale, zero, static, perm_list, gs, bs, spec, grouped):
-    """The GPTQ main loop over columns (rows of Wt) in lazy blocks of `bs`, updating Wt in place."""
+def _column_loop(Wt, Hinv, Qt, scales, zeros, proc_group, scale, zero, static, perm_list, gs, bs, spec, grouped,
+                 dither: torch.Generator | None = None):
+    """The GPTQ main loop over columns (rows of Wt) in lazy blocks of `bs`, updating Wt in place. `dither`:
+    round each weight up with probability equal to its distance from the code below (unbiased), not to nearest."""
     K = Wt.shape[0]
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
@@ -187,7 +189,11 @@ def _column_loop(Wt, Hinv, Qt, scales, zeros, proc_group, scale, zero, static, p
                     scales[g], zeros[g] = scale, zero
                 proc_group[col] = g
             w = W1[i]
-            q = quantize(w, scale, zero, spec.maxq)
+            if dither is None:
+                q = quantize(w, scale, zero, spec.maxq)
+            else:
+                u = torch.rand(w.shape, generator=dither, device="cpu").to(w.device)
+                q = torch.clamp(torch.floor(w / scale + u) + zero, 0, spec.maxq)
             Qt[col] = q.to(torch.uint8)
             err = (w - dequantize(q, scale, zero)).div_(Hinv1[i, i])
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
@@ -263,6 +269,36 @@ def _gptq_quantize(W, H, cfg: GPTQConfig, name: str) -> QuantResult:
     result = QuantResult(Qt.T, scales, zeros, g_idx.to(torch.int32), cfg.bits, cfg.group_size, damp_percent=damp_used)
     result.rel_error = relative_error(W_in, result.dequantize(), H_orig)
     return result
+
+
+def round_on_grid(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                  bits: int, damp_percent: float = 0.01, name: str = "layer",
+                  dither: torch.Generator | None = None) -> torch.Tensor:
+    """GPTQ's error-feedback rounding of W [N, K] onto a grid chosen beforehand (another method's: AWQ's), scale
+    and zero [N, G] per group of `group_size` input columns in natural order; codes [N, K] uint8.
+
+    Columns are processed in act-order (groups stay fixed, so no g_idx is needed). Rounding each weight to its
+    nearest code is what loses a small change such as a merged LoRA delta when the grid is the one the weights
+    came from: they snap back. Here each column's rounding error is pushed onto the columns not yet rounded,
+    weighted by H, so the layer's outputs keep the change even though most single weights cannot."""
+    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=False, damp_percent=damp_percent).validate()
+    with _cpu_threads(1 if W.device.type == "cpu" else None):
+        Wt = W.detach().float().T.contiguous()
+        H = H.float().clone()
+        K, N = Wt.shape
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        Wt[dead] = 0
+        static = [(scale[:, g].float(), zero[:, g].float()) for g in range(scale.shape[1])]
+        perm = torch.argsort(torch.diag(H), descending=True)
+        Wt, H = Wt[perm], H[perm][:, perm]
+        Hinv, _ = _inverse_cholesky(H, cfg, name)
+        del H
+        Qt = torch.zeros(K, N, dtype=torch.uint8, device=Wt.device)
+        unused = torch.zeros(len(static), N, device=Wt.device)  # the loop records parameters only when it picks them
+        _column_loop(Wt, Hinv, Qt, unused, unused.clone(), [0] * K, None, None, static, perm.tolist(), group_size,
+                     cfg.block_size, cfg.grid, grouped=True, dither=dither)
+        return Qt[torch.argsort(perm)].T.contiguous()
 
 
 def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:

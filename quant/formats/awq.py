@@ -244,6 +244,9 @@ class AWQFormat(PackedFormat):
         for key in ("method", "bits", "group_size"):
             if getattr(options, key) is not None:
                 setattr(cfg, key, getattr(options, key))
+        # On the base's own grid nearest rounding returns most weights to the base's codes and drops the adapter
+        # (quickstart retention 0.57); dithered rounding keeps it in expectation (AWQConfig.rounding).
+        cfg.rounding = "dithered" if cfg.calibrated else "nearest"
         return cfg.validate()
 
     def encoder(self, request: EncodeRequest):

@@ -138,6 +138,39 @@ def test_scales_are_folded_where_the_architecture_allows(kv_heads):
     assert all(0 <= e["alpha"] < 1 and e["loss_vs_rtn"] <= 1 + 1e-6 for e in report.scales if e["fold"])
 
 
+def test_dithered_rounding_keeps_a_small_change_that_nearest_rounding_drops():
+    """A merged weight is the base's grid point plus a delta far below half a step. Nearest rounding on that grid
+    returns the base's codes (the change is lost); dithered rounding keeps the change's effect on the layer's
+    outputs in expectation, reproducibly for a seed, at a noise no larger than the base's own quantization."""
+    from quant.gptq import round_on_grid
+
+    g = torch.Generator().manual_seed(0)
+    N, K, gs = 64, 256, 64
+    W = torch.randn(N, K, generator=g)
+    X = torch.randn(4096, K, generator=g) * torch.linspace(0.2, 3, K)
+    H = X.T @ X / len(X)
+    base = dequantize_codes(quantize_codes(W, *group_params(W, 4, gs), 4, gs), *group_params(W, 4, gs), gs)
+    delta = torch.randn(N, 4, generator=g) @ torch.randn(4, K, generator=g) * 0.01
+    merged = base + delta
+    scale, zero = group_params(merged, 4, gs)
+
+    def kept(q):  # the share of the delta's effect on the outputs that the codes keep
+        d = dequantize_codes(q, scale, zero, gs) - base
+        return float((d @ H @ delta.T).trace() / (delta @ H @ delta.T).trace())
+
+    nearest = quantize_codes(merged, scale, zero, 4, gs)
+    dithered = [round_on_grid(merged, H, scale, zero, gs, 4, dither=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert kept(nearest) < 0.1
+    assert all(0.85 < kept(q) < 1.15 for q in dithered)
+    again = round_on_grid(merged, H, scale, zero, gs, 4, dither=torch.Generator().manual_seed(1))
+    assert torch.equal(again, dithered[0]) and not torch.equal(dithered[0], dithered[1])
+
+    def noise(A, ref):
+        return float(((A - ref) @ H @ (A - ref).T).trace())
+
+    assert noise(dequantize_codes(dithered[0], scale, zero, gs), merged) < noise(base, W)
+
+
 def test_awq_beats_rtn_and_round_trips_through_the_checkpoint(tmp_path):
     base = tiny_llama()
     calib = calib_ids(8, 64)
@@ -171,7 +204,8 @@ def test_rtn_is_data_free_and_the_same_grid():
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(group_size=48), "group size"), (dict(bits=3), "bits must be 4"),
-                                     (dict(method="gptq"), "method"), (dict(search_tokens=0), "search tokens")])
+                                     (dict(method="gptq"), "method"), (dict(search_tokens=0), "search tokens"),
+                                     (dict(rounding="up"), "rounding must be one of nearest, dithered")])
 def test_config_validation(kw, msg):
     with pytest.raises(UserError, match=msg):
         AWQConfig(**kw).validate()
