@@ -66,10 +66,23 @@ def test_fused_mlp_matches_plain_mlp(tile):
     assert_close(g_got, g_ref)
 
 
-def test_fused_mlp_refuses_dropout():
-    p = make_proj(8, 8, 2, 1.0, dropout=0.1)
-    with pytest.raises(ValueError, match="dropout"):
-        lora_mlp(p, p, p, torch.randn(3, 8))
+@pytest.mark.parametrize("dropouts", [(0.3, 0.3, 0.3), (0.2, 0.0, 0.0), (0.0, 0.0, 0.4)])
+def test_fused_mlp_with_dropout_matches_peft_formula(dropouts):
+    """The same masks as eager for a seed (gate, up, then down on h), the same values and gradients."""
+    torch.manual_seed(1)
+    pg, pu, pd = dropouts
+    gate, up = make_proj(16, 40, 4, 2.0, dropout=pg), make_proj(16, 40, 4, 2.0, dropout=pu)
+    down = make_proj(40, 16, 4, 2.0, bias=True, dropout=pd)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    leaves = [x] + [t for p in (gate, up, down) for t in (p.A, p.B)]
+    torch.manual_seed(7)
+    got, g_got = grads_of(lambda: [lora_mlp(gate, up, down, x, kernels=False)], leaves)
+    torch.manual_seed(7)
+    ref, g_ref = grads_of(lambda: [plain(down, torch.nn.functional.silu(plain(gate, x)) * plain(up, x))], leaves)
+    assert_close(got, ref)
+    assert_close(g_got, g_ref)
+    with pytest.raises(ValueError, match="dropout"):  # tiles would draw other masks than eager
+        lora_mlp(gate, up, down, x, tile=4)
 
 
 def test_projection_of_reads_peft_layers_and_names_what_it_cannot_take():

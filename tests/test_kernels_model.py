@@ -72,7 +72,8 @@ def test_fast_path_matches_peft(model_dirs, quantization, packed):
 def test_fast_path_with_dropout_offload_and_tiles(model_dirs):
     opts = KernelOptions(mlp_tile=16, mlp_tile_above=0, offload_min_tokens=0)
     compare(model_dirs, "nf4", opts, packed=True)
-    compare(model_dirs, "nf4", opts, packed=True, dropout=0.2)  # dropout: the MLP takes project + swiglu
+    compare(model_dirs, "nf4", opts, packed=True, dropout=0.2)  # dropout + tiles: the MLP takes project + swiglu
+    compare(model_dirs, "nf4", KernelOptions(), packed=True, dropout=0.2)  # dropout untiled: the fused MLP
     compare(model_dirs, "nf4", KernelOptions(fused_lora=False, offload_min_tokens=0), packed=False, dropout=0.2)
 
 
@@ -103,7 +104,7 @@ def test_recomputation_skips_the_mlp_output_nothing_reads(model_dirs, monkeypatc
     model, _ = build(model_dirs, "nf4", KernelOptions())
     seen = []
     real = mlp._LoRAMLP.apply
-    monkeypatch.setattr(mlp._LoRAMLP, "apply", lambda spec, *a: seen.append(spec[-1]) or real(spec, *a))
+    monkeypatch.setattr(mlp._LoRAMLP, "apply", lambda spec, *a: seen.append(spec[5]) or real(spec, *a))
     step(model, torch.randint(0, 259, (2, 24)), None)
     assert seen == [True, True, False, False]  # two layers' forward, then their recomputation in backward
 

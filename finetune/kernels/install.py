@@ -167,9 +167,9 @@ def _mlp_forward(module, opts: KernelOptions, projs, x):
     tokens = x.numel() // x.shape[-1]
     if tokens <= DECODE_ROWS:
         return type(module).forward(module, x)
-    if projs is not None and all(p.dropout is None for p in projs):
-        tile = opts.mlp_tile if opts.mlp_tile and tokens > opts.mlp_tile_above else None
-        return lora_mlp(*projs, x, tile, kernels)
+    tile = opts.mlp_tile if opts.mlp_tile and tokens > opts.mlp_tile_above else None
+    if projs is not None and (tile is None or all(p.dropout is None for p in projs)):
+        return lora_mlp(*projs, x, tile, kernels)  # dropout only untiled (finetune/kernels/mlp.py)
     if projs is not None:
         g, u = project(projs[:2], x)
         return project(projs[2:], swiglu(g, u, kernels))[0]
