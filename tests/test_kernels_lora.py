@@ -112,7 +112,7 @@ def test_nf4_weight_is_bitsandbytes_dequantization():
     q.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4", compress_statistics=True)
     q = q.to("cpu")  # quantizes (double quantization: nested absmax)
     keep_reference_layout(q)
-    p = Projection(q, "nf4", nn.Parameter(torch.zeros(2, 64)), nn.Parameter(torch.zeros(32, 2)), 1.0, None)
+    p = Projection(q, "bnb4", nn.Parameter(torch.zeros(2, 64)), nn.Parameter(torch.zeros(32, 2)), 1.0, None)
     import bitsandbytes.functional as F
 
     assert torch.equal(p.weight(torch.float32), F.dequantize_4bit(q.weight.data, q.weight.quant_state))

@@ -58,11 +58,11 @@ def _packed_linear_types():
 
 
 def base_weight_kind(base: nn.Module) -> str | None:
-    """'nf4' (any bitsandbytes 4-bit), 'packed' (GPTQ, AWQ), 'dense', or None when the layer type is not
+    """'bnb4' (bitsandbytes NF4 or FP4), 'packed' (GPTQ, AWQ), 'dense', or None when the layer type is not
     supported here."""
     if isinstance(base, _linear4bit_types()):
         w = base.weight
-        return "nf4" if w.dtype == torch.uint8 and getattr(w, "quant_state", None) is not None else None
+        return "bnb4" if w.dtype == torch.uint8 and getattr(w, "quant_state", None) is not None else None
     if isinstance(base, _packed_linear_types()):
         return "packed"
     if type(base) is nn.Linear:
@@ -107,7 +107,7 @@ class Projection:
 
     def weight(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
         """The frozen weight [out, in] in `dtype` (a view of a reused buffer for 4-bit bases)."""
-        if self.kind == "nf4":
+        if self.kind == "bnb4":
             w = self.base.weight
             state = w.quant_state
             args = (w.data, self._absmax(state), state.blocksize, state.quant_type, state.shape, state.dtype)
