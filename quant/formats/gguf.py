@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quant.formats.base import OPTIONAL, EncodeRequest, Encoder, Format, option
+from quant.formats.layerwise import OneLayer, layer0_inputs
 from quant.ggml.mix import FILE_TYPES, file_type
 
 FILE = "model.gguf"
@@ -31,21 +32,6 @@ _CHOICES = tuple(t.upper() for t in FILE_TYPES) + tuple(FILE_TYPES)
 class GGUFOptions:
     gguf_type: str | None = option(f"llama.cpp file type (either case; default {DEFAULT_TYPE.upper()}); F32/F16/BF16 "
                                    "store the weights unquantized", str, _CHOICES)
-
-
-class _Energy(nn.Module):
-    """Runs one decoder layer on every stored hidden state, replacing it by the layer's output (the next
-    layer's input); `input_ids` are indices into the stored states, as `collect_importance` feeds them."""
-
-    def __init__(self, layer: nn.Module, hidden: list, kwargs: list):
-        super().__init__()
-        self.layers = nn.ModuleList([layer])
-        self.hidden, self.kwargs = hidden, kwargs
-
-    def forward(self, input_ids, use_cache=False):
-        j = int(input_ids.reshape(-1)[0])
-        out = self.layers[0](self.hidden[j], **self.kwargs[j])
-        self.hidden[j] = out[0] if isinstance(out, (tuple, list)) else out
 
 
 class GGUFEncoder(Encoder):
@@ -92,8 +78,6 @@ class GGUFEncoder(Encoder):
 
     @torch.no_grad()
     def _outside(self, tensors):
-        from quant.formats.layerwise import layer0_inputs
-
         decoder_norm = self.model.get_decoder().norm
         head = next(n for n, m in self.model.named_modules() if m is decoder_norm) + "."
         self.norm = copy.deepcopy(decoder_norm)
@@ -112,7 +96,7 @@ class GGUFEncoder(Encoder):
         layer = self.blocks[i]
         layer.load_state_dict({k[len(head):]: v.to(self.device, self.run_dtype) if v.is_floating_point() else v
                                for k, v in tensors.items()}, strict=True, assign=True)
-        walk = _Energy(layer, self.hidden, self.kwargs)
+        walk = OneLayer(layer, self.hidden, self.kwargs, advance=True)
         energy = collect_importance(walk, [torch.tensor([[j]]) for j in range(len(self.hidden))], self.device,
                                     progress=False)
         self.importance.update({head + k.removeprefix("layers.0."): v for k, v in energy.items()})

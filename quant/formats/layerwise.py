@@ -9,7 +9,7 @@ inputs, and dropped. Peak memory is one float layer plus the calibration activat
 
 Each layer is quantized by the block driver behind `quant gptq` / `quant awq` (`quant.sequential.drive_blocks`),
 so a merge output and a `quant` output share one algorithm. The driver takes a model and calibration token ids;
-`_OneLayer` is a model whose only block is the current layer and whose "token ids" are indices into the stored
+`OneLayer` is a model whose only block is the current layer and whose "token ids" are indices into the stored
 hidden states.
 """
 
@@ -23,15 +23,22 @@ from quant.formats.base import Encoder
 from quant.sequential import LayerLog, QuantReport, capture_inputs, find_blocks
 
 
-class _OneLayer(nn.Module):
-    def __init__(self, layer: nn.Module, hidden: list, kwargs: list):
+class OneLayer(nn.Module):
+    """A model whose only block is `layer` and whose "token ids" index the stored hidden states. With `advance`,
+    each call also replaces the state it read by the layer's output (the next layer's input): a pass that
+    measures while it walks (the GGUF importance), instead of a separate walk after it."""
+
+    def __init__(self, layer: nn.Module, hidden: list, kwargs: list, advance: bool = False):
         super().__init__()
         self.layers = nn.ModuleList([layer])
-        self._hidden, self._kwargs = hidden, kwargs
+        self._hidden, self._kwargs, self._advance = hidden, kwargs, advance
 
     def forward(self, input_ids, use_cache=False):
         j = int(input_ids.reshape(-1)[0])
-        return self.layers[0](self._hidden[j], **self._kwargs[j])
+        if not self._advance:
+            return self.layers[0](self._hidden[j], **self._kwargs[j])
+        self._hidden[j] = _run_layer(self.layers[0], self._hidden[j], self._kwargs[j])
+        return self._hidden[j]
 
 
 def _run_layer(layer, h, kwargs):
@@ -125,7 +132,7 @@ class LayerwiseEncoder(Encoder):
         except RuntimeError as e:
             raise UserError(f"layer {i}: merged tensors do not fit the model: {str(e).splitlines()[-1].strip()}") \
                 from None
-        wrapper = _OneLayer(layer, self.hidden, self.kwargs)
+        wrapper = OneLayer(layer, self.hidden, self.kwargs)
         index_ids = [torch.tensor([[j]]) for j in range(len(self.hidden))] if self.calibrated else None
         report = self.quantize_layer(wrapper, index_ids, head)
         for entry in report.layers:
