@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quant.awq import AWQConfig, AWQResult, ScaleChoice, hessian_loss, quantize_weight, search_clip, search_scales
+from quant.awq import (AWQConfig, AWQResult, ScaleChoice, group_params, hessian_loss, quantize_weight, search_clip,
+                       search_scales)
 from quant.errors import UserError
 from quant.gptq import HessianAccumulator, relative_error, round_on_grid
 from quant.nn_awq import AWQLinear
@@ -237,11 +238,15 @@ def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: 
     W = lin.weight.data
     H = acc.H if acc is not None and acc.n > 0 else None
     clip = cfg.calibrated and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
-    res = quantize_weight(W, cfg, search_clip(W, H, cfg) if clip else None)
+    shrink = search_clip(W, H, cfg) if clip else None
     if cfg.rounding == "dithered" and H is not None:
+        scale, zero = group_params(W, cfg.bits, cfg.group_size, shrink)
         seed = zlib.crc32(name.encode())  # reproducible, and independent from layer to layer
-        res.q = round_on_grid(W, H, res.scales, res.zeros, cfg.group_size, cfg.bits, name=name,
-                              dither=torch.Generator().manual_seed(seed))
+        q = round_on_grid(W, H, scale, zero, cfg.group_size, cfg.bits, name=name,
+                          dither=torch.Generator().manual_seed(seed))
+        res = AWQResult(q, scale, zero, cfg.group_size)
+    else:
+        res = quantize_weight(W, cfg, shrink)
     Wq = res.dequantize()
     if H is not None:
         res.rel_error = relative_error(W, Wq, H)
