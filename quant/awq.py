@@ -13,6 +13,8 @@ Weights are in nn.Linear layout W [N, K]; groups are runs of `group_size` input 
 - The clipping search shrinks each group's range by p ∈ {1, 0.95, ..., 1 - max_shrink + 0.05} and keeps,
   per group, the p with the least output error of that group's partial dot products, Δw_g H_gg Δw_gᵀ,
   where H = Σ x xᵀ over all calibration tokens (exact for the error AutoAWQ estimates from 512 tokens).
+- The codes on the chosen grid are the nearest ones (AWQ as published) or come from GPTQ's error feedback on
+  that fixed grid (AWQConfig.rounding), which lowers the output error further at the cost of a GPTQ pass.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from quant.formats.awq import BITS, GROUP_SIZES, METHODS
 _MIN_SCALE = torch.finfo(torch.float16).tiny
 
 
-ROUNDINGS = ("nearest", "dithered")
+ROUNDINGS = ("nearest", "feedback", "dithered")
 
 
 @dataclass
@@ -48,11 +50,16 @@ class AWQConfig:
     # samples, evenly spaced); statistics and single-Linear losses always use every token. On 4 SmolLM2 blocks
     # 1024, 4096 and 16384 gave held-out errors within 1 % of each other, at up to 8x the search cost.
     search_tokens: int = 2048
-    # How codes are picked on the searched grid: "nearest" (AWQ as published) or "dithered": unbiased stochastic
-    # rounding (seeded) inside GPTQ's error feedback. The merge uses "dithered": a merged weight is the base's
-    # grid point plus a LoRA delta far below half a step, so nearest rounding returns it to the base's code and
-    # the adapter vanishes (quickstart retention 0.57), while dithered rounding keeps the delta in expectation.
+    # How codes are picked on the searched grid: "nearest" (AWQ as published), "feedback" (nearest inside GPTQ's
+    # error feedback: each column's rounding error is pushed onto the columns not yet rounded, weighted by H) or
+    # "dithered" (unbiased stochastic rounding, seeded, inside that error feedback). `quant awq` defaults to
+    # "feedback" with decorrelate 0.5, which measured better than nearest in and out of the calibration domain
+    # (README, "quant awq"). The merge uses "dithered": a merged weight is the base's grid point plus a LoRA delta
+    # far below half a step, so nearest rounding returns it to the base's code and the adapter vanishes
+    # (quickstart retention 0.57), while dithered rounding keeps the delta in expectation.
     rounding: str = "nearest"
+    # For "feedback"/"dithered": the fraction by which H's off-diagonal is shrunk first (GPTQConfig.decorrelate).
+    decorrelate: float = 0.0
 
     @property
     def calibrated(self) -> bool:
@@ -72,6 +79,8 @@ class AWQConfig:
             raise UserError(f"max_shrink must be in (0, 1) (got {self.max_shrink})")
         if self.rounding not in ROUNDINGS:
             raise UserError(f"rounding must be one of {', '.join(ROUNDINGS)} (got {self.rounding!r})")
+        if not 0 <= self.decorrelate <= 1:
+            raise UserError(f"decorrelate must be in [0, 1] (got {self.decorrelate})")
         if self.search_tokens < 1:
             raise UserError(f"search tokens must be >= 1 (got {self.search_tokens})")
         return self

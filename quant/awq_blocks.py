@@ -239,11 +239,12 @@ def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: 
     H = acc.H if acc is not None and acc.n > 0 else None
     clip = cfg.calibrated and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
     shrink = search_clip(W, H, cfg) if clip else None
-    if cfg.rounding == "dithered" and H is not None:
+    if cfg.rounding != "nearest" and H is not None:
         scale, zero = group_params(W, cfg.bits, cfg.group_size, shrink)
         seed = zlib.crc32(name.encode())  # reproducible, and independent from layer to layer
-        q = round_on_grid(W, H, scale, zero, cfg.group_size, cfg.bits, name=name,
-                          dither=torch.Generator().manual_seed(seed))
+        dither = torch.Generator().manual_seed(seed) if cfg.rounding == "dithered" else None
+        q = round_on_grid(W, H, scale, zero, cfg.group_size, cfg.bits, name=name, dither=dither,
+                          decorrelate=cfg.decorrelate)
         res = AWQResult(q, scale, zero, cfg.group_size)
     else:
         res = quantize_weight(W, cfg, shrink)

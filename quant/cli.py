@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mse", type=float, default=None, help="clipping search norm; 0 = min-max (default: 2.4 for "
                    "--method gptq, which had the smallest perplexity gap of our symmetric GPTQ both in and out of the "
                    "calibration domain on SmolLM2 (README); 0 for rtn)")
+    g.add_argument("--decorrelate", type=float, default=None, help="shrink the Hessian's off-diagonal by this "
+                   "fraction, 0..1 (default: 0.25 for gptq: best in and out of the calibration domain, README "
+                   "'quant awq'; 0 = GPTQ as published, 1 = round-to-nearest)")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--method", choices=METHODS, default=METHODS[0])
     _calibration_args(g)
@@ -73,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                        "s = mean|x|^alpha (alpha searched on a grid) that minimise the output error of the "
                        "attention/MLP block on the calibration data are folded into the preceding norm or "
                        "projection, then each group of weights is clipped (searched) and rounded to 4 bits with a "
-                       "zero point. The checkpoint loads in vLLM (awq, awq_marlin), transformers and GPTQModel.")
+                       "zero point (by default with GPTQ's error feedback). The checkpoint loads in vLLM (awq, "
+                       "awq_marlin), transformers and GPTQModel.")
     w.add_argument("model")
     _output_args(w)
     w.add_argument("--bits", type=int, default=4, help="4 (the only width of the AWQ gemm format)")
@@ -87,9 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=False,
                    help="AutoAWQ's variant: s = mean|x|^a / mean|w|^(1-a)")
     w.add_argument("--grid", type=int, default=20, help="points of the alpha grid (and 1/grid clipping steps)")
-    w.add_argument("--rounding", choices=ROUNDINGS, default=ROUNDINGS[0], help="how codes are picked on the searched "
-                   "grid: nearest (AWQ as published) or dithered (unbiased stochastic rounding, seeded, inside GPTQ's "
-                   "error feedback; what finetune merge uses)")
+    w.add_argument("--rounding", choices=ROUNDINGS, default="feedback", help="how codes are picked on the searched "
+                   "grid: feedback (default: nearest, inside GPTQ's error feedback), nearest (AWQ as published) or "
+                   "dithered (unbiased stochastic rounding, seeded, inside the error feedback; what finetune merge "
+                   "uses)")
+    w.add_argument("--decorrelate", type=float, default=0.5, help="for feedback/dithered rounding: shrink the "
+                   "Hessian's off-diagonal by this fraction, 0..1 (default 0.5: best out of the calibration domain, "
+                   "README 'quant awq')")
     w.add_argument("--search-tokens", type=int, default=2048, help="calibration tokens forwarded per scale "
                    "candidate through attention/MLP (default 2048; statistics always use every token)")
     _calibration_args(w)
@@ -162,9 +170,11 @@ def _run_gptq(a) -> None:
 
     cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, static_groups=a.static_groups, sym=a.sym,
                      damp_percent=a.damp, true_sequential=a.true_sequential, method=a.method)
-    # Act-order and the clipping search are GPTQ's defaults; --method rtn stays plain min-max rounding.
+    # Act-order, the clipping search and decorrelation are our GPTQ defaults (measured best in and out of the
+    # calibration domain); --method rtn stays plain min-max rounding.
     cfg.desc_act = cfg.calibrated if a.desc_act is None else a.desc_act
     cfg.mse = (2.4 if cfg.calibrated else 0.0) if a.mse is None else a.mse
+    cfg.decorrelate = (0.25 if cfg.calibrated else 0.0) if a.decorrelate is None else a.decorrelate
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                       device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress,
@@ -179,7 +189,8 @@ def _run_awq(a) -> None:
     from quant.awq_model import quantize_awq
 
     cfg = AWQConfig(bits=a.bits, group_size=a.group_size, method=a.method, clip=a.clip, n_grid=a.grid,
-                    duo_scaling=a.duo_scaling, search_tokens=a.search_tokens, rounding=a.rounding)
+                    duo_scaling=a.duo_scaling, search_tokens=a.search_tokens, rounding=a.rounding,
+                    decorrelate=a.decorrelate)
     report = quantize_awq(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                           calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                           device=a.device, seed=a.seed, progress=a.progress, overwrite=a.overwrite)

@@ -34,6 +34,10 @@ class GPTQConfig:
     damp_auto_increment: float = 0.01
     block_size: int = 128
     mse: float = 0.0
+    # Shrinks the Hessian's off-diagonal toward 0 by this fraction before solving: 0 is GPTQ as published, 1 keeps
+    # only the diagonal (which makes GPTQ round-to-nearest). Correlations between input channels are the part of
+    # the calibration statistics least likely to hold on other text.
+    decorrelate: float = 0.0
     true_sequential: bool = True
     method: str = "gptq"
 
@@ -47,6 +51,8 @@ class GPTQConfig:
             raise UserError(f"damp must be in (0, 1), a fraction of the mean Hessian diagonal (got {self.damp_percent})")
         if self.method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if not 0 <= self.decorrelate <= 1:
+            raise UserError(f"decorrelate must be in [0, 1] (got {self.decorrelate})")
         if self.mse < 0:
             raise UserError(f"mse must be >= 0 (0 = plain min-max grid; got {self.mse})")
         return self
@@ -201,6 +207,15 @@ def _column_loop(Wt, Hinv, Qt, scales, zeros, proc_group, scale, zero, static, p
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
 
 
+def decorrelated(H: torch.Tensor, fraction: float) -> torch.Tensor:
+    """H with its off-diagonal shrunk toward 0 by `fraction` (in place when it is nonzero)."""
+    if fraction:
+        diag = torch.diag(H).clone()
+        H.mul_(1 - fraction)
+        H.diagonal().copy_(diag)
+    return H
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig, name: str = "layer") -> QuantResult:
     """Quantize W [N, K] against the input Hessian H [K, K]; H None (or cfg.method 'rtn') means RTN."""
     with _cpu_threads(1 if W.device.type == "cpu" else None):
@@ -227,6 +242,7 @@ def _gptq_quantize(W, H, cfg: GPTQConfig, name: str) -> QuantResult:
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wt[dead] = 0
+    H = decorrelated(H, cfg.decorrelate)
 
     Qt = torch.zeros(K, N, dtype=torch.uint8, device=dev)
     scales = torch.zeros(G, N, device=dev)
@@ -273,7 +289,7 @@ def _gptq_quantize(W, H, cfg: GPTQConfig, name: str) -> QuantResult:
 
 def round_on_grid(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                   bits: int, damp_percent: float = 0.01, name: str = "layer",
-                  dither: torch.Generator | None = None) -> torch.Tensor:
+                  dither: torch.Generator | None = None, decorrelate: float = 0.0) -> torch.Tensor:
     """GPTQ's error-feedback rounding of W [N, K] onto a grid chosen beforehand (another method's: AWQ's), scale
     and zero [N, G] per group of `group_size` input columns in natural order; codes [N, K] uint8.
 
@@ -284,7 +300,7 @@ def round_on_grid(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: t
     cfg = GPTQConfig(bits=bits, group_size=group_size, sym=False, damp_percent=damp_percent).validate()
     with _cpu_threads(1 if W.device.type == "cpu" else None):
         Wt = W.detach().float().T.contiguous()
-        H = H.float().clone()
+        H = decorrelated(H.float().clone(), decorrelate)
         K, N = Wt.shape
         dead = torch.diag(H) == 0
         H[dead, dead] = 1

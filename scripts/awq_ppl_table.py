@@ -10,8 +10,9 @@ its in-domain and its out-of-domain numbers. Domains (all real text that ships w
 Methods, options joined by '-':
   rtn                          round-to-nearest on AWQ's asymmetric grid (zero point, fp16 scales; data-free)
   rtn-sym                      round-to-nearest on GPTQ's default symmetric grid
-  awq[-noclip][-duo][-t<N>]    our AWQ; t = search tokens
-  gptq[-act][-mse][-asym][-damp<x>]   our GPTQ (act-order, MSE clipping, asymmetric grid, damping)
+  awq[-noclip][-duo][-fb][-t<N>]   our AWQ; fb = GPTQ error-feedback rounding on AWQ's grid, t = search tokens
+  gptq[-act][-mse][-asym][-damp<x>][-dec<x>]   our GPTQ (act-order, MSE clipping, asymmetric grid, damping,
+                               Hessian off-diagonal shrunk by x)
   any method + -n<N>           N calibration samples instead of --calib-samples
 Every model is written as a checkpoint and evaluated after loading it back (AWQ and GPTQ formats), so the
 numbers cover solver -> packing -> file -> packed layer. The gap ratio is a method's perplexity gap to fp32 over
@@ -129,8 +130,12 @@ def parse_method(method: str, bits: int, group_size: int, default_samples: int):
         for o in rest:
             if o == "noclip":
                 kw["clip"] = False
+            elif o == "fb":
+                kw["rounding"] = "feedback"
             elif o == "duo":
                 kw["duo_scaling"] = True
+            elif o.startswith("dec"):
+                kw["decorrelate"] = float(o[3:])
             elif re.fullmatch(r"t\d+", o):
                 kw["search_tokens"] = int(o[1:])
             else:
@@ -145,6 +150,8 @@ def parse_method(method: str, bits: int, group_size: int, default_samples: int):
                 kw["mse"] = 2.4
             elif o == "asym":
                 kw["sym"] = False
+            elif o.startswith("dec"):
+                kw["decorrelate"] = float(o[3:])
             elif o.startswith("damp"):
                 kw["damp_percent"] = float(o[4:])
             else:
@@ -203,6 +210,40 @@ def print_tables(results: dict, evals: list[str]) -> None:
             print(f"| {r['config']} | {r['method']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
 
 
+# The evaluation domain each calibration domain is held out from (its in-domain cell).
+IN_DOMAIN = {"comedies": "tragedies", "sharegpt": "sharegpt", "quickstart": "quickstart"}
+
+
+def gap_ratio(results: dict, row: dict, e: str) -> float | None:
+    ref = results.get(f"{row['calib']}|{row['config']}|{rtn_reference(row['method'])}")
+    base = results.get(f"fp32|{e}", {}).get("ppl")
+    if ref is None or base is None or e not in row["ppl"] or e not in ref["ppl"] or ref["ppl"][e] <= base:
+        return None
+    return (row["ppl"][e] - base) / (ref["ppl"][e] - base)
+
+
+def print_summary(results: dict) -> None:
+    """One line per (config, method) over every calibration domain: in-domain and cross-domain gap ratios."""
+    models = [r for k, r in results.items() if not k.startswith("fp32|") and not r["method"].startswith("rtn")]
+    pairs = [(c, e) for c in IN_DOMAIN for e in IN_DOMAIN.values()]
+    print("\n### gap ratios over calibration -> evaluation domains (in domain: the calibration's own held-out text)\n")
+    short = {"comedies": "Sh", "tragedies": "Sh", "sharegpt": "chat", "quickstart": "QS"}
+    head = [f"{short[c]}→{short[e]}" for c, e in pairs if IN_DOMAIN[c] == e]
+    head += [f"{short[c]}→{short[e]}" for c, e in pairs if IN_DOMAIN[c] != e]
+    print(f"| config | method | {' | '.join(head)} | out-of-domain mean | worst |\n|---|---|{'---|' * (len(head) + 2)}")
+    for config, method in sorted({(r["config"], r["method"]) for r in models}):
+        cells, ood = {}, []
+        for c, e in pairs:
+            row = results.get(f"{c}|{config}|{method}")
+            g = gap_ratio(results, row, e) if row else None
+            cells[(c, e)] = "-" if g is None else f"{g:.2f}"
+            if g is not None and IN_DOMAIN[c] != e:
+                ood.append(g)
+        order = [p for p in pairs if IN_DOMAIN[p[0]] == p[1]] + [p for p in pairs if IN_DOMAIN[p[0]] != p[1]]
+        tail = f"{sum(ood) / len(ood):.2f} | {max(ood):.2f}" if len(ood) == 6 else "- | -"
+        print(f"| {config} | {method} | " + " | ".join(cells[p] for p in order) + f" | {tail} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=SMOLLM2)
@@ -217,11 +258,18 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="accumulate results here (rerunning skips what is there)")
+    ap.add_argument("--summary", action="store_true", help="only print the tables and the gap-ratio summary of "
+                    "what --json holds")
     ap.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: a temporary directory, "
                     "removed at the end)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.summary:
+        results = json.loads(Path(a.json).read_text())
+        print_tables(results, a.eval.split(","))
+        print_summary(results)
+        return
     src = materialize(a.model)
     tok = load_tokenizer(src)
     evals = a.eval.split(",")
@@ -268,6 +316,7 @@ def main():
     if not a.save_dir:
         shutil.rmtree(work, ignore_errors=True)
     print_tables(results, evals)
+    print_summary(results)
 
 
 if __name__ == "__main__":

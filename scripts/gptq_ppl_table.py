@@ -9,7 +9,8 @@ path (solver -> packing -> file -> QuantLinear).
     python scripts/gptq_ppl_table.py --threads 1 --json /tmp/ppl.json
 
 Methods: rtn (round-to-nearest, data-free), gptq (default settings), and gptq with options joined by '-':
-act (act-order), mse (clipping search, norm 2.4), asym (asymmetric grid), e.g. gptq-act-mse.
+act (act-order), mse (clipping search, norm 2.4), asym (asymmetric grid), dec<x> (the Hessian's off-diagonal
+shrunk by x), e.g. gptq-act-mse-dec0.25 (the `quant gptq` default).
 On a GPU (`--device cuda`) quantization and evaluation run there, in fp32 like the baseline.
 Prints a markdown table and, per config, GPTQ's gap to the float model as a fraction of RTN's.
 """
@@ -46,11 +47,13 @@ def pooled_ppl(model, streams, seqlen, chunks_per_text):
 
 def method_config(method: str, bits: int, group_size: int, damp: float) -> GPTQConfig:
     name, *opts = method.split("-")
-    unknown = set(opts) - {"act", "mse", "asym"}
-    if name not in METHODS or unknown or (name == "rtn" and "act" in opts):
-        raise SystemExit(f"unknown method {method!r}: rtn[-mse][-asym] or gptq[-act][-mse][-asym]")
+    dec = [o for o in opts if o.startswith("dec")]
+    unknown = set(opts) - {"act", "mse", "asym"} - set(dec)
+    if name not in METHODS or unknown or (name == "rtn" and ("act" in opts or dec)) or len(dec) > 1:
+        raise SystemExit(f"unknown method {method!r}: rtn[-mse][-asym] or gptq[-act][-mse][-asym][-dec<x>]")
     return GPTQConfig(bits=bits, group_size=group_size, method=name, desc_act="act" in opts,
-                      mse=2.4 if "mse" in opts else 0.0, sym="asym" not in opts, damp_percent=damp).validate()
+                      mse=2.4 if "mse" in opts else 0.0, sym="asym" not in opts, damp_percent=damp,
+                      decorrelate=float(dec[0][3:]) if dec else 0.0).validate()
 
 
 def main():

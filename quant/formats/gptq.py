@@ -50,6 +50,7 @@ def quantization_config(cfg, checkpoint_format: str = V1, tool: str = "qlora-fin
             "method": cfg.method,
             "damp_auto_increment": cfg.damp_auto_increment,
             "mse": cfg.mse,
+            "decorrelate": cfg.decorrelate,
         },
     }
 

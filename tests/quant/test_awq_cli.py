@@ -19,6 +19,8 @@ def test_awq_then_eval_end_to_end(tmp_path, tiny_model_dir, prose_file, capsys):
     assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["zero_point"], qc["version"]) == ("awq", 4, 32, True,
                                                                                                  "gemm")
     assert qc["meta"]["clip"] is True and qc["meta"]["search_tokens"] == 128
+    # the defaults measured best out of the calibration domain (README, "quant awq")
+    assert (qc["meta"]["rounding"], qc["meta"]["decorrelate"]) == ("feedback", 0.5)
     log = json.loads((out / "quant_log.json").read_text())
     assert log["calib_samples"] == 4 and len(log["layers"]) == 14 and all(e["rel_error"] > 0 for e in log["layers"])
     assert (out / "tokenizer.json").exists()
@@ -45,6 +47,7 @@ def test_awq_rtn_needs_no_calibration_and_no_clip_is_recorded(tmp_path, tiny_mod
     (["--group-size", "48"], "group size must be one of 32, 64, 128"),
     (["--method", "awq"], "--calib is required"),
     (["--grid", "1"], "at least 2 points"),
+    (["--decorrelate", "-1"], "decorrelate must be in [0, 1] (got -1.0)"),
 ])
 def test_bad_awq_input_is_one_line_exit_2(tmp_path, tiny_model_dir, prose_file, capsys, extra, msg):
     argv = ["awq", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress"]

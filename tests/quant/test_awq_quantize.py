@@ -171,6 +171,22 @@ def test_dithered_rounding_keeps_a_small_change_that_nearest_rounding_drops():
     assert noise(dequantize_codes(dithered[0], scale, zero, gs), merged) < noise(base, W)
 
 
+def test_feedback_rounding_has_less_output_error_than_nearest_on_the_same_grid():
+    from quant.gptq import round_on_grid, relative_error
+
+    g = torch.Generator().manual_seed(0)
+    N, K, gs = 64, 256, 64
+    W = torch.randn(N, K, generator=g)
+    X = torch.randn(4096, K, generator=g) @ (torch.eye(K) + torch.randn(K, K, generator=g) / K**0.5)
+    H = X.T @ X / len(X)
+    scale, zero = group_params(W, 4, gs)
+    nearest = dequantize_codes(quantize_codes(W, scale, zero, 4, gs), scale, zero, gs)
+    feedback = dequantize_codes(round_on_grid(W, H, scale, zero, gs, 4), scale, zero, gs)
+    half = dequantize_codes(round_on_grid(W, H, scale, zero, gs, 4, decorrelate=0.5), scale, zero, gs)
+    errors = [relative_error(W, Wq, H) for Wq in (nearest, half, feedback)]
+    assert errors[2] < errors[1] < errors[0], errors  # decorrelated feedback sits between the two on its own data
+
+
 def test_awq_beats_rtn_and_round_trips_through_the_checkpoint(tmp_path):
     base = tiny_llama()
     calib = calib_ids(8, 64)
@@ -205,7 +221,8 @@ def test_rtn_is_data_free_and_the_same_grid():
 
 @pytest.mark.parametrize("kw, msg", [(dict(group_size=48), "group size"), (dict(bits=3), "bits must be 4"),
                                      (dict(method="gptq"), "method"), (dict(search_tokens=0), "search tokens"),
-                                     (dict(rounding="up"), "rounding must be one of nearest, dithered")])
+                                     (dict(rounding="up"), "rounding must be one of nearest, feedback, dithered"),
+                                     (dict(decorrelate=-0.1), "decorrelate")])
 def test_config_validation(kw, msg):
     with pytest.raises(UserError, match=msg):
         AWQConfig(**kw).validate()

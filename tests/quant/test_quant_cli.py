@@ -44,16 +44,18 @@ def test_gptq_then_eval_end_to_end(tmp_path, tiny_model_dir, prose_file, capsys)
     assert "perplexity" in stderr
 
 
-@pytest.mark.parametrize("method,flags,expected", [("gptq", [], True), ("gptq", ["--no-desc-act"], False),
-                                                   ("rtn", [], False)])
-def test_act_order_is_the_gptq_default_and_off_for_rtn(tmp_path, tiny_model_dir, prose_file, capsys, method, flags,
-                                                      expected):
+@pytest.mark.parametrize("method,flags,expected", [
+    ("gptq", [], (True, 2.4, 0.25)), ("gptq", ["--no-desc-act", "--mse", "0", "--decorrelate", "0"], (False, 0, 0)),
+    ("rtn", [], (False, 0, 0))])
+def test_gptq_defaults_are_act_order_clipping_and_decorrelation_and_off_for_rtn(tmp_path, tiny_model_dir, prose_file,
+                                                                               capsys, method, flags, expected):
     out = tmp_path / "q"
     code, _, _ = run_cli(["--log-level", "WARNING", "gptq", str(tiny_model_dir), "--out", str(out), "--group-size",
                           "32", "--method", method, *flags, "--calib", str(prose_file), "--calib-samples", "2",
                           "--calib-seqlen", "32", "--no-progress"], capsys)
     assert code == 0
-    assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is expected
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert (qc["desc_act"], qc["meta"]["mse"], qc["meta"]["decorrelate"]) == expected
 
 
 def test_eval_float_and_nf4(tiny_model_dir, prose_file, capsys):
@@ -74,6 +76,7 @@ def test_eval_float_and_nf4(tiny_model_dir, prose_file, capsys):
     (["--group-size", "48"], "group size must be"),
     (["--group-size", "256"], "does not fit"),
     (["--method", "gptq"], "--calib is required"),
+    (["--decorrelate", "2"], "decorrelate must be in [0, 1] (got 2.0)"),
 ])
 def test_bad_gptq_input_is_one_line_exit_2(tmp_path, tiny_model_dir, prose_file, capsys, extra, msg):
     argv = ["gptq", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress"]

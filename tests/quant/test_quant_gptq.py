@@ -80,6 +80,37 @@ def test_gptq_with_identity_hessian_is_rtn():
         assert torch.equal(g.q, r.q) and torch.equal(g.scales, r.scales) and torch.equal(g.zeros, r.zeros)
 
 
+def test_full_decorrelation_is_rtn():
+    W, _, acc = correlated_problem()
+    cfg = GPTQConfig(bits=4, group_size=32, decorrelate=1.0)
+    g, r = gptq_quantize(W, acc.H, cfg), rtn_quantize(W, cfg)
+    assert torch.equal(g.q, r.q) and torch.equal(g.scales, r.scales)
+
+
+def test_decorrelation_holds_up_better_on_inputs_whose_correlations_moved():
+    """Calibration and deployment text share their channel scales and part of their correlations, as two domains
+    of a language model do. GPTQ as published fits the calibration correlations best and pays for it on the other
+    inputs; shrinking the off-diagonal by a quarter loses some of that fit and is better than both GPTQ and RTN there
+    (the SmolLM2 cross-domain table in the README measured the same on real text)."""
+    g = torch.Generator().manual_seed(1)
+    N, K, T = 96, 128, 4096
+    W = torch.randn(N, K, generator=g) * 0.05
+    scale = torch.logspace(-1, 1, K)[torch.randperm(K, generator=g)]
+    shared = torch.randn(K, K, generator=g) / K**0.5
+
+    def domain():
+        return (torch.randn(T, K, generator=g) @ (shared + 0.4 * torch.randn(K, K, generator=g) / K**0.5)) * scale
+
+    calib, other = domain(), domain()
+    H = 2 * calib.T @ calib / T
+    err = {}
+    for d in (0.0, 0.25, 1.0):
+        Wq = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=32, desc_act=True, decorrelate=d)).dequantize()
+        err[d] = (out_err(W, Wq, calib), out_err(W, Wq, other))
+    assert err[0.0][0] < err[0.25][0] < err[1.0][0]  # the calibration fit gets worse ...
+    assert err[0.25][1] < 0.95 * min(err[0.0][1], err[1.0][1]), err  # ... and the other inputs' error better
+
+
 def test_act_order_g_idx_is_non_monotone_and_dequantizes_correctly():
     W, X, acc = correlated_problem()
     res = gptq_quantize(W, acc.H, GPTQConfig(bits=4, group_size=32, desc_act=True))
@@ -125,7 +156,7 @@ def test_dead_columns_and_damping_retry():
 
 @pytest.mark.parametrize("kw,msg", [(dict(bits=5), "bits"), (dict(group_size=48), "group size"),
                                     (dict(group_size=0), "group size"), (dict(damp_percent=0), "damp"),
-                                    (dict(method="awq"), "method")])
+                                    (dict(method="awq"), "method"), (dict(decorrelate=1.5), "decorrelate")])
 def test_config_validation(kw, msg):
     with pytest.raises(UserError, match=msg):
         GPTQConfig(**kw).validate()
