@@ -207,13 +207,26 @@ def _column_loop(Wt, Hinv, Qt, scales, zeros, proc_group, scale, zero, static, p
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
 
 
-def decorrelated(H: torch.Tensor, fraction: float) -> torch.Tensor:
-    """H with its off-diagonal shrunk toward 0 by `fraction` (in place when it is nonzero)."""
+def _decorrelated(H: torch.Tensor, fraction: float) -> torch.Tensor:
+    """H with its off-diagonal shrunk toward 0 by `fraction`, in place."""
     if fraction:
         diag = torch.diag(H).clone()
         H.mul_(1 - fraction)
         H.diagonal().copy_(diag)
     return H
+
+
+def _solver_inputs(W: torch.Tensor, H: torch.Tensor, decorrelate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wᵀ [K, N] in fp32 and a decorrelated fp32 copy of H, with dead input channels (never active in calibration)
+    zeroed in W and given a unit diagonal so that H stays invertible. The solver walks columns of W; holding Wᵀ
+    makes each a contiguous row, which makes the per-column rank-1 update an order of magnitude faster on CPU
+    than strided column slices."""
+    Wt = W.detach().float().T.contiguous()
+    H = _decorrelated(H.float().clone(), decorrelate)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Wt[dead] = 0
+    return Wt, H
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig, name: str = "layer") -> QuantResult:
@@ -229,20 +242,12 @@ def _gptq_quantize(W, H, cfg: GPTQConfig, name: str) -> QuantResult:
             result.rel_error = relative_error(W, result.dequantize(), H)
         return result
     W_in, H_orig = W, H
-    # The solver walks columns of W; holding Wᵀ [K, N] makes each column a contiguous row, which makes the
-    # per-column rank-1 update an order of magnitude faster on CPU than strided column slices.
-    Wt = W.detach().float().T.contiguous()
-    H = H.float().clone()
+    Wt, H = _solver_inputs(W, H, cfg.decorrelate)
     K, N = Wt.shape
     spec = cfg.grid
     gs = _effective_group(K, cfg.group_size)
     G = group_count(K, cfg.group_size)
     dev = Wt.device
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    Wt[dead] = 0
-    H = decorrelated(H, cfg.decorrelate)
 
     Qt = torch.zeros(K, N, dtype=torch.uint8, device=dev)
     scales = torch.zeros(G, N, device=dev)
@@ -299,12 +304,8 @@ def round_on_grid(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: t
     weighted by H, so the layer's outputs keep the change even though most single weights cannot."""
     cfg = GPTQConfig(bits=bits, group_size=group_size, sym=False, damp_percent=damp_percent).validate()
     with _cpu_threads(1 if W.device.type == "cpu" else None):
-        Wt = W.detach().float().T.contiguous()
-        H = decorrelated(H.float().clone(), decorrelate)
+        Wt, H = _solver_inputs(W, H, decorrelate)
         K, N = Wt.shape
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        Wt[dead] = 0
         static = [(scale[:, g].float(), zero[:, g].float()) for g in range(scale.shape[1])]
         perm = torch.argsort(torch.diag(H), descending=True)
         Wt, H = Wt[perm], H[perm][:, perm]

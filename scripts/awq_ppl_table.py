@@ -198,15 +198,11 @@ def print_tables(results: dict, evals: list[str]) -> None:
             cells = []
             for e in evals:
                 ppl = r["ppl"].get(e)
-                ref = next((x for x in rows if x["config"] == r["config"] and x["method"] == rtn_reference(r["method"])),
-                           None)
                 if ppl is None or base[e] is None:
                     cells.append("-")
                     continue
-                ratio = ""
-                if ref is not None and e in ref["ppl"] and ref["ppl"][e] > base[e] and r is not ref:
-                    ratio = f" ({(ppl - base[e]) / (ref['ppl'][e] - base[e]):.2f})"
-                cells.append(f"{ppl:.3f}{ratio}")
+                g = gap_ratio(results, r, e) if r["method"] != rtn_reference(r["method"]) else None
+                cells.append(f"{ppl:.3f}" + ("" if g is None else f" ({g:.2f})"))
             print(f"| {r['config']} | {r['method']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
 
 
