@@ -2,7 +2,7 @@
 
 Whatever the input, the outcome is either a valid object or one line naming the problem (RecipeError /
 UserError): never another exception, never a non-finite or out-of-range value in a Recipe, never a NaN or
-an unencodable string trained as text. scripts/fuzz_inputs.py runs the same idea end to end on the CLI.
+an unencodable string trained as text. scripts/robustness/fuzz_inputs.py runs the same idea end to end on the CLI.
 """
 
 from __future__ import annotations

@@ -1,21 +1,16 @@
 """`finetune sft` killed with SIGKILL mid-checkpoint and mid-adapter, resumed, ends with exactly the adapter of an
-uninterrupted run, and no kill leaves a damaged checkpoint under its final name (scripts/kill_resume.py runs
+uninterrupted run, and no kill leaves a damaged checkpoint under its final name (scripts/robustness/kill_resume.py runs
 the same with many more random kills)."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kill_resume.py"
+from scripts.robustness import kill_resume
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("kill_resume", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return kill_resume
 
 
 def test_killed_runs_resume_to_the_uninterrupted_adapter(tmp_path):

@@ -14,7 +14,7 @@ from finetune.train.linear_ce import linear_cross_entropy_sum
 FUSED_CHUNK_BYTES = 2**29
 # On CPU the chunk's logits and logsumexp temporaries are host memory: 64 MiB chunks (~340 tokens at a 49k vocab)
 # keep the head's GEMMs large enough to run at full speed. Measured on the quickstart at micro-batch 2: -34 MiB of
-# peak RSS against one 1k-token chunk (the step's peak is not at the head; scripts/bench_cpu_memory.py).
+# peak RSS against one 1k-token chunk (the step's peak is not at the head; scripts/bench/bench_cpu_memory.py).
 CPU_FUSED_CHUNK_BYTES = 2**26
 
 

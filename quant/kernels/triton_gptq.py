@@ -92,7 +92,7 @@ def _block_m(M: int) -> int:
     return 16 if M <= 16 else 32 if M <= 32 else 64
 
 
-# Above this many rows the fused kernel loses to dequantize + cuBLAS (measured on an H100, scripts/PERF.md).
+# Above this many rows the fused kernel loses to dequantize + cuBLAS (measured on an H100, scripts/bench/PERF.md).
 DEQUANT_THEN_GEMM_ROWS = 64
 
 

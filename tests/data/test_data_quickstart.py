@@ -1,25 +1,18 @@
-"""The committed quickstart dataset is what scripts/make_quickstart_data.py writes, and is well-formed."""
+"""The committed quickstart dataset is what scripts/data/make_quickstart_data.py writes, and is well-formed."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 from finetune.data import build_datasets
 from finetune.recipe import DataConfig
+from scripts.data import make_quickstart_data
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ["item", "qty", "color", "name", "city", "due"]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_quickstart_data", ROOT / "scripts" / "make_quickstart_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_committed_files_are_reproducible(tmp_path):
-    _script().main(["--out", str(tmp_path)])
+    make_quickstart_data.main(["--out", str(tmp_path)])
     for name in ("train.jsonl", "eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / "quickstart" / name).read_bytes(), name
 

@@ -147,7 +147,7 @@ def test_loader_refuses_what_it_cannot_read(tmp_path):
 
 @pytest.mark.parametrize("variant", ["zp_g64", "sym_g32"])
 def test_gptqmodel_checkpoint_reproduces_gptqmodel_outputs(variant):
-    """AWQ checkpoints and reference outputs written by GPTQModel 7.6.0 (scripts/interop_gptqmodel_awq.py):
+    """AWQ checkpoints and reference outputs written by GPTQModel 7.6.0 (scripts/interop/interop_gptqmodel_awq.py):
     zp_g64 is the usual zero-point AWQ, sym_g32 GPTQModel's default (zero_point false, qzeros all 8)."""
     ckpt = FIXTURES / variant
     rec = load_file(str(ckpt / "gptqmodel_outputs.safetensors"))

@@ -118,7 +118,7 @@ def test_load_refuses_non_gptq_dir(tmp_path):
 
 @pytest.mark.parametrize("variant", ["asym_g64_v2", "sym_g32_actorder_v1"])
 def test_gptqmodel_checkpoint_reproduces_gptqmodel_outputs(variant):
-    """Checkpoints and reference outputs written by GPTQModel 7.6.0 (scripts/interop_gptqmodel.py)."""
+    """Checkpoints and reference outputs written by GPTQModel 7.6.0 (scripts/interop/interop_gptqmodel.py)."""
     ckpt = FIXTURES / variant
     rec = load_file(str(ckpt / "gptqmodel_outputs.safetensors"))
     model = load_gptq_model(ckpt, dtype=torch.float16)

@@ -1,6 +1,6 @@
 """The quickstart recipe on a Llama-3.2-1B-shaped random model, on one GPU: tokens/s and peak memory.
 
-    python scripts/bench_sft_gpu.py [--shape llama-3.2-1b] [--steps 30] [--quantization nf4]
+    python -m scripts.bench.bench_sft_gpu [--shape llama-3.2-1b] [--steps 30] [--quantization nf4]
 
 Random weights are enough for speed and memory; the data is the quickstart's, tokenized with a byte-level
 tokenizer (so sequences are longer than with the real one). Prints one table row per run.
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 from finetune.recipe import load_recipe  # noqa: E402
 from finetune.synthetic import save_random_model  # noqa: E402

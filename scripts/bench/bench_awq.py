@@ -1,10 +1,10 @@
 """AWQ wall time and peak memory on a Llama-3.1-8B-shaped model with random weights (one GPU), and AWQLinear
 forward/backward against a dense bf16 matmul.
 
-    python scripts/bench_awq.py --layers 4      # 4 of 32 blocks; the per-block time is extrapolated to 32
-    python scripts/bench_awq.py --smoke         # tiny shapes on CPU: checks the script itself
+    python -m scripts.bench.bench_awq --layers 4      # 4 of 32 blocks; the per-block time is extrapolated to 32
+    python -m scripts.bench.bench_awq --smoke         # tiny shapes on CPU: checks the script itself
 
-Same set-up as scripts/bench_gptq.py (bf16 model built from a config, random calibration tokens, the model
+Same set-up as scripts/bench/bench_gptq.py (bf16 model built from a config, random calibration tokens, the model
 parked in host memory with one block on the GPU at a time); speed and memory do not depend on the weights.
 """
 
@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_gptq import LLAMA31_8B, host_peak_gib, sync, timed  # noqa: E402
+from scripts.bench.bench_gptq import LLAMA31_8B, host_peak_gib, sync, timed
 
 from quant.awq import AWQConfig  # noqa: E402
 from quant.awq_model import quantize_model_awq  # noqa: E402

@@ -1,6 +1,6 @@
 """Kill `finetune sft` at random points, resume it, and compare the final adapter with an uninterrupted run.
 
-    python scripts/kill_resume.py [--kills 20] [--seed 0] [--json OUT.json]
+    python -m scripts.robustness.kill_resume [--kills 20] [--seed 0] [--json OUT.json]
 
 A tiny random Llama trains on CPU (LoRA dropout, cosine schedule with warm-up, gradient accumulation: every
 piece of state a resume must restore), checkpointing every step and keeping two. Each trial starts a run in
@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 import yaml  # noqa: E402
 

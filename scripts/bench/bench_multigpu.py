@@ -1,8 +1,8 @@
 """Multi-GPU QLoRA runs through `accelerate launch` and the shipped configs, against one GPU at the same global batch.
 
-    python scripts/bench_multigpu.py --gpus 2                                  # the four runs of issue #7
-    python scripts/bench_multigpu.py --gpus 4 --runs zero3-nf4,fsdp-nf4 --shape llama-70b --steps 6
-    python scripts/bench_multigpu.py --cpu --shape tiny --runs ddp-nf4 --steps 4   # smoke test on a CPU box
+    python -m scripts.bench.bench_multigpu --gpus 2                                  # the four runs of issue #7
+    python -m scripts.bench.bench_multigpu --gpus 4 --runs zero3-nf4,fsdp-nf4 --shape llama-70b --steps 6
+    python -m scripts.bench.bench_multigpu --cpu --shape tiny --runs ddp-nf4 --steps 4   # smoke test on a CPU box
 
 Builds a random model of --shape (bf16, saved once; a GPTQ 4-bit g128 RTN copy for *-gptq runs), synthetic
 text, and for each run `RUN = MODE-BASE` (MODE: ddp, zero3, fsdp, taken from recipes/accelerate/MODE.yaml;
@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

@@ -1,4 +1,4 @@
-"""Damaged checkpoints and a full disk, for scripts/fuzz_inputs.py.
+"""Damaged checkpoints and a full disk, for scripts/robustness/fuzz_inputs.py.
 
 A reference run (4 steps, a checkpoint every 2) is made once. Each damage case copies it, removes the final
 adapter, damages the newest checkpoint and runs `--resume`: the run must fall back to the checkpoint before
@@ -17,7 +17,7 @@ import pickle
 import shutil
 from pathlib import Path
 
-from fuzz_cases import Case, write_recipe
+from scripts.robustness.fuzz_cases import Case, run_cli, write_recipe
 
 STATE_FILES = ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors",
                "rng.safetensors", "scheduler.json", "trainer_state.json", "manifest.json", "recipe.yaml"]
@@ -57,7 +57,6 @@ def damage(kind: str, file: Path, marker: Path) -> None:
 
 def _reference(env: dict) -> Path:
     """The finished reference run (made on first use)."""
-    from fuzz_inputs import run_cli
 
     ref = env["root"] / "reference"
     if not (ref / "run" / "adapter").exists():
@@ -191,7 +190,6 @@ def _mount(path: Path, size_k: int, remount: bool = False) -> bool:
 
 def _after_full_disk(cwd: Path, env: dict) -> str | None:
     """Nothing complete may be damaged; with space freed, --resume must end with the uninterrupted adapter."""
-    from fuzz_inputs import run_cli
 
     from finetune.train.checkpoint import checkpoint_problem, list_checkpoints
 

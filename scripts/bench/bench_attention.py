@@ -1,6 +1,6 @@
 """Causal attention forward + backward on the GPU: our flash varlen call against PyTorch SDPA's backends.
 
-    python scripts/bench_attention.py            # 8B heads (32 q, 8 kv, head dim 128), bf16
+    python -m scripts.bench.bench_attention            # 8B heads (32 q, 8 kv, head dim 128), bf16
 
 Shapes: 4 x 2048 unpacked, 4 x 2048 packed (examples of 64-1024 tokens; SDPA gets transformers' block-diagonal
 mask), and single sequences of 32k and 128k tokens. Prints ms per forward+backward, TFLOP/s (causal FLOPs:
@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stacks import packed_positions  # noqa: E402
+from scripts.bench.bench_stacks import packed_positions
 from finetune.kernels.attention import attention, new_sequence_starts  # noqa: E402
 
 H, KV, D = 32, 8, 128

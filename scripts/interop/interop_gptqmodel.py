@@ -2,7 +2,7 @@
 
     python -m venv /tmp/gptqm-venv && . /tmp/gptqm-venv/bin/activate
     pip install torch==2.13.0 && pip install "gptqmodel==7.6.0" "torch==2.13.0" optimum
-    GPTQMODEL_CPU_WORKERS=2 python scripts/interop_gptqmodel.py --write-fixtures
+    GPTQMODEL_CPU_WORKERS=2 python -m scripts.interop.interop_gptqmodel --write-fixtures
 
 1. Builds a tiny random Llama (hidden 128, so GPTQModel's default kernels accept it) with a character
    tokenizer, quantizes it with GPTQModel in two variants (sym 4-bit g32 act-order v1; asym 4-bit g64
@@ -25,8 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402

@@ -1,6 +1,6 @@
 """Try many bad inputs on `finetune sft` (tiny random model, CPU) and count how each one ends.
 
-    python scripts/fuzz_inputs.py [--quick] [--json OUT.json]
+    python -m scripts.robustness.fuzz_inputs [--quick] [--json OUT.json]
 
 Every case runs the real CLI entry point (`finetune.cli.main`) in this process, from a scratch working
 directory, and is classified as
@@ -18,49 +18,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-import traceback
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import yaml  # noqa: E402
-from fuzz_cases import Case, data_cases, file_cases, model_cases, outdir_cases, value_cases  # noqa: E402
-from fuzz_checkpoints import checkpoint_cases  # noqa: E402
+from scripts.robustness.fuzz_cases import (Case, data_cases, file_cases, model_cases, outdir_cases, run_cli,
+                                          value_cases)
+from scripts.robustness.fuzz_checkpoints import checkpoint_cases
 
 MARKERS = ("CODE-RAN", "PICKLE-RAN")  # what a planted payload creates in env["root"] if it ever runs
 
 
-def run_cli(argv: list[str], cwd: Path) -> tuple[int | None, str, str | None]:
-    """(exit status, stderr, traceback cause or None) of `finetune ARGV` run in-process from `cwd`."""
-    from finetune.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as e:  # argparse
-                code = e.code if isinstance(e.code, int) else 2
-    except Exception as e:  # noqa: BLE001 - a traceback is what we count
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        return None, err.getvalue(), f"{type(e).__name__} at {Path(frame.filename).name}:{frame.lineno}: {e}"[:300]
-    finally:
-        os.chdir(here)
-    return code, err.getvalue(), None
 
 
 def sound_result(out_dir: Path, cwd_before: set, cwd: Path) -> str | None:

@@ -9,9 +9,9 @@ merge and a JSON summary. Weights are random: the figures are about time and mem
 On the lent H100 (torch, transformers, peft, accelerate, safetensors, triton; bitsandbytes and datasets
 carried as wheels; no network), from the repository root:
 
-    PYTHONPATH=. python scripts/bench_merge.py --device cuda                 # all 32 layers
-    PYTHONPATH=. python scripts/bench_merge.py --device cuda --layers 8      # a quicker subset
-CPU smoke test:  python scripts/bench_merge.py --shape tiny --device cpu --calib-samples 4
+    PYTHONPATH=. python -m scripts.bench.bench_merge --device cuda                 # all 32 layers
+    PYTHONPATH=. python -m scripts.bench.bench_merge --device cuda --layers 8      # a quicker subset
+CPU smoke test:  python -m scripts.bench.bench_merge --shape tiny --device cpu --calib-samples 4
 """
 
 from __future__ import annotations

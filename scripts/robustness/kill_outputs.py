@@ -18,7 +18,7 @@ Half the trials force the fallback (a filesystem without RENAME_EXCHANGE). The d
 before each rename/exchange/rmdir of the replacement and before its first unlink (removing the old model), so
 that random kills land there too.
 
-    PYTHONPATH=. python scripts/kill_outputs.py --kills 20 --json /tmp/kill_outputs.json    # 20 per command
+    PYTHONPATH=. python -m scripts.robustness.kill_outputs --kills 20 --json /tmp/kill_outputs.json    # 20 per command
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMING_LOGS = {"merge_report.json", "quant_log.json"}
 
 # Runs the CLI module argv[3] in the child: marks phases on stdout, slows the replacement, may force the fallback.

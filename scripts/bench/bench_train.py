@@ -1,14 +1,14 @@
 """QLoRA training speed and memory on one GPU: transformers + peft + bitsandbytes, Liger-Kernel, unsloth and ours.
 
-    python scripts/bench_train.py --shape llama-3.1-8b --batch 4 --seq 2048 --steps 30 \\
+    python -m scripts.bench.bench_train --shape llama-3.1-8b --batch 4 --seq 2048 --steps 30 \\
         --stacks hf-lean,liger,unsloth,ours,ours@packed,hf-lean@packed
-    python scripts/bench_train.py --shape llama-3.2-1b --batch 8 --stacks hf-lean,liger,ours
-    python scripts/bench_train.py --stacks hf-lean,ours,"ours[train.fused_lora=false]"      # one lever off
-    python scripts/bench_train.py --stacks ours,"ours[base.quantization=gptq]"              # GPTQ 4-bit base
-    python scripts/bench_train.py --long 32768,65536,131072,262144 --stacks ours,unsloth    # batch 1, growing
-    python scripts/bench_train.py --profile ours --steps 8                                  # time in buckets
+    python -m scripts.bench.bench_train --shape llama-3.2-1b --batch 8 --stacks hf-lean,liger,ours
+    python -m scripts.bench.bench_train --stacks hf-lean,ours,"ours[train.fused_lora=false]"      # one lever off
+    python -m scripts.bench.bench_train --stacks ours,"ours[base.quantization=gptq]"              # GPTQ 4-bit base
+    python -m scripts.bench.bench_train --long 32768,65536,131072,262144 --stacks ours,unsloth    # batch 1, growing
+    python -m scripts.bench.bench_train --profile ours --steps 8                                  # time in buckets
 
-Every stack (scripts/bench_stacks.py says what each is) trains the same random-weight model, saved once as
+Every stack (scripts/bench/bench_stacks.py says what each is) trains the same random-weight model, saved once as
 bf16, from the same LoRA initialisation where the stack lets us (r=16 on all 7 projections, alpha 16, no
 dropout), on the same random-token batches, with fused AdamW at a constant learning rate. `STACK@packed`
 trains on packed rows instead: examples of 64-1024 tokens packed into each row, position ids restarting at
@@ -39,12 +39,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+REPO = Path(__file__).resolve().parents[2]
 
-import bench_stacks  # noqa: E402
-from bench_report import long_table, main_table  # noqa: E402
+from scripts.bench import bench_stacks
+from scripts.bench.bench_report import long_table, main_table
 
 WARMUP = 3
 
@@ -96,7 +94,7 @@ def run_stack(name: str, dirs: dict, args) -> dict:
     else:
         batches = make_batches(vocab, args.batch, args.seq, args.steps, bench_stacks.parse_stack(name)[2])
         if args.profile:
-            from bench_profile import profile_steps
+            from scripts.bench.bench_profile import profile_steps
 
             row["profile"] = profile_steps(loss_of, opt, batches, train_steps, rank=args.rank, vocab=vocab)
         else:
@@ -228,7 +226,7 @@ def main() -> None:
     if args.long:
         print(long_table(rows, title, torch.cuda.get_device_properties(0).total_memory / 2**30))
     elif args.profile:
-        from bench_profile import profile_table
+        from scripts.bench.bench_profile import profile_table
 
         print(profile_table(rows, title))
     else:

@@ -2,9 +2,9 @@
 
     python3 -m venv /tmp/gptqmodel-venv && /tmp/gptqmodel-venv/bin/pip install torch==2.13.0
     /tmp/gptqmodel-venv/bin/pip install "gptqmodel==7.6.0" "torch==2.13.0"
-    GPTQMODEL_CPU_WORKERS=2 /tmp/gptqmodel-venv/bin/python scripts/interop_gptqmodel_awq.py --write-fixtures
+    GPTQMODEL_CPU_WORKERS=2 /tmp/gptqmodel-venv/bin/python -m scripts.interop.interop_gptqmodel_awq --write-fixtures
 
-1. Builds the tiny random Llama of scripts/interop_gptqmodel.py (hidden 128, one block), quantizes it with
+1. Builds the tiny random Llama of scripts/interop/interop_gptqmodel.py (hidden 128, one block), quantizes it with
    GPTQModel's AWQ (zero point g64, and its symmetric default g32, which still stores qzeros = 8) and with
    --write-fixtures stores both checkpoints plus GPTQModel's dequantized weights, layer outputs for fixed
    inputs and logits in tests/fixtures/gptqmodel_awq_tiny/ (a CPU test compares our loader against them).
@@ -23,13 +23,11 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
-from interop_gptqmodel import (  # noqa: E402
+from scripts.interop.interop_gptqmodel import (
     FAILED,
     build_float_model,
     calibration,

@@ -3,7 +3,7 @@
 #   1. GPTQ vs RTN perplexity on held-out Shakespeare (4/3-bit, g64/g128, act-order, MSE clipping)
 #   2. the quickstart on an NF4 base and on our GPTQ 4-bit g64 base (eval loss before/after)
 #   3. merge fidelity of both runs: bf16 / nf4 / int8 / gptq vs rtn requantization (retention, KL)
-# Usage: bash scripts/smollm2_gpu_tables.sh [ppl|train|merge]... (default: all three), results under $OUT.
+# Usage: bash scripts/bench/smollm2_gpu_tables.sh [ppl|train|merge]... (default: all three), results under $OUT.
 set -euo pipefail
 OUT=${OUT:-/tmp/smollm2-tables}
 WORK=${WORK:-/tmp/smollm2-work}
@@ -13,7 +13,7 @@ steps=${*:-ppl train merge}
 
 for step in $steps; do case $step in
 ppl)
-  python scripts/gptq_ppl_table.py --device cuda --configs 4:64,4:128,3:64,3:128 \
+  python3 -m scripts.tables.gptq_ppl_table --device cuda --configs 4:64,4:128,3:64,3:128 \
     --methods rtn,gptq,gptq-act,gptq-act-mse --json "$OUT/ppl.json" 2>&1 | tee "$OUT/ppl.log" ;;
 train)
   python -m quant gptq "$SMOL" --out "$WORK/smollm2-gptq-4b-g64" --bits 4 --group-size 64 --desc-act \
@@ -25,10 +25,10 @@ train)
       --set tracking.wandb.mode=disabled 2>&1 | grep -v -E "it/s|s/it|Loading" | tee "$OUT/train-$base.log"
   done ;;
 merge)
-  python scripts/merge_fidelity_table.py "$WORK/run-nf4" --formats bf16,nf4,nf4:dequantized,int8,gptq,gptq@method=rtn \
+  python3 -m scripts.tables.merge_fidelity_table "$WORK/run-nf4" --formats bf16,nf4,nf4:dequantized,int8,gptq,gptq@method=rtn \
     --group-size 64 --json "$OUT/merge-nf4.json" 2>&1 | grep -v -E "it/s|s/it|Loading" | tee "$OUT/merge-nf4.log"
   original=$(python -c "from quant.loading import materialize; print(materialize('$SMOL'))")
-  python scripts/merge_fidelity_table.py "$WORK/run-gptq" --formats bf16,gptq,gptq@method=rtn,bf16:original,gptq:original \
+  python3 -m scripts.tables.merge_fidelity_table "$WORK/run-gptq" --formats bf16,gptq,gptq@method=rtn,bf16:original,gptq:original \
     --base-original "$original" --json "$OUT/merge-gptq.json" 2>&1 | grep -v -E "it/s|s/it|Loading" | tee "$OUT/merge-gptq.log" ;;
 *) echo "unknown step $step (ppl, train, merge)"; exit 2 ;;
 esac; done

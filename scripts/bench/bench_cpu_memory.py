@@ -7,10 +7,10 @@ the CPU seconds the process used per step (user + system: far less disturbed tha
 shares the cores), and all three as ratios against the first variant, measured in the same run. Run it on an
 otherwise idle machine for wall-time figures.
 
-    python scripts/bench_cpu_memory.py                       # recipes/quickstart.yaml, the default variants
-    python scripts/bench_cpu_memory.py --steps 6 --variant "gc:train.gradient_checkpointing=true"
-    python scripts/bench_cpu_memory.py --variant "mb1:train.micro_batch_size=1,train.gradient_accumulation=2"
-    python scripts/bench_cpu_memory.py --variant "arena2:env:MALLOC_ARENA_MAX=2"
+    python -m scripts.bench.bench_cpu_memory                       # recipes/quickstart.yaml, the default variants
+    python -m scripts.bench.bench_cpu_memory --steps 6 --variant "gc:train.gradient_checkpointing=true"
+    python -m scripts.bench.bench_cpu_memory --variant "mb1:train.micro_batch_size=1,train.gradient_accumulation=2"
+    python -m scripts.bench.bench_cpu_memory --variant "arena2:env:MALLOC_ARENA_MAX=2"
 
 A variant is `NAME:KEY=VALUE,...`; an item `env:NAME=VALUE` sets an environment variable instead.
 """
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 _CHILD = r"""
 import json, resource, sys, time

@@ -4,7 +4,7 @@ The lent GPU image has torch, transformers and triton but no pytest; this runs t
 the `gpu`-marked tests in tests/quant/test_quant_nn.py, plus an end-to-end GPTQ run of a small random
 Llama on the GPU whose logits must agree between the Triton and the torch path.
 
-    python scripts/gptq_gpu_check.py          # exits 1 on any mismatch
+    python -m scripts.bench.gptq_gpu_check          # exits 1 on any mismatch
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Generate the quickstart dataset: free-text order notes -> exactly one line of strict JSON.
 
-    python scripts/make_quickstart_data.py                 # writes data/quickstart/{train,eval}.jsonl
-    python scripts/make_quickstart_data.py --check-base    # also measures SmolLM2-135M-Instruct on the eval set
+    python -m scripts.data.make_quickstart_data                 # writes data/quickstart/{train,eval}.jsonl
+    python -m scripts.data.make_quickstart_data --check-base    # also measures SmolLM2-135M-Instruct on the eval set
 
 The task is chosen so that the 135M instruct base does it badly (it chats, invents keys, leaves the quantity as a
 word) and a LoRA fine-tune learns it within ~100-200 CPU steps: the answer is a fixed format whose values are all
@@ -165,7 +165,7 @@ def check_base(out_dir: Path, n_generate: int, model_spec: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "data" / "quickstart"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "data" / "quickstart"))
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--eval", type=int, default=80)

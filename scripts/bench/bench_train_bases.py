@@ -1,6 +1,6 @@
 """NF4 vs GPTQ-4bit bases of one shape, trained by `finetune sft` in the same process run: tokens/s, peak memory.
 
-    python scripts/bench_train_bases.py [--shape llama-3.1-8b] [--steps 12] [--seq 2048] [--mbs 1]
+    python -m scripts.bench.bench_train_bases [--shape llama-3.1-8b] [--steps 12] [--seq 2048] [--mbs 1]
 
 Builds a random bf16 model of the shape on the GPU, saves it, makes a GPTQ 4-bit g128 checkpoint of it with
 our quantizer (RTN: the weights are random, so calibration would change nothing measured here), then trains
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 from finetune.recipe import recipe_from_dict  # noqa: E402
 from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text  # noqa: E402

@@ -4,8 +4,8 @@ Needs only torch, transformers, triton, safetensors and tqdm (the lent GPU image
 no datasets). The model is built directly on the GPU in bf16 from a config and calibrated with random
 tokens: speed and memory do not depend on the weights' values.
 
-    python scripts/bench_gptq.py                      # all 32 layers, 128 x 2048 calibration tokens
-    python scripts/bench_gptq.py --layers 4           # a subset; per-block time is extrapolated to 32
+    python -m scripts.bench.bench_gptq                      # all 32 layers, 128 x 2048 calibration tokens
+    python -m scripts.bench.bench_gptq --layers 4           # a subset; per-block time is extrapolated to 32
 
 By default the model is then parked in host memory and blocks visit the GPU one at a time (the mode that
 lets an 8B model fit a small GPU budget); --no-offload keeps everything on the GPU.
@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
