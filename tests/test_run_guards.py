@@ -16,7 +16,8 @@ import yaml
 from support import tiny_recipe
 from finetune.recipe import recipe_from_dict
 from finetune.train import checkpoint as ckpt
-from finetune.train import loop
+from finetune.train import setup
+from finetune.train.objectives import sft
 from finetune.train.loop import train
 from quant.errors import UserError
 
@@ -130,14 +131,14 @@ def test_resume_refuses_changed_data_under_the_same_path(finished, tmp_path, tin
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, chat_files,
                                                                       monkeypatch):
-    real, calls = loop.causal_lm_loss, {"n": 0}
+    real, calls = sft.causal_lm_loss, {"n": 0}
 
     def blows_up(*args, **kwargs):
         loss, n = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("inf") if calls["n"] == 3 else loss), n  # step 3's micro-batch
 
-    monkeypatch.setattr(loop, "causal_lm_loss", blows_up)
+    monkeypatch.setattr(sft, "causal_lm_loss", blows_up)
     out = tmp_path / "run"
     with pytest.raises(UserError) as err:
         train(_recipe(tiny_model_dir, chat_files, out), echo=quiet)
@@ -149,7 +150,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
 
 def test_a_nan_gradient_stops_the_run_before_the_optimizer_applies_it(tmp_path, tiny_model_dir, chat_files,
                                                                      monkeypatch):
-    real = loop.attach_lora
+    real = setup.attach_lora
     seen = {}
 
     def poisoned(*args, **kwargs):
@@ -159,7 +160,7 @@ def test_a_nan_gradient_stops_the_run_before_the_optimizer_applies_it(tmp_path, 
         p.register_hook(lambda g: g * float("nan"))
         return model
 
-    monkeypatch.setattr(loop, "attach_lora", poisoned)
+    monkeypatch.setattr(setup, "attach_lora", poisoned)
     with pytest.raises(UserError, match=r"^step 1: the gradient norm is nan \(not finite\); stopped without saving "
                                         r"\(no checkpoint was written\); likely cause: "):
         train(_recipe(tiny_model_dir, chat_files, tmp_path / "run"), echo=quiet)
@@ -169,8 +170,8 @@ def test_a_nan_gradient_stops_the_run_before_the_optimizer_applies_it(tmp_path, 
 def test_the_cli_prints_a_non_finite_stop_as_one_line(tmp_path, tiny_model_dir, chat_files, monkeypatch, capsys):
     from finetune.cli import main
 
-    real = loop.causal_lm_loss
-    monkeypatch.setattr(loop, "causal_lm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), 1))
+    real = sft.causal_lm_loss
+    monkeypatch.setattr(sft, "causal_lm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), 1))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, chat_files[0], None, tmp_path / "run", **FAST)))
     assert main(["sft", str(path), "-q"]) == 2
@@ -186,7 +187,7 @@ def test_the_cli_prints_a_non_finite_stop_as_one_line(tmp_path, tiny_model_dir, 
 def no_model_load(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("the base model was loaded")
-    monkeypatch.setattr(loop, "load_base", loaded)
+    monkeypatch.setattr(setup, "load_base", loaded)
 
 
 @pytest.mark.parametrize("where, expected", [

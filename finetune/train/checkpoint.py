@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from peft import set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from finetune.train.state_io import (StateFormatError, load_json_tree, load_tree, save_json_tree, save_tree)
 from quant.errors import UserError
@@ -250,8 +253,6 @@ def checkpoint_problem(path: Path) -> str | None:
 def _parse_problem(file: Path) -> str | None:
     """Cheap structural check of one file (headers only), so a checkpoint whose manifest was recomputed over
     foreign files is refused here, where --resume can still fall back."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         if file.suffix == ".json":
             json.loads(file.read_text(encoding="utf-8"))
@@ -344,9 +345,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
 
     `model`/`optimizer` None: their state lives in per-rank shards that the caller restores itself.
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     path = Path(path)
     if model is not None:
         adapter = path / "adapter"

@@ -158,11 +158,11 @@ def _fail_on_call(module, name: str, k: int):
 
 
 def disk_full_cases(env: dict) -> list[Case]:
-    from finetune.train import checkpoint, loop, tracking
+    from finetune.train import checkpoint, finish, setup, tracking
 
     targets = [(checkpoint, "save_tree", k) for k in (1, 2, 3, 4)] + [
-        (checkpoint, "save_json_tree", 1), (checkpoint, "write_manifest", 2), (loop, "_save_final_adapter", 1),
-        (tracking.os, "fsync", 1), (loop, "write_text_atomic", 1)]
+        (checkpoint, "save_json_tree", 1), (checkpoint, "write_manifest", 2), (finish, "save_final_adapter", 1),
+        (tracking.os, "fsync", 1), (setup, "write_text_atomic", 1)]
     cases = []
     for module, name, k in targets:
         def prepare(cwd: Path, env: dict) -> list[str]:
