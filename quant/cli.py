@@ -13,11 +13,19 @@ import logging
 import signal
 import sys
 
-from quant.awq import METHODS as AWQ_METHODS, ROUNDINGS
+import torch
+
+from quant.awq.model import quantize_awq
+from quant.awq.pack import METHODS as AWQ_METHODS
+from quant.awq.solver import ROUNDINGS, AWQConfig
 from quant.errors import UserError
-from quant.formats.gptq_pack import FORMATS as CHECKPOINT_FORMATS
+from quant.eval import evaluate
+from quant.export import export_gguf
 from quant.formats.registry import AUTO, base_names
-from quant.gptq import METHODS
+from quant.ggml.mix import FILE_TYPES
+from quant.gptq.model import quantize
+from quant.gptq.pack import FORMATS as CHECKPOINT_FORMATS
+from quant.gptq.solver import METHODS, GPTQConfig
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -125,8 +133,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _gguf_parser(sub) -> None:
-    from quant.ggml.mix import FILE_TYPES
-
     g = sub.add_parser(
         "gguf", help="write MODEL as one .gguf file for llama.cpp / Ollama",
         description="Write MODEL (HF dir, hub id, .gguf, pkg:..., or a GPTQ checkpoint) as one .gguf file: llama.cpp's "
@@ -155,8 +161,6 @@ def _gguf_parser(sub) -> None:
 
 
 def _run_gguf(a) -> None:
-    from quant.ggml.export import export_gguf
-
     report = export_gguf(a.model, a.out, a.gguf_type, calib=a.calib, calib_samples=a.calib_samples,
                          calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                          name=a.name, device=a.device, seed=a.seed, progress=a.progress,
@@ -165,9 +169,6 @@ def _run_gguf(a) -> None:
 
 
 def _run_gptq(a) -> None:
-    from quant.gptq import GPTQConfig
-    from quant.model import quantize
-
     cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, static_groups=a.static_groups, sym=a.sym,
                      damp_percent=a.damp, true_sequential=a.true_sequential, method=a.method)
     # Act-order, the clipping search and decorrelation are our GPTQ defaults (measured best in and out of the
@@ -185,9 +186,6 @@ def _run_gptq(a) -> None:
 
 
 def _run_awq(a) -> None:
-    from quant.awq import AWQConfig
-    from quant.awq_model import quantize_awq
-
     cfg = AWQConfig(bits=a.bits, group_size=a.group_size, method=a.method, clip=a.clip, n_grid=a.grid,
                     duo_scaling=a.duo_scaling, search_tokens=a.search_tokens, rounding=a.rounding,
                     decorrelate=a.decorrelate)
@@ -199,8 +197,6 @@ def _run_awq(a) -> None:
 
 
 def _run_eval(a) -> None:
-    from quant.eval import evaluate
-
     res = evaluate(a.model, a.data, seqlen=a.seqlen, max_chunks=a.max_chunks, quantization=a.quantization,
                    device=a.device, text_field=a.text_field, progress=a.progress)
     print(json.dumps(res))
@@ -212,8 +208,6 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

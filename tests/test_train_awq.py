@@ -15,9 +15,9 @@ from finetune.cli import main as finetune_main
 from finetune.model import load_adapter, load_base
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
-from quant.awq import AWQConfig
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
-from quant.nn_awq import AWQLinear
+from quant.awq.solver import AWQConfig
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.nn import AWQLinear
 from support import error_line, make_tiny_model, single_thread, tiny_recipe
 
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -51,8 +51,8 @@ def _linear4bit_types():
 
 def _packed_linear_types():
     """quant's packed layers (GPTQ, AWQ): each has `dequantize(dtype)` -> the weight [out, in]."""
-    from quant.nn import QuantLinear
-    from quant.nn_awq import AWQLinear
+    from quant.gptq.nn import QuantLinear
+    from quant.awq.nn import AWQLinear
 
     return QuantLinear, AWQLinear
 

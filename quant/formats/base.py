@@ -377,13 +377,15 @@ class Format:
 class PackedFormat(Format):
     """A format stored as packed integer tensors that our own layer computes with (GPTQ, AWQ): a training base
     loaded from its checkpoint, and a merge output read back by the same loader. Subclasses set `packed_what`
-    and implement `load_packed`."""
+    and `methods` and implement `load_packed`."""
 
     base = output = True
     stored_quantized = True
     gpu_compute_dtype = torch.float16  # the packed-layer GPU kernels (ours, vLLM's) run in fp16
     default_dtype = torch.float16  # what GPTQ/AWQ readers, vLLM's kernels among them, expect
     packed_what = ""  # how the sharding refusal names the float tensors a cast would corrupt ("GPTQ scales")
+    methods: tuple[str, ...] = ()  # its quantizer's --method choices: the first needs calibration, the others not
+    calib_hint = ", or use --method rtn"
 
     def load_packed(self, model_dir, device, dtype) -> torch.nn.Module:
         """The checkpoint in `model_dir` as an HF model with the format's packed layers."""
@@ -403,6 +405,9 @@ class PackedFormat(Format):
         if setup.cast_dtype is not None:
             return setup.cast_problem(self.packed_what)
         return None
+
+    def calibration(self, options):
+        return REQUIRED if (getattr(options, "method", None) or self.methods[0]) == self.methods[0] else None
 
     def load_merged(self, out_dir, device, dtype):
         return self.load_packed(out_dir, device, dtype).eval()

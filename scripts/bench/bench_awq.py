@@ -20,9 +20,9 @@ from pathlib import Path
 import torch  # noqa: E402
 from scripts.bench.bench_gptq import LLAMA31_8B, host_peak_gib, sync, timed
 
-from quant.awq import AWQConfig  # noqa: E402
-from quant.awq_model import quantize_model_awq  # noqa: E402
-from quant.nn_awq import AWQLinear  # noqa: E402
+from quant.awq.solver import AWQConfig  # noqa: E402
+from quant.awq.model import quantize_model_awq  # noqa: E402
+from quant.awq.nn import AWQLinear  # noqa: E402
 
 
 def layer_bench(layer: AWQLinear, dense_w: torch.Tensor) -> list[dict]:

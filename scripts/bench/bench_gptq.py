@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from quant.gptq import METHODS, GPTQConfig  # noqa: E402
-from quant.model import quantize_model  # noqa: E402
-from quant.nn import QuantLinear  # noqa: E402
+from quant.gptq.solver import METHODS, GPTQConfig  # noqa: E402
+from quant.gptq.model import quantize_model  # noqa: E402
+from quant.gptq.nn import QuantLinear  # noqa: E402
 
 LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,

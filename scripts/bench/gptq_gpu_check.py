@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize  # noqa: E402
-from quant.kernels import torch_ref  # noqa: E402
-from quant.nn import QuantLinear  # noqa: E402
+from quant.feedback import HessianAccumulator
+from quant.gptq.solver import GPTQConfig, gptq_quantize  # noqa: E402
+from quant.gptq import kernels as torch_ref  # noqa: E402
+from quant.gptq.nn import QuantLinear  # noqa: E402
 
 CASES = [  # bits, group_size, desc_act, K, N, format
     (4, 128, False, 576, 1536, "gptq"), (4, 64, True, 1536, 576, "gptq"), (3, 64, True, 576, 192, "gptq"),
@@ -44,7 +45,7 @@ def make_layer(bits, gs, desc_act, K, N, fmt):
 
 
 def kernel_checks():
-    from quant.kernels import triton_gptq
+    from quant.gptq import triton_kernels as triton_gptq
 
     for bits, gs, desc, K, N, fmt in CASES:
         L = make_layer(bits, gs, desc, K, N, fmt)
@@ -71,7 +72,7 @@ def kernel_checks():
 def end_to_end():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quant.model import load_gptq_model, quantize_model, save_quantized
+    from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
 
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=1024)

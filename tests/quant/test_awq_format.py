@@ -10,14 +10,15 @@ import torch
 from quant_helpers import calib_ids, tiny_llama
 from safetensors.torch import load_file
 
-from quant.awq import AWQConfig
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.solver import AWQConfig
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
 from quant.errors import UserError
-from quant.formats.awq import dequantize_layer, layer_group_size, pack, read_quant_config, unpack
-from quant.kernels.torch_awq import awq_dequantize
-from quant.nn_awq import AWQLinear
+from quant.awq.kernels import dequantize_layer
+from quant.awq.pack import layer_group_size, pack, read_quant_config, unpack
+from quant.awq.kernels import awq_dequantize
+from quant.awq.nn import AWQLinear
 
-SPEC = Path(__file__).resolve().parents[2] / "quant" / "formats" / "AWQ.md"
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "awq-format.md"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gptqmodel_awq_tiny"
 
 

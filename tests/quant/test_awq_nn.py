@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from quant_helpers import calib_ids, char_tokenizer, tiny_llama
 
-from quant.awq import AWQConfig, quantize_weight
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
-from quant.nn_awq import AWQLinear
+from quant.awq.solver import AWQConfig, quantize_weight
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.nn import AWQLinear
 
 
 def make_layer(K=96, N=64, gs=32, bias=True, seed=0):

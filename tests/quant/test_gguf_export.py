@@ -13,7 +13,7 @@ from gguf_helpers import save_tiny, sentencepiece_tokenizer, tiny_model, token_i
 
 from quant.cli import main
 from quant.errors import UserError
-from quant.ggml.export import export_gguf
+from quant.export import export_gguf
 from quant.ggml.imatrix import collect_importance, weight_name
 from quant.ggml.writer import write_gguf
 
@@ -195,7 +195,7 @@ def test_calibrated_export_from_the_cli_needs_real_text(llama_dir, tmp_path, cap
 def test_gptq_checkpoint_goes_straight_to_gguf(tmp_path):
     from finetune.synthetic import save_rtn_gptq
 
-    from quant.model import load_gptq_model
+    from quant.gptq.model import load_gptq_model
 
     ckpt = save_rtn_gptq(tiny_model("llama"), tmp_path / "gptq", group_size=64)
     ids = token_ids()

