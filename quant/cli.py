@@ -135,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
 def _gguf_parser(sub) -> None:
     g = sub.add_parser(
         "gguf", help="write MODEL as one .gguf file for llama.cpp / Ollama",
-        description="Write MODEL (HF dir, hub id, .gguf, pkg:..., or a GPTQ checkpoint) as one .gguf file: llama.cpp's "
-        "architecture metadata, tokenizer and tensor names, quantized by our own K-quant/legacy packing with "
+        description="Write MODEL (HF dir, hub id, .gguf, pkg:..., or a GPTQ or AWQ checkpoint) as one .gguf file: "
+        "llama.cpp's architecture metadata, tokenizer and tensor names, quantized by our own K-quant/legacy packing with "
         "llama.cpp's per-tensor mixes (q4_k_m: Q4_K with Q6_K for the head and for attn_v/ffn_down of a third of "
         "the layers; rows that are not a multiple of 256 fall back to Q5_0/Q5_1/Q8_0 as in llama.cpp). Llama, "
         "Mistral and Qwen2 architectures.")

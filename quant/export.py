@@ -22,16 +22,14 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from quant.calibration import calibration_chunks, load_texts
 from quant.errors import UserError
 from quant.files import Checkpoint, claim_output, safetensors_files
-from quant.formats.registry import UNQUANTIZED, format_of, resolve_base
+from quant.formats.registry import UNQUANTIZED, format_of, linear_types, resolve_base
 from quant.ggml.imatrix import collect_importance
 from quant.ggml.mix import file_type
 from quant.ggml.writer import GGUFReport, write_gguf
-from quant.gptq.nn import GPTQLinear
 from quant.loading import is_gguf, materialize, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -86,7 +84,8 @@ def _calibration(model, tokenizer, calib, samples: int, seqlen: int, text_field:
     chunks = calibration_chunks(texts, tokenizer, samples, seqlen, seed=seed)
     if len(chunks) < samples:
         log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", len(chunks), seqlen, samples)
-    return collect_importance(model, chunks, progress=progress, layer_types=(nn.Linear, GPTQLinear))
+    # Every projection of whatever the source loads as (nn.Linear, GPTQ's or AWQ's packed layers, ...).
+    return collect_importance(model, chunks, progress=progress, layer_types=linear_types())
 
 
 def _source_format(model_spec: str, local: Path, device: torch.device):

@@ -19,8 +19,9 @@ from quant.awq.nn import AWQLinear
 from quant.awq.pack import BITS, GROUP_SIZES, METHODS, PARTS, QUANT_METHOD, is_awq_checkpoint, layer_group_size, \
     read_quant_config
 from quant.awq.solver import AWQConfig
-from quant.formats.base import METHOD_HELP, EncodeRequest, PackedFormat, PackedRebuilder, option
+from quant.formats.base import METHOD_HELP, EncodeRequest, option
 from quant.formats.layerwise import LayerwiseEncoder
+from quant.formats.packed_base import PackedFormat, PackedRebuilder
 from quant.packed import write_quant_config
 
 # The AWQConfig fields a checkpoint records in quantization_config.meta that a requantization reuses.
@@ -95,6 +96,7 @@ class AWQFormat(PackedFormat):
                "transformers and GPTQModel (docs/awq-format.md).")
     quant_method = QUANT_METHOD
     options = AWQOptions
+    packed_layer = AWQLinear
     packed_what = "AWQ scales"
     folds_scales = True
     methods = METHODS

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from quant.formats.base import METHOD_HELP, EncodeRequest, PackedFormat, PackedRebuilder, option
+from quant.formats.base import METHOD_HELP, EncodeRequest, option
 from quant.formats.layerwise import LayerwiseEncoder
+from quant.formats.packed_base import PackedFormat, PackedRebuilder
 from quant.gptq.blocks import quantize_blocks
 from quant.gptq.kernels import dequantize_layer
 from quant.gptq.model import check_layers_fit, load_gptq_model
@@ -98,6 +99,7 @@ class GPTQFormat(PackedFormat):
                "vLLM (docs/quantized-formats.md A).")
     quant_method = QUANT_METHOD
     options = GPTQOptions
+    packed_layer = GPTQLinear
     packed_what = "GPTQ scales"
     methods = METHODS
 

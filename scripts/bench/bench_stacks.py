@@ -150,6 +150,6 @@ def build(name: str, dirs: dict, rank: int, max_seq: int):
 
 def release() -> None:
     """Drop buffers our kernels keep between calls, so the next stack's peak starts from nothing of ours."""
-    from finetune.kernels.lora import _SCRATCH
+    from quant.formats.bnb_lib import _SCRATCH
 
     _SCRATCH.clear()

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from finetune.merge.adapter import read_adapter
 from quant.files import Checkpoint
 from quant.formats.base import BaseSpec
-from quant.formats.bnb import rebuild_4bit
+from quant.formats.bnb_lib import rebuild_4bit
 from support import quiet_merge
 
 CPU = torch.device("cpu")

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from finetune.merge.source import skeleton
 from finetune.recipe import BaseConfig
 from quant.files import Checkpoint, ShardWriter
-from quant.formats.bnb import bnb_linear_names, rebuild_4bit, rebuild_int8
+from quant.formats.bnb import bnb_linear_names
+from quant.formats.bnb_lib import rebuild_4bit, rebuild_int8
 from quant.gptq.kernels import dequantize_layer
 from quant.gptq.pack import zero_offset
 

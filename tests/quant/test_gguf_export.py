@@ -208,6 +208,30 @@ def test_gptq_checkpoint_goes_straight_to_gguf(tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_calibrated_export_of_an_awq_checkpoint_weighs_every_projection(tmp_path, monkeypatch):
+    """`quant gguf <AWQ dir> --calib`: the source loads with AWQLinear projections, and the importance statistics
+    cover every one of them (and the head), not only the layers that are still nn.Linear (lm_head)."""
+    import quant.export
+    from finetune.synthetic import save_rtn_awq
+
+    ckpt = save_rtn_awq(tiny_model("llama"), tmp_path / "awq", group_size=64)
+    weighed = {}
+    write = quant.export.write_gguf
+
+    def spy(*args, importance=None, **kwargs):
+        weighed.update(importance)
+        return write(*args, importance=importance, **kwargs)
+
+    monkeypatch.setattr(quant.export, "write_gguf", spy)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["--log-level", "WARNING", "gguf", str(ckpt), "--out", str(tmp_path / "a.gguf"), "--calib", str(text),
+                 "--calib-samples", "4", "--calib-seqlen", "64", "--no-progress"]) == 0
+    projections = {f"{n}.weight" for n, m in tiny_model("llama").named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(projections) == 15 and set(weighed) == projections
+    assert all(v.shape == (256 if "down_proj" not in k else 512,) and (v > 0).all() for k, v in weighed.items())
+
+
 def test_gguf_source_keeps_its_tokenizer_metadata(tmp_path, monkeypatch):
     """A .gguf source is dequantized by transformers (which reads its tokenizer too) and re-exported."""
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
