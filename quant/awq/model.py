@@ -6,6 +6,7 @@ checkpoint dir), `save_awq`, `load_awq_model`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -41,9 +42,17 @@ def check_layers_fit_awq(model: nn.Module, cfg: AWQConfig) -> None:
 
 def checkpoint_config(cfg: AWQConfig) -> dict:
     """The quantization_config of a checkpoint quantized with `cfg`: the format's keys, and every other setting in
-    its meta (what a requantization reads back)."""
+    its meta (what `recorded_settings` reads back)."""
     meta = {k: v for k, v in cfg.to_dict().items() if k not in ("bits", "group_size")}
     return quantization_config(cfg.bits, cfg.group_size, meta=meta)
+
+
+def recorded_settings(q: dict) -> dict:
+    """The AWQConfig fields a checkpoint records, from its normalized settings (`read_quant_config`): bits and
+    group size, and those of its meta (ours records every one; other tools' none)."""
+    meta = q["raw"].get("meta") if isinstance(q["raw"].get("meta"), dict) else {}
+    names = {f.name for f in dataclasses.fields(AWQConfig)}
+    return {"bits": q["bits"], "group_size": q["group_size"], **{k: v for k, v in meta.items() if k in names}}
 
 
 def quantize_model_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg: AWQConfig, device=None,

@@ -6,6 +6,7 @@ is `quant.awq.pack`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from quant.awq.blocks import quantize_blocks_awq
 from quant.awq.kernels import dequantize_layer
-from quant.awq.model import check_layers_fit_awq, checkpoint_config, load_awq_model
+from quant.awq.model import check_layers_fit_awq, checkpoint_config, load_awq_model, recorded_settings
 from quant.awq.nn import AWQLinear
 from quant.awq.pack import BITS, GROUP_SIZES, METHODS, PARTS, QUANT_METHOD, is_awq_checkpoint, layer_group_size, \
     read_quant_config
@@ -24,8 +25,11 @@ from quant.formats.layerwise import LayerwiseEncoder
 from quant.formats.packed_base import PackedFormat, PackedRebuilder
 from quant.packed import write_quant_config
 
-# The AWQConfig fields a checkpoint records in quantization_config.meta that a requantization reuses.
-_SEARCH_SETTINGS = ("method", "clip", "n_grid", "max_shrink", "duo_scaling", "search_tokens")
+# The one place where the merge's AWQ differs from `quant awq`: it picks codes by dithered rounding (unbiased
+# stochastic rounding inside the error feedback). A merged weight is the base's grid point plus a LoRA delta far below
+# half a step; nearest rounding, with or without the feedback, returns most weights to the base's codes and drops the
+# adapter (quickstart retention 0.57), while dithered rounding keeps the delta in expectation.
+MERGE_ROUNDING = "dithered"
 
 
 class _AWQRebuilder(PackedRebuilder):
@@ -91,8 +95,8 @@ class AWQFormat(PackedFormat):
     name = "awq"
     label = "AWQ"
     summary = ("our AWQ on --calib data, run on the merged model's own activations layer by layer (default "
-               "settings: those of an AWQ base, or 4-bit g128 with zero points); --method rtn for round-to-nearest on "
-               "the same grid (no calibration). Loads with quant.awq.model.load_awq_model, vLLM (awq, awq_marlin), "
+               "settings: those an AWQ base records, else quant awq's: 4-bit g128 with zero points; codes by dithered "
+               "rounding); --method rtn for round-to-nearest on the same grid (no calibration). Loads with quant.awq.model.load_awq_model, vLLM (awq, awq_marlin), "
                "transformers and GPTQModel (docs/awq-format.md).")
     quant_method = QUANT_METHOD
     options = AWQOptions
@@ -109,9 +113,7 @@ class AWQFormat(PackedFormat):
 
     def settings(self, model_dir, double_quant, quant_storage, compute_dtype):
         q = read_quant_config(model_dir)
-        meta = q["raw"].get("meta") or {}
-        return {"bits": q["bits"], "group_size": q["group_size"], "zero_point": q["zero_point"],
-                "version": q["version"], **{k: meta[k] for k in _SEARCH_SETTINGS if k in meta}}
+        return {"zero_point": q["zero_point"], "version": q["version"], **recorded_settings(q)}
 
     def load_packed(self, model_dir, device, dtype):
         return load_awq_model(model_dir, device=device, dtype=dtype)
@@ -120,22 +122,17 @@ class AWQFormat(PackedFormat):
         return _AWQRebuilder(ckpt, device)
 
     def awq_config(self, base, options: AWQOptions | None):
-        """Default: an AWQ base's own settings (group size, search settings), else 4-bit g128; the options
-        override method, bits and group size."""
-        options = options or AWQOptions()
-        cfg = AWQConfig(group_size=128)
+        """What the merge requantizes with: AWQConfig's defaults (`quant awq`'s), under the settings an AWQ base
+        records (group size, search settings, decorrelate, ...), under the options given (method, bits, group
+        size), with MERGE_ROUNDING. The merged weights are new, so scales are searched again unless --method rtn
+        asks for plain rounding: a base's recorded method and rounding describe the base, not the merge."""
+        recorded = {}
         if base.format == self.name:
-            cfg = AWQConfig(group_size=base.settings["group_size"],
-                            **{k: v for k, v in base.settings.items() if k in _SEARCH_SETTINGS})
-        # The merged weights are new, so scales are searched again unless --method rtn asks for plain rounding
-        # (an RTN base is requantized with the search too: its recorded method describes the base, not the merge).
-        cfg.method = METHODS[0]
-        for key in ("method", "bits", "group_size"):
-            if getattr(options, key) is not None:
-                setattr(cfg, key, getattr(options, key))
-        # On the base's own grid nearest rounding returns most weights to the base's codes and drops the adapter
-        # (quickstart retention 0.57); dithered rounding keeps it in expectation (AWQConfig.rounding).
-        cfg.rounding = "dithered" if cfg.calibrated else "nearest"
+            keep = {f.name for f in dataclasses.fields(AWQConfig)} - {"method", "rounding"}
+            recorded = {k: v for k, v in base.settings.items() if k in keep}
+        given = {k: v for k, v in dataclasses.asdict(options or AWQOptions()).items() if v is not None}
+        cfg = AWQConfig(**{**recorded, **given})
+        cfg.rounding = MERGE_ROUNDING if cfg.calibrated else "nearest"  # round-to-nearest rounds to nearest
         return cfg.validate()
 
     def encoder(self, request: EncodeRequest):

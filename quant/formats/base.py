@@ -24,6 +24,7 @@ import torch
 from quant.errors import UserError
 from quant.files import ShardWriter, read_json_object
 from quant.loading import load_tokenizer
+from quant.settings import setting
 
 REQUIRED, OPTIONAL = "required", "optional"  # Format.calibration
 # --method, shared by the GPTQ and AWQ outputs: each format's own choices, one flag.
@@ -167,9 +168,10 @@ class Rebuilder:
 
 
 def option(help: str, type=str, choices=None):
-    """A format option of `finetune merge` (a field of the format's `options` dataclass): `--name-with-dashes`
-    on the command line, `options={"name": ...}` from Python. None means the format's own default."""
-    return field(default=None, metadata={"help": help, "type": type, "choices": choices})
+    """A format option of `finetune merge` (a field of the format's `options` dataclass, made by
+    quant.settings.setting): `--name-with-dashes` on the command line, `options={"name": ...}` from Python. None
+    means the format's own default."""
+    return setting(None, help, type=type, choices=choices)
 
 
 @dataclass

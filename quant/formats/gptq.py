@@ -6,6 +6,7 @@ itself is `quant.gptq.pack`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,6 @@ from quant.gptq.pack import (PARTS, QUANT_METHOD, quantization_config, read_quan
                              zero_offset)
 from quant.gptq.solver import METHODS, GPTQConfig
 from quant.packed import write_quant_config
-
-
-def base_gptq_config(settings: dict) -> GPTQConfig:
-    """The GPTQConfig a checkpoint was quantized with, from its normalized settings (`read_quant_config`)."""
-    return GPTQConfig(bits=settings["bits"], group_size=settings["group_size"], desc_act=settings["desc_act"],
-                      sym=settings["sym"], damp_percent=settings["damp_percent"],
-                      static_groups=settings["static_groups"], true_sequential=settings["true_sequential"],
-                      mse=settings["mse"])
 
 
 class _GPTQRebuilder(PackedRebuilder):
@@ -94,8 +87,8 @@ class GPTQFormat(PackedFormat):
     name = "gptq"
     label = "GPTQ"
     summary = ("our GPTQ on --calib data, run on the merged model's own activations layer by layer (default "
-               "settings: those of a GPTQ base, or 4-bit g128 symmetric); --method rtn for round-to-nearest (no "
-               "calibration). Loads with quant.gptq.model.load_gptq_model, transformers + GPTQModel/optimum and "
+               "settings: those a GPTQ base records, else quant gptq's: 4-bit g128 symmetric, act-order, MSE clipping, "
+               "decorrelate 0.25); --method rtn for round-to-nearest (no calibration). Loads with quant.gptq.model.load_gptq_model, transformers + GPTQModel/optimum and "
                "vLLM (docs/quantized-formats.md A).")
     quant_method = QUANT_METHOD
     options = GPTQOptions
@@ -112,12 +105,7 @@ class GPTQFormat(PackedFormat):
 
     def settings(self, model_dir, double_quant, quant_storage, compute_dtype):
         q = read_quant_config(model_dir)
-        raw = q["raw"]
-        return {"bits": q["bits"], "group_size": q["group_size"], "desc_act": q["desc_act"], "sym": q["sym"],
-                "checkpoint_format": q["checkpoint_format"], "damp_percent": float(raw.get("damp_percent", 0.01)),
-                "static_groups": bool(raw.get("static_groups", False)),
-                "true_sequential": bool(raw.get("true_sequential", True)),
-                "mse": float((raw.get("meta") or {}).get("mse", 0.0))}
+        return {"checkpoint_format": q["checkpoint_format"], **q["recorded"]}
 
     def load_packed(self, model_dir, device, dtype):
         return load_gptq_model(model_dir, device=device, dtype=dtype)
@@ -126,15 +114,15 @@ class GPTQFormat(PackedFormat):
         return _GPTQRebuilder(ckpt, device)
 
     def gptq_config(self, base, options: GPTQOptions | None):
-        """Default: a GPTQ base's own settings (bits, group size, act-order, sym, damping), else 4-bit g128;
-        the options override bits, group size and act-order."""
-        options = options or GPTQOptions()
-        cfg = base_gptq_config(base.settings) if base.format == self.name else GPTQConfig(bits=4, group_size=128)
-        cfg.method = options.method or METHODS[0]
-        for key in ("bits", "group_size", "desc_act"):
-            if getattr(options, key) is not None:
-                setattr(cfg, key, getattr(options, key))
-        return cfg.validate()
+        """What the merge requantizes with: GPTQConfig's defaults (`quant gptq`'s), under the settings a GPTQ base
+        records (bits, group size, act-order, symmetry, damping, mse, decorrelate, ...), under the options given
+        (method, bits, group size, act-order). The method is the merge's own: a base's describes the base."""
+        recorded = {}
+        if base.format == self.name:
+            keep = {f.name for f in dataclasses.fields(GPTQConfig)} - {"method"}
+            recorded = {k: v for k, v in base.settings.items() if k in keep}
+        given = {k: v for k, v in dataclasses.asdict(options or GPTQOptions()).items() if v is not None}
+        return GPTQConfig(**{**recorded, **given}).validate()
 
     def encoder(self, request: EncodeRequest):
         cfg = self.gptq_config(request.base, request.options)

@@ -141,9 +141,9 @@ def parse_method(method: str, bits: int, group_size: int, default_samples: int):
                 kw["search_tokens"] = int(o[1:])
             else:
                 raise SystemExit(f"unknown AWQ option {o!r} in {method!r}")
-        return AWQConfig(bits=bits, group_size=group_size, **kw).validate(), samples
+        return AWQConfig.published(bits=bits, group_size=group_size, **kw).validate(), samples
     if name == GPTQ_METHODS[0]:
-        kw = dict(desc_act=False, sym=True, mse=0.0)
+        kw = {}
         for o in rest:
             if o == "act":
                 kw["desc_act"] = True
@@ -157,7 +157,7 @@ def parse_method(method: str, bits: int, group_size: int, default_samples: int):
                 kw["damp_percent"] = float(o[4:])
             else:
                 raise SystemExit(f"unknown GPTQ option {o!r} in {method!r}")
-        return GPTQConfig(bits=bits, group_size=group_size, **kw).validate(), samples
+        return GPTQConfig.published(bits=bits, group_size=group_size, **kw).validate(), samples
     raise SystemExit(f"unknown method {method!r}")
 
 
