@@ -52,7 +52,7 @@ def load_eval_model(spec: str, quantization: str = "auto", device=None):
     `auto` evaluates a checkpoint as the format it is stored in, else unquantized; bitsandbytes formats are
     quantized on load (single quantization, uint8 storage).
     """
-    from transformers import AutoTokenizer  # here, not at the top: ~1.4 s of `quant --help`
+    from transformers import AutoTokenizer  # here, not at the top: ~1.4 s of `quant --help` (2 cores)
 
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src = materialize(spec)

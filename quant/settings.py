@@ -5,8 +5,8 @@ from GPTQConfig / AWQConfig, and `finetune merge` its per-format options from ea
 
 A field made by `setting(...)` with a help text is a flag: `--name-with-dashes` (or `flag`), a bool field
 `--x/--no-x`, its help followed by the field's default. Every flag defaults to None on the command line, so a value
-not given falls to the dataclass's own default (`from_flags`): no default is written twice. `check(obj)` applies the fields' choices and rules and raises
-one UserError line naming the first value that breaks them.
+not given falls to the dataclass's own default (`from_flags`): no default is written twice. `check(obj)` applies
+the fields' choices and rules and raises one UserError line naming the first value that breaks them.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def _weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from quant.gptq.nn import QuantLinear
     from quant.awq.nn import AWQLinear
+    from quant.gptq.nn import QuantLinear
 
     if isinstance(module, bnb.nn.Linear4bit):
         return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()

@@ -96,8 +96,8 @@ class AWQFormat(PackedFormat):
     label = "AWQ"
     summary = ("our AWQ on --calib data, run on the merged model's own activations layer by layer (default "
                "settings: those an AWQ base records, else quant awq's: 4-bit g128 with zero points; codes by dithered "
-               "rounding); --method rtn for round-to-nearest on the same grid (no calibration). Loads with quant.awq.model.load_awq_model, vLLM (awq, awq_marlin), "
-               "transformers and GPTQModel (docs/awq-format.md).")
+               "rounding); --method rtn for round-to-nearest on the same grid (no calibration). Loads with "
+               "quant.load_awq_model, vLLM (awq, awq_marlin), transformers and GPTQModel (docs/awq-format.md).")
     quant_method = QUANT_METHOD
     options = AWQOptions
     packed_layer = AWQLinear

@@ -8,7 +8,8 @@ quantized in blocks of `BLOCKSIZE` with the base's double quantization and stora
 `Int8Params` does. Tests compare both rebuilds bit for bit with the layers training builds.
 
 bitsandbytes itself (imported on first use), its reference CPU layout and its quantization ops are
-`quant.formats.bnb_lib`.
+`quant.formats.bnb_lib`. transformers is imported where it is used, as in every format module (quant.formats.float
+says why).
 """
 
 from __future__ import annotations

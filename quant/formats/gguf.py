@@ -7,7 +7,8 @@ block quantizers under llama.cpp's per-tensor mix. With --calib the K-quant and 
 weighted by each column's activation energy (llama.cpp's importance matrix), measured on the MERGED model: the
 encoder runs each merged float layer on the calibration hidden states just before the layer is written (one
 layer and the calibration activations in memory), and holds the output head back until the final norm's
-outputs give its energy. The fidelity report loads the file through transformers (`gguf_file`).
+outputs give its energy. The fidelity report loads the file through transformers (`gguf_file`), imported where it
+is used, as in every format module (quant.formats.float says why).
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ class GPTQFormat(PackedFormat):
     label = "GPTQ"
     summary = ("our GPTQ on --calib data, run on the merged model's own activations layer by layer (default "
                "settings: those a GPTQ base records, else quant gptq's: 4-bit g128 symmetric, act-order, MSE clipping, "
-               "decorrelate 0.25); --method rtn for round-to-nearest (no calibration). Loads with quant.gptq.model.load_gptq_model, transformers + GPTQModel/optimum and "
-               "vLLM (docs/quantized-formats.md A).")
+               "decorrelate 0.25); --method rtn for round-to-nearest (no calibration). Loads with "
+               "quant.load_gptq_model, transformers + GPTQModel/optimum and vLLM (docs/quantized-formats.md A).")
     quant_method = QUANT_METHOD
     options = GPTQOptions
     packed_layer = GPTQLinear

@@ -38,9 +38,9 @@ A format that writes something other than safetensors shards (a single .gguf fil
 own writer from `sink()` and set `hf_layout = False` (no config.json/tokenizer files next to it); the request
 carries the model's config (`request.model.config`) and the tokenizer directory for its metadata.
 
-GPTQ and AWQ (`gptq.py`, `awq.py`) share `packed_base.PackedFormat` (load, load_merged, sharding_problem and the
-layer questions around their packed layer and its loader); each adds its rebuilder, options (bits, group_size), calibration() and an encoder that
-runs its quantizer layer by layer on the calibration ids (`layerwise.py`). GGUF output
+GPTQ and AWQ (`gptq.py`, `awq.py`) share `packed_base.PackedFormat` (load, load_merged, sharding_problem,
+calibration() and the layer questions around their packed layer and its loader); each adds its rebuilder, options
+(bits, group_size) and an encoder that runs its quantizer layer by layer on the calibration ids (`layerwise.py`). GGUF output
 is `gguf.py`: output = True, options (gguf_type -> `--gguf-type`), calibration() OPTIONAL (--calib weights the
 K-quant scale search), an encoder whose sink() writes the .gguf, load_merged() through transformers' gguf_file.
 tests/test_formats.py then holds every format to its contract: its output round-trips through its own loader

@@ -8,8 +8,8 @@ for decode-sized inputs; above FUSED_MAX_M rows it dequantizes W once and calls 
 Codes are read as one LSB-first bit stream (see quant.gptq.pack): for element k the field starts at
 bit b·(k mod 32) of word (k div 32)·b + that offset div 32; only 3-bit fields can straddle two words.
 
-Only `quant.gptq.kernels.kernels_for` imports this module (Triton is optional), for CUDA tensors, so `import quant` works without
-Triton. Importing it with TRITON_INTERPRET=1 set runs the kernels on the CPU interpreter (tests do).
+Only `quant.gptq.kernels.kernels_for` imports this module (Triton is optional), for CUDA tensors, so `import quant`
+works without Triton. Importing it with TRITON_INTERPRET=1 set runs the kernels on the CPU interpreter (tests do).
 """
 
 from __future__ import annotations

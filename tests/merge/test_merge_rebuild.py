@@ -60,9 +60,9 @@ def test_bnb_rebuild_equals_the_layers_load_base_trains_on(tiny_model_dir, quant
 
 
 def test_gptq_dequantization_equals_quantlinear(gptq_base_dir):
-    from quant.gptq.pack import read_quant_config
     from quant.gptq.model import load_gptq_model
     from quant.gptq.nn import QuantLinear
+    from quant.gptq.pack import read_quant_config
 
     model = load_gptq_model(gptq_base_dir)
     ckpt = Checkpoint(gptq_base_dir)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from quant_helpers import calib_ids, tiny_llama
 
-from quant.awq.solver import AWQConfig, dequantize_codes, fake_quantize, group_params, hessian_loss, quantize_codes, search_clip, search_scales
 from quant.awq.blocks import Fold, _fold_is_exact
 from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.nn import AWQLinear
+from quant.awq.solver import (AWQConfig, dequantize_codes, fake_quantize, group_params, hessian_loss, quantize_codes,
+                              search_clip, search_scales)
 from quant.errors import UserError
 from quant.feedback import HessianAccumulator
-from quant.awq.nn import AWQLinear
 
 
 def test_grid_is_asymmetric_with_fp16_scales_and_zero_in_range():

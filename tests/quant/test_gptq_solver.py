@@ -7,9 +7,9 @@ import torch
 
 from quant.errors import UserError
 from quant.feedback import HessianAccumulator, relative_error
+from quant.gptq.nn import QuantLinear
 from quant.gptq.solver import GPTQConfig, gptq_quantize, rtn_quantize
 from quant.grid import GridSpec, fake_quantize, find_params
-from quant.gptq.nn import QuantLinear
 
 
 def correlated_problem(N=96, K=128, tokens=2048, seed=0):

@@ -20,8 +20,8 @@ from quant.gptq.pack import (
     unpack_cols,
     unpack_rows,
 )
-from quant.gptq.solver import GPTQConfig
 from quant.gptq.model import quantize_model, save_quantized
+from quant.gptq.solver import GPTQConfig
 
 
 def u32(x: int) -> int:
