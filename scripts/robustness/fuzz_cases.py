@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from filelock import FileLock
 
 from finetune.cli import main
+from finetune.recipe import Recipe
 
 
 def run_cli(argv: list[str], cwd: Path) -> tuple[int | None, str, str | None]:
@@ -92,7 +94,6 @@ def set_path(keys: list[str], value):
 
 def _leaf_keys() -> list[tuple[str, object]]:
     """(dotted key, type) for every section, sub-section and key of the recipe schema."""
-    from finetune.recipe import Recipe
 
     def walk(cls, prefix):
         out = []
@@ -211,7 +212,6 @@ def model_cases(env: dict) -> list[Case]:
 @contextlib.contextmanager
 def _locked(cwd: Path):
     """Another live run holds output.dir's lock (a second FileLock object: a separate descriptor)."""
-    from filelock import FileLock
 
     (cwd / "run").mkdir(exist_ok=True)
     with FileLock(str(cwd / "run" / ".lock"), timeout=0):

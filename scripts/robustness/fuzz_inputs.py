@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,24 +28,26 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+# Before anything imports transformers / huggingface_hub / wandb: they read these once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import torch  # noqa: E402
 import yaml  # noqa: E402
-from scripts.robustness.fuzz_cases import (Case, data_cases, file_cases, model_cases, outdir_cases, run_cli,
-                                          value_cases)
-from scripts.robustness.fuzz_checkpoints import checkpoint_cases
+from safetensors.torch import load_file  # noqa: E402
 
+from finetune.synthetic import save_random_model  # noqa: E402
+from scripts.robustness.fuzz_cases import (Case, data_cases, file_cases, model_cases, outdir_cases,  # noqa: E402
+                                          run_cli, value_cases)
+from scripts.robustness.fuzz_checkpoints import checkpoint_cases  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 MARKERS = ("CODE-RAN", "PICKLE-RAN")  # what a planted payload creates in env["root"] if it ever runs
-
-
 
 
 def sound_result(out_dir: Path, cwd_before: set, cwd: Path) -> str | None:
     """Why an exit-0 run's result is broken, or None."""
-    from safetensors.torch import load_file
 
     adapter = out_dir / "adapter" / "adapter_model.safetensors"
     if not adapter.exists():
@@ -108,7 +111,6 @@ def _out_dir(cwd: Path) -> Path:
 
 def build_env(root: Path) -> dict:
     """The tiny model, a good data file and a good recipe dict the cases mutate."""
-    from finetune.synthetic import save_random_model
 
     model_dir = save_random_model("tiny", root / "tiny-model", num_hidden_layers=1)
     words = ["red", "blue", "green", "gold", "gray", "pink"]
@@ -135,9 +137,6 @@ def main() -> int:
     ap.add_argument("--only", help="run only groups whose name contains this")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every case's outcome and message")
     args = ap.parse_args()
-    import logging
-
-    import torch
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)

@@ -29,16 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import yaml
+from safetensors.torch import load_file
 
-import yaml  # noqa: E402
+from finetune.synthetic import save_random_model
+from finetune.train.checkpoint import checkpoint_problem, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[2]
 
 STEPS = 8
 
 
 def make_inputs(root: Path) -> Path:
     """Tiny model, data and recipe under `root`; returns the recipe path (output.dir: root/run)."""
-    from finetune.synthetic import save_random_model
 
     model = save_random_model("tiny", root / "model", num_hidden_layers=1)
     words = ["red", "blue", "green", "gold", "gray", "pink", "teal", "plum"]
@@ -114,7 +117,6 @@ def kill_at(proc: subprocess.Popen, run: Path, kind: str, rng: random.Random, du
 
 def damage_after_kill(run: Path, newest_before: int) -> tuple[list[str], int]:
     """Problems found in `run` after a kill (data loss), and the newest valid checkpoint step."""
-    from finetune.train.checkpoint import checkpoint_problem, list_checkpoints
 
     problems, newest = [], 0
     for ckpt in list_checkpoints(run):
@@ -133,8 +135,6 @@ def damage_after_kill(run: Path, newest_before: int) -> tuple[list[str], int]:
 
 
 def max_delta(a_dir: Path, b_dir: Path) -> float:
-    from safetensors.torch import load_file
-
     a = load_file(str(a_dir / "adapter_model.safetensors"))
     b = load_file(str(b_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

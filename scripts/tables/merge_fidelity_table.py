@@ -26,6 +26,12 @@ from pathlib import Path
 
 import torch
 
+from finetune.merge import MergeConfig, merge
+from finetune.merge.adapter import read_adapter
+from finetune.merge.config import MERGE_INTO, format_options
+from finetune.merge.report import fidelity_many, locate
+from quant.formats.registry import output_names
+
 
 def _value(text: str):
     if text.lower() in ("true", "false"):
@@ -34,9 +40,6 @@ def _value(text: str):
 
 
 def _spec(text: str) -> dict:
-    from finetune.merge.config import MERGE_INTO
-    from quant.formats.registry import output_names
-
     head, _, into = text.partition(":")
     fmt, *opts = head.split("@")
     if fmt not in output_names() or (into and into not in MERGE_INTO) or not all("=" in o for o in opts):
@@ -65,11 +68,6 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from finetune.merge import MergeConfig, merge
-    from finetune.merge.adapter import read_adapter
-    from finetune.merge.config import format_options
-    from finetune.merge.report import fidelity_many, locate
 
     source = read_adapter(args.run)
     calib = args.calib

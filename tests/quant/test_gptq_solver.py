@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from quant.errors import UserError
-from quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, relative_error, rtn_quantize
+from quant.feedback import HessianAccumulator, relative_error
+from quant.gptq.nn import QuantLinear
+from quant.gptq.solver import GPTQConfig, gptq_quantize, rtn_quantize
 from quant.grid import GridSpec, fake_quantize, find_params
-from quant.nn import QuantLinear
 
 
 def correlated_problem(N=96, K=128, tokens=2048, seed=0):
@@ -64,7 +65,7 @@ def test_mse_clipping_search_never_worse():
                                               (8, 128, False)])
 def test_gptq_beats_rtn_on_correlated_inputs(bits, gs, desc_act):
     W, X, acc = correlated_problem()
-    cfg = GPTQConfig(bits=bits, group_size=gs, desc_act=desc_act)
+    cfg = GPTQConfig.published(bits=bits, group_size=gs, desc_act=desc_act)  # both on the same min-max grid
     g = gptq_quantize(W, acc.H, cfg)
     r = rtn_quantize(W, cfg)
     eg, er = out_err(W, g.dequantize(), X), out_err(W, r.dequantize(), X)
@@ -74,7 +75,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, gs, desc_act):
 
 def test_gptq_with_identity_hessian_is_rtn():
     W, _, _ = correlated_problem()
-    for cfg in (GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=3, group_size=-1, sym=False)):
+    for cfg in (GPTQConfig.published(bits=4, group_size=32), GPTQConfig.published(bits=3, group_size=-1, sym=False)):
         g = gptq_quantize(W, torch.eye(W.shape[1]), cfg)
         r = rtn_quantize(W, cfg)
         assert torch.equal(g.q, r.q) and torch.equal(g.scales, r.scales) and torch.equal(g.zeros, r.zeros)
@@ -82,7 +83,7 @@ def test_gptq_with_identity_hessian_is_rtn():
 
 def test_full_decorrelation_is_rtn():
     W, _, acc = correlated_problem()
-    cfg = GPTQConfig(bits=4, group_size=32, decorrelate=1.0)
+    cfg = GPTQConfig.published(bits=4, group_size=32, decorrelate=1.0)
     g, r = gptq_quantize(W, acc.H, cfg), rtn_quantize(W, cfg)
     assert torch.equal(g.q, r.q) and torch.equal(g.scales, r.scales)
 
@@ -134,7 +135,7 @@ def test_static_groups_keep_original_order():
 
 def test_partial_last_group_follows_gptqmodel_layout():
     W, X, acc = correlated_problem(K=96)
-    res = gptq_quantize(W, acc.H, GPTQConfig(bits=4, group_size=64))
+    res = gptq_quantize(W, acc.H, GPTQConfig.published(bits=4, group_size=64))  # natural order
     assert res.scales.shape == (2, W.shape[0])  # G = ceil(96 / 64)
     assert torch.equal(res.g_idx.long(), torch.arange(96) // 64)
     layer = QuantLinear.from_result(res)

@@ -4,9 +4,9 @@ Weights are in nn.Linear layout W [N, K]; groups are runs of `group_size` input 
 
 - The grid is group-wise asymmetric: a group's range [min(w, 0), max(w, 0)] (optionally shrunk by a
   clipping factor p) maps to codes 0..2^b-1 with an fp16 scale and an integer zero point in 0..2^b-1,
-  w ≈ (q - z) · s, which is exactly what the AWQ gemm format stores (quant/formats/AWQ.md).
+  w ≈ (q - z) · s, which is exactly what the AWQ gemm format stores (docs/awq-format.md).
 - The scale search multiplies input channel k of every Linear that shares an input by s_k and divides the
-  input by it (folded into the producer of that input, see quant.awq_blocks): s = mean|x|^α, normalised so
+  input by it (folded into the producer of that input, see quant.awq.blocks): s = mean|x|^α, normalised so
   that sqrt(max·min) = 1, for α on a grid in [0, 1); α = 0 is plain round-to-nearest, so the chosen scale
   is never worse than RTN on the calibration loss. The loss is the output error of the smallest module
   containing the Linears, measured by a caller-supplied function.
@@ -25,41 +25,61 @@ from typing import Callable
 
 import torch
 
-from quant.errors import UserError
-from quant.formats.awq import BITS, GROUP_SIZES, METHODS
+from quant.awq.pack import BITS, GROUP_SIZES, METHODS
+from quant.settings import check, setting
 
 # fp16 cannot hold a smaller normal scale; a group whose whole range is below it is ~zero anyway.
 _MIN_SCALE = torch.finfo(torch.float16).tiny
 
 
+# How codes are picked on the searched grid: "nearest" (AWQ as published), "feedback" (nearest inside GPTQ's error
+# feedback: each column's rounding error is pushed onto the columns not yet rounded, weighted by H) or "dithered"
+# (unbiased stochastic rounding, seeded, inside that error feedback; what the merge uses, quant.formats.awq).
 ROUNDINGS = ("nearest", "feedback", "dithered")
+# AWQ as published (Lin et al. 2023): nearest rounding on the searched grid.
+PUBLISHED = {"rounding": "nearest", "decorrelate": 0.0}
 
 
 @dataclass
 class AWQConfig:
-    """Everything that decides the quantized weights; its fields are recorded in quantization_config.meta."""
+    """Everything that decides the quantized weights; its fields are recorded in quantization_config.meta. The
+    defaults are `quant awq`'s (the measured ones); `published()` gives the paper's."""
 
-    bits: int = BITS
-    group_size: int = 128
-    method: str = "awq"
-    clip: bool = True
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    duo_scaling: bool = False
+    bits: int = setting(BITS, "the only width of the AWQ gemm format", valid=lambda b: b == BITS,
+                        rule=f"bits must be {BITS}: the AWQ gemm format vLLM and transformers load is 4-bit "
+                        "(got {value})")
+    group_size: int = setting(128, f"{', '.join(map(str, GROUP_SIZES))} input channels per scale/zero; pick one that "
+                              "divides every layer's in_features for vLLM (SmolLM2's 576 needs 32 or 64)",
+                              valid=lambda g: g in GROUP_SIZES,
+                              rule=f"group size must be one of {', '.join(map(str, GROUP_SIZES))} for AWQ "
+                              "(got {value})")
+    method: str = setting(METHODS[0], "awq: the scale and clipping searches on --calib data; rtn: plain "
+                          "round-to-nearest on the same grid, no calibration (for comparison)", choices=METHODS)
+    clip: bool = setting(True, "search per-group clipping of the weight range (--no-clip: min-max range)")
+    n_grid: int = setting(20, "points of the alpha grid (and 1/grid clipping steps)", flag="--grid",
+                          valid=lambda n: n >= 2, rule="the scale grid needs at least 2 points (got {value})")
+    max_shrink: float = setting(0.5, valid=lambda p: 0 < p < 1, rule="max_shrink must be in (0, 1) (got {value})")
+    duo_scaling: bool = setting(False, "AutoAWQ's variant: s = mean|x|^a / mean|w|^(1-a)")
     # Calibration tokens the scale search forwards per candidate through attention/MLP modules (whole
     # samples, evenly spaced); statistics and single-Linear losses always use every token. On 4 SmolLM2 blocks
     # 1024, 4096 and 16384 gave held-out errors within 1 % of each other, at up to 8x the search cost.
-    search_tokens: int = 2048
-    # How codes are picked on the searched grid: "nearest" (AWQ as published), "feedback" (nearest inside GPTQ's
-    # error feedback: each column's rounding error is pushed onto the columns not yet rounded, weighted by H) or
-    # "dithered" (unbiased stochastic rounding, seeded, inside that error feedback). `quant awq` defaults to
-    # "feedback" with decorrelate 0.5, which measured better than nearest in and out of the calibration domain
-    # (README, "quant awq"). The merge uses "dithered": a merged weight is the base's grid point plus a LoRA delta
-    # far below half a step, so nearest rounding returns it to the base's code and the adapter vanishes
-    # (quickstart retention 0.57), while dithered rounding keeps the delta in expectation.
-    rounding: str = "nearest"
+    search_tokens: int = setting(2048, "calibration tokens forwarded per scale candidate through attention/MLP "
+                                 "(statistics always use every token)", valid=lambda n: n >= 1,
+                                 rule="search tokens must be >= 1 (got {value})")
+    # "feedback" with decorrelate 0.5 measured better than nearest in and out of the calibration domain (README,
+    # "quant awq": out-of-domain mean gap ratio 0.39 against 0.56, never more than 0.01 worse on any pair).
+    rounding: str = setting("feedback", "how codes are picked on the searched grid: feedback (nearest, inside GPTQ's "
+                            "error feedback), nearest (AWQ as published) or dithered (unbiased stochastic rounding, "
+                            "seeded, inside the error feedback; what finetune merge uses)", choices=ROUNDINGS)
     # For "feedback"/"dithered": the fraction by which H's off-diagonal is shrunk first (GPTQConfig.decorrelate).
-    decorrelate: float = 0.0
+    decorrelate: float = setting(0.5, "for feedback/dithered rounding: shrink the Hessian's off-diagonal by this "
+                                 "fraction, 0..1 (best out of the calibration domain, README 'quant awq')",
+                                 valid=lambda d: 0 <= d <= 1, rule="decorrelate must be in [0, 1] (got {value})")
+
+    @classmethod
+    def published(cls, **overrides) -> "AWQConfig":
+        """AWQ as the paper runs it (PUBLISHED), with `overrides`."""
+        return cls(**{**PUBLISHED, **overrides})
 
     @property
     def calibrated(self) -> bool:
@@ -67,22 +87,7 @@ class AWQConfig:
         return self.method == METHODS[0]
 
     def validate(self) -> "AWQConfig":
-        if self.bits != BITS:
-            raise UserError(f"bits must be {BITS}: the AWQ gemm format vLLM and transformers load is 4-bit (got {self.bits})")
-        if self.group_size not in GROUP_SIZES:
-            raise UserError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))} for AWQ (got {self.group_size})")
-        if self.method not in METHODS:
-            raise UserError(f"method must be one of {', '.join(METHODS)} (got {self.method!r})")
-        if self.n_grid < 2:
-            raise UserError(f"the scale grid needs at least 2 points (got {self.n_grid})")
-        if not 0 < self.max_shrink < 1:
-            raise UserError(f"max_shrink must be in (0, 1) (got {self.max_shrink})")
-        if self.rounding not in ROUNDINGS:
-            raise UserError(f"rounding must be one of {', '.join(ROUNDINGS)} (got {self.rounding!r})")
-        if not 0 <= self.decorrelate <= 1:
-            raise UserError(f"decorrelate must be in [0, 1] (got {self.decorrelate})")
-        if self.search_tokens < 1:
-            raise UserError(f"search tokens must be >= 1 (got {self.search_tokens})")
+        check(self)
         return self
 
     def to_dict(self) -> dict:

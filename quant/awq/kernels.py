@@ -1,7 +1,7 @@
 """Plain-PyTorch AWQ kernels: the CPU path, the GPU path (unpack with torch ops, then cuBLAS), and the
 reference any faster kernel is tested against.
 
-They take the checkpoint tensors as stored (quant/formats/AWQ.md): qweight int32 [K, N/8], qzeros int32
+They take the checkpoint tensors as stored (docs/awq-format.md): qweight int32 [K, N/8], qzeros int32
 [G, N/8], scales fp16 [G, N]; row k of the weight belongs to group k // group_size.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from quant.formats.awq import unpack
+from quant.awq.pack import unpack
 
 
 def awq_dequantize(qweight, qzeros, scales, group_size: int, out_dtype=torch.float32) -> torch.Tensor:
@@ -23,6 +23,6 @@ def awq_dequantize(qweight, qzeros, scales, group_size: int, out_dtype=torch.flo
     return (q - z).float().mul_(s).to(out_dtype)
 
 
-def awq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int) -> torch.Tensor:
-    """x [..., K] @ W -> [..., N] in x.dtype, without bias."""
-    return x @ awq_dequantize(qweight, qzeros, scales, group_size, out_dtype=x.dtype)
+def dequantize_layer(parts: dict[str, torch.Tensor], group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """nn.Linear-layout weight [out, in] of one layer from its qweight / qzeros / scales (as stored)."""
+    return awq_dequantize(parts["qweight"], parts["qzeros"], parts["scales"], group_size, out_dtype=dtype).T.contiguous()

@@ -3,10 +3,12 @@
 Sources: an HF directory (its safetensors are read memory-mapped, one tensor at a time), a hub id (from the
 local HF cache), a .gguf file or `pkg:...` (dequantized once into our cache; its tokenizer metadata is copied
 as it is), or a checkpoint stored quantized in a format of quant.formats.registry (GPTQ, ours or the
-ecosystem's: its format rebuilds the float weights one decoder layer at a time, as the merge reads a base), so a
-GPTQ-only base goes straight to GGUF.
+ecosystem's, or AWQ: its format rebuilds the float weights one decoder layer at a time, as the merge reads a
+base), so a GPTQ- or AWQ-only base goes straight to GGUF.
 With `calib`, the model first runs on the calibration windows to measure each Linear's input energy, which the
 K-quant and legacy scale searches then weight by.
+
+transformers and huggingface_hub are imported where they are used: the CLI imports this module for `quant --help`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 
+from quant.calibration import calibration_chunks, load_texts
 from quant.errors import UserError
+from quant.files import Checkpoint, claim_output, safetensors_files
+from quant.formats.registry import UNQUANTIZED, format_of, linear_types, resolve_base
 from quant.ggml.imatrix import collect_importance
 from quant.ggml.mix import file_type
 from quant.ggml.writer import GGUFReport, write_gguf
+from quant.loading import is_gguf, materialize, resolve_model_path
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -31,8 +38,6 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 def resolve_source(spec: str) -> tuple[Path, Path]:
     """(HF model directory, tokenizer source: the .gguf file itself for a GGUF spec, else the directory)."""
-    from quant.loading import is_gguf, materialize, resolve_model_path
-
     src = resolve_model_path(spec)
     local = materialize(spec)
     if not Path(local).exists():
@@ -58,10 +63,6 @@ def _order(key: str) -> tuple:
 
 def safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of an HF safetensors checkpoint in layer order, read one at a time (memory-mapped files)."""
-    from safetensors import safe_open
-
-    from quant.files import safetensors_files
-
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in safetensors_files(path)]
     where = {k: h for h in handles for k in h.keys()}
     for key in sorted(where, key=_order):
@@ -71,8 +72,6 @@ def safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def rebuilt_tensors(fmt, spec, local: Path, device) -> Iterator[tuple[str, torch.Tensor]]:
     """Every float tensor of a checkpoint stored quantized (GPTQ, ...), rebuilt by its format one layer at a
     time: packed layers come back dequantized as `<module>.weight`."""
-    from quant.files import Checkpoint
-
     rebuilder = fmt.rebuilder(spec, Checkpoint(local, "model"), None, device)
     for _, group in itertools.groupby(sorted(rebuilder.ckpt.keys(), key=_order), key=lambda k: _order(k)[:2]):
         for key, t in sorted(rebuilder.load(list(group)).items(), key=lambda kv: _order(kv[0])):
@@ -81,19 +80,16 @@ def rebuilt_tensors(fmt, spec, local: Path, device) -> Iterator[tuple[str, torch
 
 def _calibration(model, tokenizer, calib, samples: int, seqlen: int, text_field: str, split: str, seed: int,
                  progress: bool) -> dict[str, torch.Tensor]:
-    from quant.calibration import calibration_chunks, load_texts
-
     texts = load_texts(calib, text_field=text_field, split=split)
     chunks = calibration_chunks(texts, tokenizer, samples, seqlen, seed=seed)
     if len(chunks) < samples:
         log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", len(chunks), seqlen, samples)
-    return collect_importance(model, chunks, progress=progress)
+    # Every projection of whatever the source loads as (nn.Linear, GPTQ's or AWQ's packed layers, ...).
+    return collect_importance(model, chunks, progress=progress, layer_types=linear_types())
 
 
 def _source_format(model_spec: str, local: Path, device: torch.device):
     """The base record of the source (its format from the registry: a float checkpoint is `none`)."""
-    from quant.formats.registry import UNQUANTIZED, format_of, resolve_base
-
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     spec = resolve_base(model_spec, str(local), compute_dtype=dtype, what="model", default=UNQUANTIZED)
     return format_of(spec), spec
@@ -109,8 +105,6 @@ def export_gguf(model_spec: str, out: str | Path, gguf_type: str = "q4_k_m", cal
     file is complete.
     """
     from transformers import AutoTokenizer
-
-    from quant.files import claim_output
 
     ft = file_type(gguf_type)
     out = Path(out)

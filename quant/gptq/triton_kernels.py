@@ -1,15 +1,15 @@
-"""Triton GPTQ kernels with the signatures of `quant.kernels.torch_ref`.
+"""Triton GPTQ kernels with the signatures of the torch reference in `quant.gptq.kernels`.
 
 `gptq_matmul` fuses dequantization into the matmul: each program dequantizes a [BLOCK_K, BLOCK_N] tile
 of W in registers and feeds it to tl.dot, so the float weight never exists in memory. That is the win
 for decode-sized inputs; above FUSED_MAX_M rows it dequantizes W once and calls cuBLAS instead.
 `gptq_dequantize` materializes W (the backward pass uses it for one layer at a time, then drops it).
 
-Codes are read as one LSB-first bit stream (see quant.formats.gptq_pack): for element k the field starts at
+Codes are read as one LSB-first bit stream (see quant.gptq.pack): for element k the field starts at
 bit b·(k mod 32) of word (k div 32)·b + that offset div 32; only 3-bit fields can straddle two words.
 
-Only `quant.nn` imports this module, lazily and only for CUDA tensors, so `import quant` works without
-Triton. Importing it with TRITON_INTERPRET=1 set runs the kernels on the CPU interpreter (tests do).
+Only `quant.gptq.kernels.kernels_for` imports this module (Triton is optional), for CUDA tensors, so `import quant`
+works without Triton. Importing it with TRITON_INTERPRET=1 set runs the kernels on the CPU interpreter (tests do).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""GPTQ bit packing and zero points (docs/quantized-formats.md section A): the tensor layout that QuantLinear,
-the kernels, the checkpoint writer and the merge all share.
+"""The GPTQ checkpoint layout (docs/quantized-formats.md section A): bit packing, zero points and the
+quantization_config block, which GPTQLinear, the kernels, the checkpoint writer and the merge all share.
 
 Packing is one LSB-first bit stream per column (qweight) or per row (qzeros): value j of every run of
 32 values starts at bit bits·j of `bits` consecutive int32 words. For 2/4/8 bits no value straddles a
@@ -11,17 +11,26 @@ one place that says so.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from quant.errors import UserError
+from quant.grid import VALID_BITS
+from quant.packed import quantizer_tag, raw_quant_config
 
 V1, V2 = "gptq", "gptq_v2"
 FORMATS = (V1, V2)  # checkpoint_format values
 _WORD = 32
 
 
+QUANT_METHOD = "gptq"
+PARTS = ("qweight", "qzeros", "scales", "g_idx")  # the tensors of one packed Linear
+
+
 def _check_bits(bits: int) -> None:
-    if bits not in (2, 3, 4, 8):
+    if bits not in VALID_BITS:
         raise ValueError(f"unsupported bit width {bits}")
 
 
@@ -130,3 +139,58 @@ def resolve_checkpoint_format(sym: bool, checkpoint_format: str = "auto") -> str
         return V1 if sym else V2
     zero_offset(checkpoint_format)
     return checkpoint_format
+
+
+# ------------------------------------------------------------------------------------------ quantization_config
+
+# Keys of quantization_config (top level, as every GPTQ tool writes them) and of its `meta` (ours and GPTQModel's)
+# that are GPTQConfig fields: what a checkpoint records of the settings it was quantized with.
+CONFIG_KEYS = ("bits", "group_size", "desc_act", "sym", "true_sequential", "damp_percent", "static_groups")
+META_KEYS = ("method", "damp_auto_increment", "mse", "decorrelate")
+
+
+def quantization_config(cfg, checkpoint_format: str = V1) -> dict:
+    """The block written to config.json and quantize_config.json for a GPTQConfig `cfg` (doc A6, plus meta)."""
+    zero_offset(checkpoint_format)
+    return {
+        "quant_method": QUANT_METHOD,
+        **{k: getattr(cfg, k) for k in CONFIG_KEYS},
+        "lm_head": False,
+        "checkpoint_format": checkpoint_format,
+        "format": checkpoint_format,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [quantizer_tag()], **{k: getattr(cfg, k) for k in META_KEYS}},
+    }
+
+
+def read_quant_config(path: str | os.PathLike) -> dict:
+    """Normalized GPTQ settings of a checkpoint dir: bits, group_size, desc_act, sym, checkpoint_format, the
+    GPTQConfig fields it records (`recorded`) and the block as stored (`raw`)."""
+    path = Path(path)
+    raw = raw_quant_config(path, ("quantize_config.json", "quant_config.json"))
+    if raw is None:
+        raise UserError(f"{path}: no quantization_config in config.json and no quantize_config.json; not a GPTQ checkpoint")
+    method = raw.get("quant_method", QUANT_METHOD)
+    if method != QUANT_METHOD:
+        raise UserError(f"{path}: quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    if "bits" not in raw and "w_bit" not in raw:
+        raise UserError(f"{path}: quantization_config has no 'bits'")
+    fmt = raw.get("checkpoint_format") or raw.get("format") or V1
+    if raw.get("is_marlin_format"):
+        raise UserError(f"{path}: marlin-repacked GPTQ checkpoints are not supported; use the original gptq checkpoint")
+    zero_offset(fmt)
+    out = {
+        "bits": int(raw.get("bits", raw.get("w_bit"))),
+        "group_size": int(raw.get("group_size", raw.get("q_group_size", 128))),
+        "desc_act": bool(raw.get("desc_act", False)),
+        "sym": bool(raw.get("sym", True)),
+        "checkpoint_format": fmt,
+        "raw": raw,
+    }
+    if out["bits"] not in VALID_BITS:
+        raise UserError(f"{path}: {out['bits']}-bit GPTQ is not supported (2, 3, 4 or 8)")
+    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+    recorded = {k: raw[k] for k in CONFIG_KEYS if raw.get(k) is not None}
+    recorded.update({k: meta[k] for k in META_KEYS if meta.get(k) is not None})
+    out["recorded"] = {**recorded, **{k: out[k] for k in ("bits", "group_size", "desc_act", "sym")}}
+    return out

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from quant_helpers import calib_ids, tiny_llama
+from quant_helpers import assert_reproduces_gptqmodel, calib_ids, tiny_llama
 from safetensors.torch import load_file
 
+from quant.blocks import QuantReport
 from quant.errors import UserError
-from quant.formats.gptq_pack import convert_qzeros
-from quant.gptq import GPTQConfig
-from quant.model import load_gptq_model, quantize_model, save_quantized
-from quant.nn import QuantLinear
-from quant.sequential import QuantReport
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.nn import QuantLinear
+from quant.gptq.pack import convert_qzeros
+from quant.gptq.solver import GPTQConfig
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gptqmodel_tiny"
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -123,21 +123,8 @@ def test_gptqmodel_checkpoint_reproduces_gptqmodel_outputs(variant):
     rec = load_file(str(ckpt / "gptqmodel_outputs.safetensors"))
     model = load_gptq_model(ckpt, dtype=torch.float16)
     qc = model.config.quantization_config
-    n = 0
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if not isinstance(mod, QuantLinear):
-                continue
-            n += 1
-            if f"{name}.w" in rec:  # GPTQModel's dequantized weight, recorded for a few layers
-                assert torch.equal(mod.dequantize(torch.float16).T, rec[f"{name}.w"])  # bit-exact
-            ref = rec[f"{name}.y"].float()
-            got = mod(rec[f"{name}.x"]).float()
-            assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-3
-        logits = model(input_ids=rec["input_ids"]).logits.float()
-    assert n == 7 and sum(k.endswith(".w") for k in rec) == 1
-    ref = rec["logits"].float()
-    assert ((logits - ref).abs().max() / ref.abs().max()).item() < 5e-3
+    layers = assert_reproduces_gptqmodel(model, rec, lambda mod: mod.dequantize(torch.float16).T)
+    assert all(isinstance(m, QuantLinear) for m in layers)
     if variant.endswith("actorder_v1"):
         g = model.model.layers[0].mlp.down_proj.g_idx.long()
         assert qc["desc_act"] and not bool((g[1:] >= g[:-1]).all())
@@ -149,7 +136,7 @@ def test_per_module_overrides_are_read_from_tensor_shapes(tmp_path):
     """GPTQModel's `dynamic` config can give single modules other bits/group sizes; shapes tell them apart."""
     from safetensors.torch import save_file
 
-    from quant.gptq import rtn_quantize
+    from quant.gptq.solver import rtn_quantize
 
     model = tiny_llama()
     w_down = model.model.layers[1].mlp.down_proj.weight.detach().clone()

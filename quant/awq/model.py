@@ -6,32 +6,28 @@ checkpoint dir), `save_awq`, `load_awq_model`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from quant.awq import AWQConfig
-from quant.awq_blocks import AWQReport, quantize_blocks_awq
+from quant.awq.blocks import AWQReport, quantize_blocks_awq
+from quant.awq.nn import AWQLinear
+from quant.awq.pack import PACK, QUANT_METHOD, layer_group_size, quantization_config, read_quant_config
+from quant.awq.solver import AWQConfig
+from quant.blocks import decoder_linears
 from quant.errors import UserError
-from quant.files import claim_output
-from quant.formats.awq import PACK, QUANT_METHOD, layer_group_size, quantization_config, read_quant_config
-from quant.nn_awq import AWQLinear
-from quant.packed import load_packed_model, local_dir, save_packed
-from quant.sequential import block_linears, find_blocks
+from quant.packed import load_packed_model, local_dir, quantize_to_dir, save_packed
 
 log = logging.getLogger(__name__)
 
 
 def check_layers_fit_awq(model: nn.Module, cfg: AWQConfig) -> None:
     """Refuse, before any work, layers the AWQ format cannot hold; warn about partial last groups."""
-    _, blocks = find_blocks(model)
-    layers = {f"{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
-    if not layers:
-        raise UserError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks to quantize")
     partial = set()
-    for name, m in layers.items():
+    for name, m in decoder_linears(model).items():
         if m.out_features % PACK:
             raise UserError(f"layer {name} ({m.out_features}x{m.in_features}) cannot be packed in AWQ format: "
                             f"out_features must be a multiple of {PACK}")
@@ -42,6 +38,21 @@ def check_layers_fit_awq(model: nn.Module, cfg: AWQConfig) -> None:
         log.warning("in_features %s not divisible by group size %d: the last group is partial, which our loader "
                     "reads but vLLM, transformers and GPTQModel refuse; choose a group size dividing %s for serving",
                     sorted(partial), cfg.group_size, sorted(partial))
+
+
+def checkpoint_config(cfg: AWQConfig) -> dict:
+    """The quantization_config of a checkpoint quantized with `cfg`: the format's keys, and every other setting in
+    its meta (what `recorded_settings` reads back)."""
+    meta = {k: v for k, v in cfg.to_dict().items() if k not in ("bits", "group_size")}
+    return quantization_config(cfg.bits, cfg.group_size, meta=meta)
+
+
+def recorded_settings(q: dict) -> dict:
+    """The AWQConfig fields a checkpoint records, from its normalized settings (`read_quant_config`): bits and
+    group size, and those of its meta (ours records every one; other tools' none)."""
+    meta = q["raw"].get("meta") if isinstance(q["raw"].get("meta"), dict) else {}
+    names = {f.name for f in dataclasses.fields(AWQConfig)}
+    return {"bits": q["bits"], "group_size": q["group_size"], **{k: v for k, v in meta.items() if k in names}}
 
 
 def quantize_model_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg: AWQConfig, device=None,
@@ -55,28 +66,16 @@ def quantize_model_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg: 
     check_layers_fit_awq(model, cfg)
     model.eval()
     report = quantize_blocks_awq(model, calib, cfg, device=device, progress=progress)
-    meta = {k: v for k, v in cfg.to_dict().items() if k not in ("bits", "group_size")}
-    model.config.quantization_config = quantization_config(cfg.bits, cfg.group_size, meta=meta)
+    model.config.quantization_config = checkpoint_config(cfg)
     return report
-
-
-def awq_report_dict(report: AWQReport) -> dict:
-    from quant.model import report_dict
-
-    return {**report_dict(report), "scales": report.scales}
 
 
 def save_awq(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float16, report: AWQReport | None = None,
              max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `model` (after quantize_model_awq or load_awq_model) as an AWQ gemm checkpoint directory."""
-    qconfig = getattr(model.config, "quantization_config", None)
-    if hasattr(qconfig, "to_dict"):
-        qconfig = qconfig.to_dict()
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
-        raise UserError("save_awq: the model has no AWQ quantization_config; run quantize_model_awq first")
-    return save_packed(model, out_dir, qconfig, (AWQLinear,), tokenizer=tokenizer, dtype=dtype,
-                       report=awq_report_dict(report) if report is not None else None,
-                       max_shard_bytes=max_shard_bytes)
+    return save_packed(model, out_dir, QUANT_METHOD, "save_awq: the model has no AWQ quantization_config; run "
+                       "quantize_model_awq first", tokenizer=tokenizer, dtype=dtype,
+                       report=report.to_dict() if report is not None else None, max_shard_bytes=max_shard_bytes)
 
 
 def quantize_awq(model_spec: str, out_dir, cfg: AWQConfig, calib=None, calib_samples: int = 128,
@@ -84,21 +83,13 @@ def quantize_awq(model_spec: str, out_dir, cfg: AWQConfig, calib=None, calib_sam
                  dtype=None, seed: int = 0, progress: bool = True, overwrite: bool = False) -> AWQReport:
     """`quant awq`: load MODEL (HF dir, hub id, .gguf, pkg:...), quantize, write the checkpoint to out_dir.
 
-    out_dir is held for the whole run as in `quant gptq` (quant.files.claim_output): an existing non-empty
+    out_dir is held for the whole run as in `quant gptq` (quant.packed.quantize_to_dir): an existing non-empty
     out_dir is refused unless `overwrite`, which replaces it only once the new checkpoint is complete.
     """
-    from quant.model import prepare
-
-    cfg.validate()
-    if cfg.calibrated and not calib:
-        raise UserError("--calib is required for --method awq (a text/jsonl/parquet file, directory or hub dataset)")
-    with claim_output(out_dir, overwrite, action="quantization"):
-        model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.calibrated else None,
-                                                   calib_samples, calib_seqlen, text_field, calib_split, device,
-                                                   dtype, seed)
-        report = quantize_model_awq(model, chunks, cfg, device=device, progress=progress)
-        save_awq(model, out_dir, tokenizer=tokenizer, report=report)
-    return report
+    return quantize_to_dir(model_spec, out_dir, cfg, quantize_model_awq, save_awq, calib=calib,
+                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, text_field=text_field,
+                           calib_split=calib_split, device=device, dtype=dtype, seed=seed, overwrite=overwrite,
+                           progress=progress)
 
 
 def load_awq_model(path, device=None, dtype=None) -> nn.Module:

@@ -13,27 +13,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant.blocks import QuantReport, decoder_linears
 from quant.errors import UserError
-from quant.files import claim_output
-from quant.formats.gptq import QUANT_METHOD, quantization_config, read_quant_config
-from quant.formats.gptq_pack import resolve_checkpoint_format
-from quant.gptq import GPTQConfig, group_count
-from quant.nn import QuantLinear
-from quant.packed import load_packed_model, local_dir, save_packed
-from quant.sequential import QuantReport, block_linears, find_blocks, quantize_blocks
+from quant.gptq.blocks import quantize_blocks
+from quant.gptq.nn import GPTQLinear
+from quant.gptq.pack import QUANT_METHOD, quantization_config, read_quant_config, resolve_checkpoint_format
+from quant.gptq.solver import GPTQConfig, group_count
+from quant.packed import load_packed_model, local_dir, quantize_to_dir, save_packed
 
 log = logging.getLogger(__name__)
 
 
 def check_layers_fit(model: nn.Module, cfg: GPTQConfig) -> None:
     """Refuse, before any work, layers that the GPTQ format cannot hold with these settings."""
-    _, blocks = find_blocks(model)
-    names = {f"{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
-    if not names:
-        raise UserError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks to quantize")
     unit = 32 if cfg.bits == 3 else 32 // cfg.bits
     partial = set()
-    for name, m in names.items():
+    for name, m in decoder_linears(model).items():
         K, N = m.in_features, m.out_features
         if cfg.group_size != -1 and cfg.group_size > K:
             raise UserError(f"group size {cfg.group_size} does not fit layer {name} with in_features {K}; "
@@ -54,7 +49,7 @@ def quantize_model(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQ
     """Quantize the decoder-block Linears of `model` in place; returns the per-layer report.
 
     `calib`: list of [1, T] token-id tensors (None is fine for method 'rtn').
-    `checkpoint_format`: 'auto' (see quant.formats.gptq_pack.resolve_checkpoint_format), 'gptq' or 'gptq_v2'.
+    `checkpoint_format`: 'auto' (see quant.gptq.pack.resolve_checkpoint_format), 'gptq' or 'gptq_v2'.
     """
     cfg.validate()
     checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
@@ -73,44 +68,9 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, dtype=torch.float1
     Packed tensors keep their format dtypes (int32, fp16 scales and bias); every other float tensor is
     written in `dtype`. Tied tensors (lm_head = embed_tokens) are written once, as transformers does.
     """
-    qconfig = getattr(model.config, "quantization_config", None)
-    if hasattr(qconfig, "to_dict"):
-        qconfig = qconfig.to_dict()
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
-        raise UserError("save_quantized: the model has no GPTQ quantization_config; run quantize_model first")
-    return save_packed(model, out_dir, qconfig, (QuantLinear,), tokenizer=tokenizer, dtype=dtype,
-                       report=report_dict(report) if report is not None else None, max_shard_bytes=max_shard_bytes)
-
-
-def report_dict(report: QuantReport) -> dict:
-    return {"method": report.method, "calib_samples": report.calib_samples, "calib_tokens": report.calib_tokens,
-            "seconds": round(report.seconds, 2), "mean_rel_error": report.mean_error(),
-            "layers": [vars(l) for l in report.layers]}
-
-
-def prepare(model_spec: str, out_dir, calib, calib_samples: int, calib_seqlen: int, text_field: str,
-            calib_split: str, device, dtype, seed: int):
-    """What `quant gptq` and `quant awq` do before quantizing, inside claim_output: (float model, tokenizer,
-    calibration chunks or None when `calib` is None, device). Refuses an --out that is the source directory."""
-    from transformers import AutoTokenizer
-
-    from quant.calibration import calibration_chunks, load_texts
-    from quant.loading import load_float_model, materialize
-
-    src = materialize(model_spec)
-    if Path(out_dir).resolve() == Path(src).resolve():
-        raise UserError(f"--out {out_dir} is the source model directory; choose another directory")
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    chunks = None
-    if calib is not None:
-        texts = load_texts(calib, text_field=text_field, split=calib_split)
-        chunks = calibration_chunks(texts, tokenizer, calib_samples, calib_seqlen, seed=seed)
-        if len(chunks) < calib_samples:
-            log.warning("calibration text holds only %d samples of %d tokens (asked for %d)",
-                        len(chunks), calib_seqlen, calib_samples)
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    return load_float_model(src, dtype=dtype), tokenizer, chunks, device
+    return save_packed(model, out_dir, QUANT_METHOD, "save_quantized: the model has no GPTQ quantization_config; "
+                       "run quantize_model first", tokenizer=tokenizer, dtype=dtype,
+                       report=report.to_dict() if report is not None else None, max_shard_bytes=max_shard_bytes)
 
 
 def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_samples: int = 128,
@@ -123,18 +83,11 @@ def quantize(model_spec: str, out_dir, cfg: GPTQConfig, calib=None, calib_sample
     earlier run undone, and an existing non-empty out_dir refused unless `overwrite`, which replaces it only
     once the new checkpoint is complete.
     """
-    cfg.validate()
     checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
-    if cfg.calibrated and not calib:
-        raise UserError("--calib is required for --method gptq (a text/jsonl/parquet file, directory or hub dataset)")
-    with claim_output(out_dir, overwrite, action="quantization"):
-        model, tokenizer, chunks, device = prepare(model_spec, out_dir, calib if cfg.calibrated else None,
-                                                   calib_samples, calib_seqlen, text_field, calib_split, device,
-                                                   dtype, seed)
-        report = quantize_model(model, chunks, cfg, device=device, checkpoint_format=checkpoint_format,
-                                progress=progress)
-        save_quantized(model, out_dir, tokenizer=tokenizer, report=report)
-    return report
+    return quantize_to_dir(model_spec, out_dir, cfg, quantize_model, save_quantized, calib=calib,
+                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, text_field=text_field,
+                           calib_split=calib_split, device=device, dtype=dtype, seed=seed, overwrite=overwrite,
+                           checkpoint_format=checkpoint_format, progress=progress)
 
 
 def _layer_params(path, name: str, state: dict, K: int, bits: int, group_size: int) -> tuple[int, int]:
@@ -157,20 +110,20 @@ def _layer_params(path, name: str, state: dict, K: int, bits: int, group_size: i
 
 
 def load_gptq_model(path, device=None, dtype=None, kernel: str = "auto") -> nn.Module:
-    """A GPTQ checkpoint (ours or the ecosystem's, v1 or v2, any g_idx) as an HF model with QuantLinear layers.
+    """A GPTQ checkpoint (ours or the ecosystem's, v1 or v2, any g_idx) as an HF model with GPTQLinear layers.
 
     The model is built from config.json with empty weights, the Linears that have `qweight` in the
-    checkpoint become QuantLinear, and the safetensors are assigned directly (no random init, no copy).
+    checkpoint become GPTQLinear, and the safetensors are assigned directly (no random init, no copy).
     Non-quantized tensors are cast to `dtype` (default fp32 on CPU, fp16 on GPU).
     """
     path = local_dir(path, "GPTQ checkpoint")
     q = read_quant_config(path)
 
-    def make_layer(name: str, old: nn.Linear, state: dict) -> QuantLinear:
+    def make_layer(name: str, old: nn.Linear, state: dict) -> GPTQLinear:
         bits, gs = _layer_params(path, name, state, old.in_features, q["bits"], q["group_size"])
         if f"{name}.g_idx" not in state:  # very old checkpoints: the default layout
             state[f"{name}.g_idx"] = (torch.arange(old.in_features) // (gs if gs != -1 else old.in_features)).to(torch.int32)
-        return QuantLinear(old.in_features, old.out_features, bits, gs, bias=f"{name}.bias" in state,
-                           checkpoint_format=q["checkpoint_format"], device="meta", kernel=kernel)
+        return GPTQLinear(old.in_features, old.out_features, bits, gs, bias=f"{name}.bias" in state,
+                          checkpoint_format=q["checkpoint_format"], device="meta", kernel=kernel)
 
     return load_packed_model(path, q["raw"], make_layer, "GPTQ", device=device, dtype=dtype)

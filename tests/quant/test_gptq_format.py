@@ -10,8 +10,8 @@ from quant_helpers import calib_ids, tiny_llama
 from safetensors import safe_open
 
 from quant.errors import UserError
-from quant.formats.gptq import read_quant_config
-from quant.formats.gptq_pack import (
+from quant.gptq.pack import read_quant_config
+from quant.gptq.pack import (
     convert_qzeros,
     decode_zeros,
     encode_zeros,
@@ -20,8 +20,8 @@ from quant.formats.gptq_pack import (
     unpack_cols,
     unpack_rows,
 )
-from quant.gptq import GPTQConfig
-from quant.model import quantize_model, save_quantized
+from quant.gptq.model import quantize_model, save_quantized
+from quant.gptq.solver import GPTQConfig
 
 
 def u32(x: int) -> int:
@@ -149,7 +149,7 @@ def test_read_quant_config_variants(tmp_path):
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
-    from quant.model import load_gptq_model
+    from quant.gptq.model import load_gptq_model
 
     model = tiny_llama()
     quantize_model(model, None, GPTQConfig(bits=4, group_size=32, method="rtn"), progress=False)

@@ -1,7 +1,7 @@
-"""Block-by-block AWQ over a Hugging Face decoder model (the search itself is in quant.awq).
+"""Block-by-block AWQ over a Hugging Face decoder model (the search itself is in quant.awq.solver).
 
-Only one decoder block and the calibration activations live on the compute device at a time, as for
-GPTQ (quant.sequential, whose block capture this reuses). Per block:
+Only one decoder block and the calibration activations live on the compute device at a time: the block walker
+and the grouping of Linears by shared input are the shared ones (quant.blocks). Per block:
 
 1. The Linears are grouped by shared input (q/k/v, o, gate/up, down for Llama), in call order. Each
    group's input must come from something the scales can be folded into: a norm whose output *is* that
@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quant.awq import (AWQConfig, AWQResult, ScaleChoice, group_params, hessian_loss, quantize_weight, search_clip,
-                       search_scales)
-from quant.errors import UserError
-from quant.gptq import HessianAccumulator, relative_error, round_on_grid
-from quant.nn_awq import AWQLinear
-from quant.sequential import LayerLog, QuantReport, _linear_groups, _run_block, block_linears, drive_blocks
+from quant.awq.nn import AWQLinear
+from quant.awq.solver import (AWQConfig, AWQResult, ScaleChoice, group_params, hessian_loss, quantize_weight,
+                              search_clip, search_scales)
+from quant.blocks import LayerLog, QuantReport, block_linears, drive_blocks, linear_groups, log_layer, run_block
+from quant.feedback import HessianAccumulator, relative_error, round_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,9 @@ NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 @dataclass
 class AWQReport(QuantReport):
     scales: list[dict] = field(default_factory=list)  # per group: names, fold target, alpha, loss vs RTN
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "scales": self.scales}
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _norm_producers(block, linears, owners, h, kw) -> dict[str, tuple[str, nn.Mo
                for n, m in candidates]
     handles += [linears[o].register_forward_pre_hook(lambda _m, a, o=o: inputs.setdefault(o, a[0])) for o in owners]
     try:
-        _run_block(block, h, kw)
+        run_block(block, h, kw)
     finally:
         for hd in handles:
             hd.remove()
@@ -113,10 +115,10 @@ def _fold_is_exact(block, fold: Fold, group: list[nn.Linear], h, kw) -> bool:
     K = group[0].in_features
     g = torch.Generator().manual_seed(K)
     probe = torch.pow(2.0, torch.randint(-1, 2, (K,), generator=g).float())
-    ref = _run_block(block, h, kw).float()
+    ref = run_block(block, h, kw).float()
     _apply_fold(fold, group, probe)
     try:
-        out = _run_block(block, h, kw).float()
+        out = run_block(block, h, kw).float()
     finally:
         _apply_fold(fold, group, 1 / probe)
     # Relative to the block's update, not its output: the residual stream would hide a wrong fold.
@@ -188,7 +190,7 @@ def _collect(block, linears, groups, owner, hidden, kwargs_list, subset) -> list
     try:
         for j, (h, kw) in enumerate(zip(hidden, kwargs_list)):
             want[0] = j in subset
-            _run_block(block, h, kw)
+            run_block(block, h, kw)
     finally:
         for hd in handles:
             hd.remove()
@@ -236,7 +238,7 @@ def _search_group(linears, group, fold, g: GroupInputs, cfg) -> ScaleChoice | No
 def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: AWQConfig):
     t0 = time.perf_counter()
     W = lin.weight.data
-    H = acc.H if acc is not None and acc.n > 0 else None
+    H = acc.hessian if acc is not None else None
     clip = cfg.calibrated and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
     shrink = search_clip(W, H, cfg) if clip else None
     if cfg.rounding != "nearest" and H is not None:
@@ -249,14 +251,10 @@ def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: 
     else:
         res = quantize_weight(W, cfg, shrink)
     Wq = res.dequantize()
-    if H is not None:
-        res.rel_error = relative_error(W, Wq, H)
-    else:  # data-free: the weight-space error
-        res.rel_error = ((W.float() - Wq).pow(2).sum() / W.float().pow(2).sum().clamp(min=1e-30)).item()
+    res.rel_error = relative_error(W, Wq, H)  # data-free (H None): the weight-space error
     lin.weight.data = Wq.to(W.dtype)  # the next block sees the quantized layer
     entry = LayerLog(name, lin.in_features, lin.out_features, res.rel_error, None, time.perf_counter() - t0)
-    log.info("%-48s %5dx%-5d rel_err %.3e%s  %.2fs", name, lin.out_features, lin.in_features, res.rel_error,
-             "  clipped" if clip else "", entry.seconds)
+    log_layer(entry, "  clipped" if clip else "")
     return res, entry
 
 
@@ -278,7 +276,7 @@ def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report) -> dict[str
             results[n], entry = _quantize_linear(f"{prefix}.{n}", lin, None, cfg)
             report.layers.append(entry)
         return results
-    groups, owner = _linear_groups(block, linears, hidden[0], kwargs_list[0], true_sequential=True)
+    groups, owner = linear_groups(block, linears, hidden[0], kwargs_list[0], true_sequential=True)
     folds = _find_folds(block, linears, groups, owner, hidden[0], kwargs_list[0]) if cfg.calibrated else {}
     per_sample = hidden[0].shape[-2]
     n_search = min(len(hidden), max(1, math.ceil(cfg.search_tokens / per_sample)))
@@ -304,9 +302,6 @@ def quantize_blocks_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg:
     `calib`: a list of [1, T] token id tensors (None is fine for cfg.method 'rtn'). `device`: where blocks
     are processed (default: where the model is); the model stays on its original device.
     """
-    data_free = not cfg.calibrated
-    if not data_free and not calib:
-        raise UserError("AWQ needs calibration data: the calibration set is empty")
     report = AWQReport(method=cfg.method)
 
     def quantize_block(block, name, hidden, kwargs_list):
@@ -315,5 +310,5 @@ def quantize_blocks_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg:
         return {n: AWQLinear.from_codes(r.q, r.scales, r.zeros, r.group_size, bias=linears[n].bias)
                 for n, r in results.items()}
 
-    return drive_blocks(model, None if data_free else calib, report, quantize_block, device=device,
+    return drive_blocks(model, calib if cfg.calibrated else None, report, quantize_block, device=device,
                         desc=f"{cfg.method} {cfg.bits}-bit g{cfg.group_size}", progress=progress)

@@ -1,15 +1,17 @@
-"""Block-by-block GPTQ over a Hugging Face decoder model.
+"""Walking a Hugging Face decoder model block by block: what every quantization method shares.
 
-Only one decoder block and the calibration activations live on the compute device at a time: the inputs
-of block 0 are captured by a hook that stops the forward there, each block is moved to the device,
-quantized, run once more to produce the (quantized) inputs of the next block, and moved back.
+Only one decoder block and the calibration activations live on the compute device at a time: the inputs of
+block 0 are captured by a hook that stops the forward there (`capture_inputs`), each block is moved to the
+device, quantized by the method, run once more to produce the (quantized) inputs of the next block, and moved
+back (`drive_blocks`).
 
-Inside a block, `true_sequential` quantizes the Linears in groups that share an input (q/k/v, then o,
-then gate/up, then down for Llama), so later groups see the already-quantized earlier ones. Collecting
-a group's inputs stops the block's forward right after the group's last Linear has been reached, which
-keeps the extra passes cheap.
+Inside a block, `linear_groups` orders the Linears in groups that share an input (q/k/v, then o, then gate/up,
+then down for Llama), found by watching one forward, so a method can quantize them group by group and let later
+groups see the already-quantized earlier ones.
 
-`drive_blocks` is that block loop on its own; AWQ (quant.awq_blocks) runs through it too.
+`OneLayer` turns one decoder layer plus stored hidden states into a model the driver can walk: the merge's
+layer-by-layer encoders and the GGUF importance pass use it. Nothing here knows a method or an architecture
+family beyond where the block list sits (`BLOCK_PATTERNS`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant.errors import UserError
-from quant.formats.gptq_pack import V1
-from quant.gptq import GPTQConfig, HessianAccumulator, QuantResult, gptq_quantize
-from quant.nn import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ BLOCK_PATTERNS = ("model.layers", "model.language_model.layers", "model.decoder.
                   "gpt_neox.layers", "transformer.blocks", "model.transformer.h")
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised from a hook to abandon a forward pass once the needed inputs have been seen."""
 
 
@@ -60,6 +59,12 @@ class QuantReport:
         errs = [l.rel_error for l in self.layers if l.rel_error is not None]
         return sum(errs) / len(errs) if errs else None
 
+    def to_dict(self) -> dict:
+        """What quant_log.json records (a method's report may add its own keys)."""
+        return {"method": self.method, "calib_samples": self.calib_samples, "calib_tokens": self.calib_tokens,
+                "seconds": round(self.seconds, 2), "mean_rel_error": self.mean_error(),
+                "layers": [vars(l) for l in self.layers]}
+
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for path in BLOCK_PATTERNS:
@@ -79,6 +84,27 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, named '<block index>.<name in block>' (what a method checks
+    before any work); a model without any is refused."""
+    _, blocks = find_blocks(model)
+    layers = {f"{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks to quantize")
+    return layers
+
+
+def set_submodule(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
+
+
+def run_block(block, h, kwargs):
+    """The hidden states a decoder block returns for input `h` (blocks return a tuple or a tensor)."""
+    out = block(h, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _move_outside(model: nn.Module, prefix: str, device) -> None:
     """Move every parameter and buffer that is not inside `prefix` (the block list) to `device`."""
     for name, mod in model.named_modules():
@@ -91,16 +117,6 @@ def _move_outside(model: nn.Module, prefix: str, device) -> None:
                 mod._buffers[bname] = b.to(device)
 
 
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 @torch.no_grad()
 def capture_inputs(model, blocks: nn.ModuleList, calib: list[torch.Tensor], device) -> tuple[list, list]:
     """Hidden states and keyword arguments (masks, rotary embeddings, ...) that reach block 0 per sample."""
@@ -111,31 +127,26 @@ def capture_inputs(model, blocks: nn.ModuleList, calib: list[torch.Tensor], devi
         h = args[0] if args else kwargs.pop("hidden_states")
         hidden.append(h)
         kwargs_list.append(kwargs)
-        raise _Stop
+        raise Stop
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in calib:
             try:
                 model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
+            except Stop:
                 pass
     finally:
         handle.remove()
     return hidden, kwargs_list
 
 
-def _run_block(block, h, kwargs):
-    out = block(h, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _linear_groups(block, linears, h, kwargs, true_sequential: bool):
+def linear_groups(block, linears, h, kwargs, true_sequential: bool):
     """Call-ordered groups of Linears, plus for each Linear the member whose input it shares."""
     seen: list[tuple[str, torch.Tensor]] = []
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0]))) for n, m in linears.items()]
     try:
-        _run_block(block, h, kwargs)
+        run_block(block, h, kwargs)
     finally:
         for hd in handles:
             hd.remove()
@@ -163,68 +174,19 @@ def _linear_groups(block, linears, h, kwargs, true_sequential: bool):
 
 
 @torch.no_grad()
-def _collect_hessians(block, linears, group, owner, hidden, kwargs_list, device):
-    owners = [n for n in group if owner[n] == n]
-    acc = {n: HessianAccumulator(linears[n].in_features, device) for n in owners}
-    pending: set[str] = set()
-
-    def make_hook(name):
-        def hook(_mod, args):
-            acc[name].add(args[0])
-            pending.discard(name)
-            if not pending:
-                raise _Stop
-        return hook
-
-    handles = [linears[n].register_forward_pre_hook(make_hook(n)) for n in owners]
-    try:
-        for h, kw in zip(hidden, kwargs_list):
-            pending.update(owners)
-            try:
-                _run_block(block, h, kw)
-            except _Stop:
-                pass
-    finally:
-        for hd in handles:
-            hd.remove()
-    return {n: acc[owner[n]] for n in group}
-
-
-def _solve(name, linear: nn.Linear, acc: HessianAccumulator | None, cfg: GPTQConfig) -> tuple[QuantResult, LayerLog]:
-    t0 = time.perf_counter()
-    W = linear.weight.data
-    H = acc.H if acc is not None and acc.n > 0 else None
-    if acc is not None and acc.n == 0:
-        log.warning("%s: no calibration token reached this layer; using round-to-nearest", name)
-    res = gptq_quantize(W, H, cfg, name=name)
-    if res.rel_error is None:  # data-free: report the weight-space error instead
-        Wq = res.dequantize()
-        res.rel_error = ((W.float() - Wq).pow(2).sum() / W.float().pow(2).sum().clamp(min=1e-30)).item()
-    linear.weight.data = res.dequantize(dtype=W.dtype)  # later groups/blocks see the quantized layer
-    entry = LayerLog(name, linear.in_features, linear.out_features, res.rel_error, res.damp_percent,
-                     time.perf_counter() - t0)
-    log.info("%-48s %5dx%-5d rel_err %.3e  damp %s  %.2fs", name, entry.out_features, entry.in_features,
-             entry.rel_error, f"{entry.damp_percent:.3f}" if entry.damp_percent else "-", entry.seconds)
-    return res, entry
-
-
-def set_submodule(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
-
-
-@torch.no_grad()
 def drive_blocks(model: nn.Module, calib: list[torch.Tensor] | None, report: QuantReport, quantize_block,
                  device=None, desc: str = "", progress: bool = True) -> QuantReport:
-    """The block-by-block loop GPTQ and AWQ share (see the module docstring).
+    """The block-by-block loop every method runs through (see the module docstring).
 
     `quantize_block(block, name, hidden, kwargs_list)` quantizes one block's Linears in place (their weights
     become the dequantized values, so the block's outputs are the quantized model's), appends to `report`,
     and returns {linear name: packed layer}; the packed layers replace the Linears once the block has made
     the next block's inputs. `hidden`/`kwargs_list` are the block's calibration inputs, None when `calib` is
-    None (data-free). `device` is where blocks are processed (default: where the model is); the model is
-    returned on its original device.
+    None (data-free); an empty `calib` is refused. `device` is where blocks are processed (default: where the
+    model is); the model is returned on its original device.
     """
+    if calib is not None and not calib:
+        raise UserError(f"{report.method.upper()} needs calibration data: the calibration set is empty")
     t_start = time.perf_counter()
     prefix, blocks = find_blocks(model)
     home = next(model.parameters()).device
@@ -244,7 +206,7 @@ def drive_blocks(model: nn.Module, calib: list[torch.Tensor] | None, report: Qua
         packed = quantize_block(block, f"{prefix}.{i}", hidden, kwargs_list)
         if hidden is not None and i + 1 < len(blocks):
             for j in range(len(hidden)):  # outputs overwrite inputs: one set of activations at a time
-                hidden[j] = _run_block(block, hidden[j], kwargs_list[j])
+                hidden[j] = run_block(block, hidden[j], kwargs_list[j])
         for n, layer in packed.items():
             set_submodule(block, n, layer)
         block.to(home)
@@ -258,37 +220,32 @@ def drive_blocks(model: nn.Module, calib: list[torch.Tensor] | None, report: Qua
     return report
 
 
-def quantize_blocks(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQConfig, device=None,
-                    checkpoint_format: str = V1, progress: bool = True) -> QuantReport:
-    """Quantize every nn.Linear inside the decoder blocks of `model` in place (they become QuantLinear).
+def log_layer(entry: LayerLog, note: str = "") -> None:
+    """One line per quantized Linear (INFO): its shape, relative output error, damping where the method damps."""
+    damp = f"  damp {entry.damp_percent:.3f}" if entry.damp_percent else ""
+    log.info("%-48s %5dx%-5d rel_err %.3e%s%s  %.2fs", entry.name, entry.out_features, entry.in_features,
+             entry.rel_error, damp, note, entry.seconds)
 
-    `calib` is a list of [1, T] token id tensors; it may be None for `cfg.method == "rtn"`.
-    `device` is where blocks are processed (default: where the model is); the model is returned on its
-    original device.
-    """
-    data_free = cfg.method == "rtn"
-    if not data_free and not calib:
-        raise UserError("GPTQ needs calibration data: the calibration set is empty")
-    report = QuantReport(method=cfg.method)
 
-    def quantize_block(block, name, hidden, kwargs_list):
-        linears = block_linears(block)
-        results: dict[str, QuantResult] = {}
-        if hidden is None:
-            for n, lin in linears.items():
-                results[n], entry = _solve(f"{name}.{n}", lin, None, cfg)
-                report.layers.append(entry)
-        elif linears:
-            dev = next(block.parameters()).device
-            groups, owner = _linear_groups(block, linears, hidden[0], kwargs_list[0], cfg.true_sequential)
-            for group in groups:
-                accs = _collect_hessians(block, linears, group, owner, hidden, kwargs_list, dev)
-                for n in group:
-                    results[n], entry = _solve(f"{name}.{n}", linears[n], accs[n], cfg)
-                    report.layers.append(entry)
-                del accs
-        return {n: QuantLinear.from_result(res, bias=linears[n].bias, checkpoint_format=checkpoint_format)
-                for n, res in results.items()}
+class OneLayer(nn.Module):
+    """A model whose only block is `layer` and whose "token ids" index the stored hidden states, so that
+    `drive_blocks` (and any forward hook) can walk one decoder layer of a model that is never whole in memory.
+    With `advance`, each call also replaces the state it read by the layer's output (the next layer's input): a
+    pass that measures while it walks (the GGUF importance), instead of a separate walk after it."""
 
-    return drive_blocks(model, None if data_free else calib, report, quantize_block, device=device,
-                        desc=f"{cfg.method} {cfg.bits}-bit", progress=progress)
+    def __init__(self, layer: nn.Module, hidden: list, kwargs: list, advance: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList([layer])
+        self._hidden, self._kwargs, self._advance = hidden, kwargs, advance
+
+    def forward(self, input_ids, use_cache=False):
+        j = int(input_ids.reshape(-1)[0])
+        if not self._advance:
+            return self.layers[0](self._hidden[j], **self._kwargs[j])
+        self._hidden[j] = run_block(self.layers[0], self._hidden[j], self._kwargs[j])
+        return self._hidden[j]
+
+    @staticmethod
+    def index_ids(n: int) -> list[torch.Tensor]:
+        """The "token ids" that make the wrapper read stored states 0..n-1, one per calibration window."""
+        return [torch.tensor([[j]]) for j in range(n)]
