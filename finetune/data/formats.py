@@ -112,7 +112,12 @@ def convert(rows: Rows, fmt: str, stats: SourceStats) -> list[Item]:
     """Every row of `rows` as a Chat or Plain item; dropped rows are counted in `stats`, not returned."""
     convert_row = {"chat": _chat, "sharegpt": _sharegpt, "alpaca": _alpaca,
                    "completion": _completion, "text": _text}[fmt]
-    items: list[Item] = []
+    return convert_rows(rows, convert_row, stats)
+
+
+def convert_rows(rows: Rows, convert_row, stats: SourceStats) -> list:
+    """`convert_row(rows, index, row, stats)` of every row, counted in `stats`; a _BadValue drops the row."""
+    items = []
     for index, row in enumerate(rows):
         stats.rows_read += 1
         try:

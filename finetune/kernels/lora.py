@@ -41,11 +41,18 @@ class Projection:
     B: nn.Parameter  # [out, r]
     scale: float
     dropout: nn.Module | None  # None: identity
+    layer: nn.Module | None = None  # the peft LoRA layer, whose `disable_adapters` flag is read on every call
 
     @property
     def kind(self) -> str:
         """How the base's weight is read: 'dense', 'bnb4', 'packed' (the FrozenWeight's kind)."""
         return self.frozen.kind
+
+    @property
+    def enabled(self) -> bool:
+        """False inside peft's `disable_adapter()` (the reference pass of preference training): then the layer
+        computes what peft computes, its base alone."""
+        return not getattr(self.layer, "disable_adapters", False)
 
     @property
     def out_features(self) -> int:
@@ -79,7 +86,7 @@ def projection_of(module: nn.Module) -> tuple[Projection | None, str]:
     dropout = module.lora_dropout[name]
     p = getattr(dropout, "p", 0.0)
     return Projection(module.base_layer, frozen, lora_a[name].weight, module.lora_B[name].weight,
-                      float(module.scaling[name]), dropout if p > 0 else None), "on"
+                      float(module.scaling[name]), dropout if p > 0 else None, module), "on"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -195,6 +202,8 @@ def dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
 
 def project(projs: Sequence[Projection], x: torch.Tensor) -> list[torch.Tensor]:
     """[x @ W_j^T + b_j + s_j dropout_j(x) A_j^T B_j^T for each projection j], with x [..., in]."""
+    if not all(p.enabled for p in projs):  # adapters switched off: peft's base_layer(x), no dropout drawn
+        return [project([p], x)[0] if p.enabled else p.base(x) for p in projs]
     dtype = compute_dtype(x)
     x = x.to(dtype)
     lead = x.shape[:-1]
