@@ -18,6 +18,7 @@ from finetune.recipe import BaseConfig, LoraConfig
 from finetune.synthetic import byte_tokenizer, random_model, save_model_dir, save_rtn_gptq
 from finetune.train.logprobs import adapter_disabled, reference_log_probs, sequence_log_probs
 from finetune.train.loss import fusable_head
+from quant.formats.registry import frozen_weight
 
 
 ROWS = [{"prompt": [{"role": "user", "content": "pick " + "x" * k}], "chosen": "a" * (k + 1), "rejected": "bb" * k}
@@ -57,7 +58,7 @@ def test_fused_projections_compute_the_base_alone_while_adapters_are_off():
 
     def proj(n_in, n_out):
         base = torch.nn.Linear(n_in, n_out).requires_grad_(False)
-        return Projection(base, "dense", torch.nn.Parameter(torch.randn(4, n_in)),
+        return Projection(base, frozen_weight(base), torch.nn.Parameter(torch.randn(4, n_in)),
                           torch.nn.Parameter(torch.randn(n_out, 4)), 2.0, torch.nn.Dropout(0.5), flag)
 
     gate, up, down = proj(16, 40), proj(16, 40), proj(40, 16)
