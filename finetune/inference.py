@@ -48,6 +48,20 @@ def is_adapter_path(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file()
 
 
+def input_paths(path: str | Path) -> list[tuple[Path | str | None, str]]:
+    """What RUN_OR_MODEL reads: the directory, and for a run or adapter its adapter, run and base directories
+    (for the output rule: `--out` never replaces or sits inside any of them)."""
+    from finetune.merge.adapter import locate
+
+    path = Path(path)
+    found: list[tuple[Path | str | None, str]] = [(path, "RUN_OR_MODEL")]
+    if path.is_dir() and is_adapter_path(path):
+        run = locate(path)
+        found += [(run.adapter_dir, "the adapter"), (run.run_dir, "the run"),
+                  *[(b, "the adapter's base model") for b in run.base_paths()]]
+    return found
+
+
 def model_format(model_dir: Path) -> str:
     """How a model directory is stored, as the tables name it: its output format (quant.formats.registry reads
     config.json), or the dtype of another unquantized checkpoint (fp32)."""

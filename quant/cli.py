@@ -154,9 +154,19 @@ def _gguf_parser(sub) -> None:
     g.set_defaults(run=_run_gguf)
 
 
+def _check_io(a, action: str, file: bool = False) -> None:
+    """--out checked before any model loads (the output rule, docs/outputs.md)."""
+    from quant.files import check_output
+    from quant.loading import local_path
+
+    inputs = [(local_path(a.model), "the model"), *[(local_path(c), "--calib data") for c in a.calib or []]]
+    check_output(a.out, a.overwrite, action=action, inputs=inputs, file=file)
+
+
 def _run_gguf(a) -> None:
     from quant.ggml.export import export_gguf
 
+    _check_io(a, "export", file=True)
     report = export_gguf(a.model, a.out, a.gguf_type, calib=a.calib, calib_samples=a.calib_samples,
                          calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                          name=a.name, device=a.device, seed=a.seed, progress=a.progress,
@@ -168,6 +178,7 @@ def _run_gptq(a) -> None:
     from quant.gptq import GPTQConfig
     from quant.model import quantize
 
+    _check_io(a, "quantization")
     cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, static_groups=a.static_groups, sym=a.sym,
                      damp_percent=a.damp, true_sequential=a.true_sequential, method=a.method)
     # Act-order, the clipping search and decorrelation are our GPTQ defaults (measured best in and out of the
@@ -188,6 +199,7 @@ def _run_awq(a) -> None:
     from quant.awq import AWQConfig
     from quant.awq_model import quantize_awq
 
+    _check_io(a, "quantization")
     cfg = AWQConfig(bits=a.bits, group_size=a.group_size, method=a.method, clip=a.clip, n_grid=a.grid,
                     duo_scaling=a.duo_scaling, search_tokens=a.search_tokens, rounding=a.rounding,
                     decorrelate=a.decorrelate)

@@ -48,6 +48,15 @@ def resolve_model_path(spec: str, what: str = "model") -> str:
     raise UserError(f"{what}: '{spec}' is neither an existing path nor a hub id like 'org/name'")
 
 
+def local_path(spec: str) -> str:
+    """A model or data spec as the local path it names (a pkg: spec resolved), else as given (a hub id, a path
+    that does not exist): what the output rule compares outputs with."""
+    try:
+        return resolve_model_path(spec) if spec.startswith(PKG_PREFIX) else spec
+    except UserError:
+        return spec
+
+
 def is_gguf(path: str) -> bool:
     return str(path).endswith(".gguf")
 

@@ -19,11 +19,13 @@ import yaml
 
 from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
 from quant.errors import UserError
+from quant.files import read_json_object
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
-from quant.loading import materialize
+from quant.loading import local_path, materialize
 
 PEFT_PREFIX = "base_model.model."
+MERGES_DIR = "merges"  # RUN/merges/NAME: where a run's merges go (finetune report finds them there)
 LEGACY_BASE_FILE = "base_model.txt"  # written by finetune before base.json; still read
 # LoRA variants whose merged form is not W + scale·B@A, or that carry weights outside lora_A/lora_B.
 _UNSUPPORTED = {
@@ -191,37 +193,69 @@ def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
     return loras
 
 
-def read_adapter(path: str | Path, base: str | None = None, device: torch.device | None = None) -> AdapterSource:
-    """Everything the merge needs to know about the adapter at `path` (see the module docstring). `device`
-    resolves an older adapter's `compute_dtype: auto` (default CPU)."""
+@dataclass
+class RunFiles:
+    """What an adapter argument names, read without loading anything: the adapter directory, its run directory
+    and recipe, and adapter_config.json."""
+
+    adapter_dir: Path
+    run_dir: Path | None  # the directory with the run's recipe.yaml (None for a bare adapter)
+    recipe_path: Path | None
+    recipe: dict
+    config: dict  # adapter_config.json
+
+    def section(self, cls, key):
+        """A typed section of the run's recipe (None when absent), validated as training validated it."""
+        return build_section(cls, self.recipe[key], key, str(self.recipe_path)) if self.recipe.get(key) else None
+
+    def base_paths(self) -> list[str]:
+        """Every place the base might be read from (its record, an older adapter's base_model.txt, the recipe),
+        for the output rule: no output may replace or sit inside the base."""
+        found = []
+        record = read_json_object(self.adapter_dir / BaseSpec.FILE)
+        if record is not None:
+            found += [v for k, v in record.items() if k in ("model", "model_dir") and isinstance(v, str)]
+        legacy = self.adapter_dir / LEGACY_BASE_FILE
+        if legacy.is_file():
+            found += legacy.read_text(errors="replace").splitlines()[:2]
+        base = self.recipe.get("base")
+        if isinstance(base, dict) and isinstance(base.get("model"), str):
+            found.append(base["model"])
+        return [local_path(p) for p in found if p]
+
+
+def locate(path: str | Path) -> RunFiles:
+    """The adapter directory, run directory, recipe and adapter_config.json of an adapter argument."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such adapter or run directory")
     adapter_dir = find_adapter_dir(path)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_json_object(adapter_dir / "adapter_config.json")
     _check_config(config, adapter_dir)
     recipe_path = _find_upwards(adapter_dir, "recipe.yaml")
-    recipe = _read_recipe(recipe_path)
-    where = str(recipe_path)
+    # The final adapter carries its own copy of the recipe; the run directory is the one above it.
+    run_dir = (adapter_dir.parent if recipe_path.parent == adapter_dir else recipe_path.parent) if recipe_path \
+        else None
+    return RunFiles(adapter_dir, run_dir, recipe_path, _read_recipe(recipe_path), config)
 
-    def section(cls, key):
-        return build_section(cls, recipe[key], key, where) if recipe.get(key) else None
 
-    base_cfg = section(BaseConfig, "base") or BaseConfig()
+def read_adapter(path: str | Path | RunFiles, base: str | None = None,
+                 device: torch.device | None = None) -> AdapterSource:
+    """Everything the merge needs to know about the adapter at `path` (see the module docstring). `device`
+    resolves an older adapter's `compute_dtype: auto` (default CPU)."""
+    run = path if isinstance(path, RunFiles) else locate(path)
+    adapter_dir = run.adapter_dir
+    base_cfg = run.section(BaseConfig, "base") or BaseConfig()
     base_info = _resolve_base(adapter_dir, base_cfg, base, device or torch.device("cpu"))
-    data, train, tracking = section(DataConfig, "data"), section(TrainConfig, "train"), section(TrackingConfig,
-                                                                                                 "tracking")
     has_tokenizer = any((adapter_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     return AdapterSource(
         adapter_dir=adapter_dir,
-        # The final adapter carries its own copy of the recipe; the run directory is the one above it.
-        run_dir=(adapter_dir.parent if recipe_path.parent == adapter_dir else recipe_path.parent) if recipe_path
-        else None,
-        config=config,
+        run_dir=run.run_dir,
+        config=run.config,
         base=base_info,
-        loras=_load_factors(adapter_dir, config),
-        data=data,
-        train=train,
-        tracking=tracking,
+        loras=_load_factors(adapter_dir, run.config),
+        data=run.section(DataConfig, "data"),
+        train=run.section(TrainConfig, "train"),
+        tracking=run.section(TrackingConfig, "tracking"),
         tokenizer_dir=adapter_dir if has_tokenizer else Path(base_info.model_dir),
     )

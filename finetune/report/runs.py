@@ -17,11 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from finetune.merge.adapter import MERGES_DIR
 from finetune.train.resume import flatten
 from quant.errors import UserError
 from quant.files import read_json_object
 
-MERGES_DIR = "merges"
 DATA_REPORT = "data_report.json"  # written by finetune.train.loop
 
 
