@@ -121,7 +121,7 @@ def generate_prompts(model: str, prompts: list[dict], cfg: GenConfig, raw: bool 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT or --prompts FILE")
-    inputs = [*input_paths(model), read]
+    inputs = [*input_paths(model), read] if out else []
     if out:
         check_output(out, overwrite, inputs=inputs, file=True)
     m = load(model, resolve_device(device), dtype)

@@ -125,7 +125,9 @@ def _merge_parser(sub) -> None:
                        description=MERGE_HELP.replace("{formats}", _formats_help()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapter", metavar="ADAPTER_OR_RUN_DIR", help="run directory, its adapter/, or checkpoint-N/")
-    m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite)")
+    m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite; never "
+                   "the run, its adapter or base, nor a folder holding one; RUN/merges/NAME is the run's place for "
+                   "merges: docs/outputs.md)")
     m.add_argument("--format", required=True, choices=output_names())
     m.add_argument("--base", help="base model to use instead of the one named in the adapter (HF dir, GPTQ dir, "
                    ".gguf, pkg:...); must be the same model the adapter was trained on")

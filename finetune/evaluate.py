@@ -191,7 +191,7 @@ def evaluate(models: list[str], data: str | None = None, metrics: list[str] = ME
     path, cfg, seed = data_settings(models, data)
     if not Path(path).exists() and Path(path).suffix:
         raise UserError(f"--data {path}: no such file")
-    inputs = [*(p for m in models for p in input_paths(m)), (path, "the eval data")]
+    inputs = [*(p for m in models for p in input_paths(m)), (path, "the eval data")] if out else []
     if out:
         check_output(out, overwrite, inputs=inputs, file=True)  # before any model loads
     refs = references(path, cfg, limit) if any(m in GENERATION_METRICS for m in metrics) else None

@@ -19,6 +19,7 @@ import torch
 
 from quant.errors import UserError
 from quant.formats.registry import FORMATS, stored_output
+from quant.model_checks import check_model_dir
 
 # What `model_format` recognises, for the one-line error on anything else.
 SUPPORTED = ("run directories and adapters (the adapter on its quantized base), and model directories stored as "
@@ -110,13 +111,16 @@ def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Lo
     if path.is_dir() and is_adapter_path(path):
         from finetune.merge.adapter import read_adapter
         from finetune.merge.report import load_adapter_model
+        from finetune.merge.stream import check_fits_model
 
-        source = read_adapter(path)
+        source = read_adapter(path)  # adapter_config.json, base.json and finite factors checked
+        check_fits_model(source)  # every module there, with its shape, before any weight loads
         model, compute_dtype = load_adapter_model(source, device)
         tokenizer = load_tokenizer(str(source.tokenizer_dir), str(path))
         return Loaded(model, tokenizer, str(path), "adapter", device, compute_dtype, source)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; supported: {SUPPORTED}")
+    check_model_dir(path, "RUN_OR_MODEL")  # config.json and GGUF headers as data, before a loader reads them
     fmt, _ = _stored(path)
     compute = _DTYPES[dtype] if dtype else default_dtype(device, fmt)
     model = fmt.load_merged(path, device, compute)

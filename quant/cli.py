@@ -155,12 +155,15 @@ def _gguf_parser(sub) -> None:
 
 
 def _check_io(a, action: str, file: bool = False) -> None:
-    """--out checked before any model loads (the output rule, docs/outputs.md)."""
+    """--out (the output rule, docs/outputs.md) and --calib checked before any model loads."""
+    from quant.calibration import check_sources
     from quant.files import check_output
     from quant.loading import local_path
 
     inputs = [(local_path(a.model), "the model"), *[(local_path(c), "--calib data") for c in a.calib or []]]
     check_output(a.out, a.overwrite, action=action, inputs=inputs, file=file)
+    if a.calib:
+        check_sources(a.calib, a.text_field)
 
 
 def _run_gguf(a) -> None:

@@ -44,11 +44,12 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from quant.errors import UserError
+from quant.model_checks import check_config
 from quant.replace import TMP_PREFIX, exists, new_tmp, plain, put_in_place, recover, remove, tmp_name
 
 __all__ = ["TMP_PREFIX", "DEFAULT_SHARD_BYTES", "MARKER", "staged", "write_text", "exclusive", "check_target",
-           "check_output", "claim_output", "write_output", "output_kind", "write_marker", "recover", "disk_needed", "ShardWriter",
-           "safetensors_files", "Checkpoint"]
+           "check_output", "claim_output", "write_output", "output_kind", "write_marker", "recover", "disk_needed",
+           "ShardWriter", "safetensors_files", "Checkpoint"]
 
 DEFAULT_SHARD_BYTES = 4 * 2**30
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -397,7 +398,8 @@ class Checkpoint:
         if not any(self.path.glob("*.safetensors")):
             raise UserError(f"{what} {self.path}: no .safetensors weights (only safetensors checkpoints can be "
                             "streamed)")
-        self.config = json.loads((self.path / "config.json").read_text())
+        self.config = read_json_object(self.path / "config.json")
+        check_config(self.config, f"{what} {self.path / 'config.json'}", self.path)
         self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in safetensors_files(self.path)}
         self.file_of = {k: f for f, h in self._handles.items() for k in h.keys()}
 
@@ -415,15 +417,23 @@ class Checkpoint:
         return self.config.get("quantization_config")
 
 
-def read_json_object(path: str | os.PathLike) -> dict | None:
-    """The JSON object in `path`, None when there is no such file; a file that is not one is a UserError."""
+def read_json_object(path: str | os.PathLike, max_bytes: int = 16 * 2**20) -> dict | None:
+    """The JSON object in `path` (a metadata file: config.json, adapter_config.json, a report), None when there is
+    no such file; a file that is not one, or is larger than `max_bytes`, is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise UserError(f"{path}: {size:,} bytes; a metadata file this large is not one (limit {max_bytes:,})")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data

@@ -23,6 +23,7 @@ from finetune.merge.config import MergeConfig
 from finetune.merge.source import block_prefix, plan_units, skeleton
 from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
 from finetune.merge.writers import write_config, write_extras
+from finetune.recipe import DataConfig
 from quant.errors import UserError
 from quant.files import Checkpoint, claim_output, disk_needed, staged
 from quant.formats import registry as formats
@@ -112,7 +113,6 @@ def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] 
     from transformers import AutoTokenizer
 
     from finetune.merge.calibration import calibration_ids
-    from finetune.recipe import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     return calibration_ids([str(c) for c in cfg.calib], tokenizer, source.data or DataConfig(), cfg.calib_samples,
@@ -146,6 +146,11 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     """
     cfg = cfg.validate()
     run = locate(cfg.adapter)
+    if cfg.report:  # before any model loads: a merge without eval data once failed after ~50 s of loading
+        fidelity_report.eval_plan(run.section(DataConfig, "data"), run.run_dir, cfg.eval_data)
+    for spec in (str(c) for c in cfg.calib or [] if not torch.is_tensor(c)):
+        if Path(spec).suffix and not Path(local_path(spec)).exists():
+            raise UserError(f"--calib {spec}: no such file")
     inside_ok = [run.run_dir / MERGES_DIR] if run.run_dir else []
     with claim_output(cfg.out, cfg.overwrite, action="merge", inputs=_inputs(cfg, run), inside_ok=inside_ok):
         return _merge(cfg, run, echo)
@@ -164,7 +169,7 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     prefix, n_layers = block_prefix(model)
     weights = base_fmt.rebuilder(source.base, ckpt, model, device) if merge_into == "dequantized" \
         else Rebuilder(ckpt, device)
-    check_adapter_fits(source.loras, weights, n_layers)
+    check_adapter_fits(source.loras, weights.weight_shape, f"{weights.ckpt.path} ({n_layers} layers)")
     units = plan_units(ckpt.keys(), prefix, n_layers)
     calib = _calibration(cfg, source)
     encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib,

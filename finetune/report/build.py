@@ -42,7 +42,7 @@ def report(runs: list[str], out: str | None = None, merges: list[str] = (), smoo
         raise UserError(f"--smooth {smooth}: must be in [0, 1) (0 = no smoothing)")
     records = [read_run(r) for r in runs]
     unique_names(records)
-    notes = attach_merges(records, list(merges))
+    notes = [n for r in records for n in r.notes] + attach_merges(records, list(merges))
     out_dir = Path(out) if out else records[0].path / REPORT_DIR
     inputs = [(r.path, "a run") for r in records] + [(m.path, "a merge") for r in records for m in r.merges]
     with claim_output(out_dir, overwrite, action="report", inputs=inputs + [(d, "--merges") for d in merges],
