@@ -90,7 +90,8 @@ def test_user_errors(nf4_run, gptq_run, tmp_path, tokenizer):
     fails("--format must be one of", nf4_run, out, "onnx")
     fails("DoRA", _edited_adapter(nf4_run, tmp_path, use_dora=True), out, "bf16")
     fails("no adapter_config.json", wider, out, "bf16")
-    fails("is the adapter, run or base directory", nf4_run, nf4_run / "adapter", "bf16", overwrite=True)
+    fails(r"adapter is the adapter; writing there would replace it", nf4_run, nf4_run / "adapter", "bf16",
+          overwrite=True)
 
 
 def test_cli(nf4_run, tmp_path, capsys):
