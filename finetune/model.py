@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError
 
+from finetune.exact import target as exact_target
 from finetune.recipe import BaseConfig, LoraConfig
 from quant.errors import UserError
 from quant.formats import registry as formats
@@ -128,13 +129,26 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if custom:
-        register_lora_layers(config)
+    _register_layers(config, lora.merge_target, custom)
     try:
         with _quiet_peft_checkpointing_probe():
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
     except ValueError as e:  # peft refuses a matched module it cannot adapt (a whole decoder layer, ...)
         raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
+    if lora.merge_target != exact_target.NONE:
+        exact_target.check_layers(peft_model, lora.merge_target)
+    return peft_model
+
+
+def _register_layers(config, merge_target: str, custom: bool) -> None:
+    """The LoRA layers peft has no dispatcher for: zero-point layers for an exact-merge adapter (finetune.exact),
+    else the formats' own."""
+    if merge_target != exact_target.NONE:
+        from finetune.exact.lora import register
+
+        register(config)
+    elif custom:
+        register_lora_layers(config)
 
 
 def _has_custom_lora_layers(model: torch.nn.Module) -> bool:
@@ -149,8 +163,7 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = 
     from peft import PeftModel
 
     config = PeftLoraConfig.from_pretrained(str(adapter_dir))
-    if _has_custom_lora_layers(base_model):
-        register_lora_layers(config)
+    _register_layers(config, exact_target.target_of(adapter_dir), _has_custom_lora_layers(base_model))
     with _quiet_peft_checkpointing_probe():
         return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
 

@@ -27,6 +27,7 @@ import yaml
 # RecipeError lives with the checks that raise it and is imported from here by the rest of the code.
 from finetune.recipe_checks import (DuplicateKey, RecipeError, TooLarge, encodable, parse_yaml,  # noqa: F401
                                     path_or_id, read_yaml, short, target_modules)
+from finetune.exact.target import TARGETS as MERGE_TARGETS
 from quant.formats.registry import AUTO, base_names
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -59,6 +60,8 @@ class LoraConfig:
     alpha: float = field(default=32, metadata=_range(0, 16384, lo_open=True))
     dropout: float = field(default=0.05, metadata=_range(0, 1))
     target_modules: Union[str, list[str]] = field(default="all-linear", metadata=_range(check=target_modules))
+    # The quantized format the adapter is trained to merge into exactly (finetune.exact, docs/exact-merge.md).
+    merge_target: Literal[MERGE_TARGETS] = "none"
 
 
 @dataclass

@@ -78,8 +78,9 @@ def projection_of(module: nn.Module) -> tuple[Projection | None, str]:
     if len(active) != 1 or active[0] not in lora_a:
         return None, f"{len(active)} active adapters (the fused path takes one)"
     name = active[0]
-    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
-        return None, "a LoRA variant (DoRA, ...) is active"
+    variant = getattr(module, "lora_variant", {}).get(name)
+    if variant is not None or getattr(module, "use_dora", {}).get(name, False):
+        return None, f"a LoRA variant ({type(variant).__name__ if variant is not None else 'DoRA'}) is active"
     frozen = frozen_weight(module.base_layer)
     if frozen is None:
         return None, f"base layer {type(module.base_layer).__name__} is not supported by the fused path"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.exact.factors import zero_point_factors
+from finetune.exact.target import NONE, target_of
 from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
 from finetune.recipe_checks import read_yaml, short
 from quant.errors import UserError
@@ -253,6 +255,14 @@ def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
     return loras
 
 
+def _factors(run: "RunFiles", base: BaseSpec) -> dict:
+    """The adapter's factors; an adapter trained for an exact merge (finetune.exact) joined with its base's grid."""
+    loras = _load_factors(run.adapter_dir, run.config)
+    if target_of(run.adapter_dir, run.recipe, run.recipe_path) == NONE:
+        return loras
+    return zero_point_factors(loras, base, run.adapter_dir)
+
+
 @dataclass
 class RunFiles:
     """What an adapter argument names, read without loading anything: the adapter directory, its run directory
@@ -313,7 +323,7 @@ def read_adapter(path: str | Path | RunFiles, base: str | None = None,
         run_dir=run.run_dir,
         config=run.config,
         base=base_info,
-        loras=_load_factors(adapter_dir, run.config),
+        loras=_factors(run, base_info),
         data=run.section(DataConfig, "data"),
         train=run.section(TrainConfig, "train"),
         tracking=run.section(TrackingConfig, "tracking"),

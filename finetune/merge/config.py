@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from finetune.exact.target import target_of
 from quant.errors import UserError
 from quant.tensorfiles import DEFAULT_SHARD_BYTES
 from quant.formats.base import DTYPES, REQUIRED, Format
@@ -108,10 +109,16 @@ class MergeConfig:
             logging.getLogger("finetune.merge").warning(
                 "--calib has no effect on --format %s with these settings (nothing is searched); ignoring it", fmt.name)
             self.calib = None
-        if fmt.calibration(self.options) == REQUIRED and not self.calib:
+        if fmt.calibration(self.options) == REQUIRED and not self.calib and not self._exact(fmt):
             raise UserError(f"--format {fmt.name} needs calibration data: pass --calib DATA (text/jsonl/parquet "
                             f"file, directory or pkg:...), e.g. the training data{fmt.calib_hint}")
         return self
+
+    def _exact(self, fmt: Format) -> bool:
+        """A zero-point adapter merged into its own format with no settings asked: nothing is requantized
+        (finetune.merge.exact), so no calibration is needed."""
+        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        return target_of(self.adapter) == fmt.name and all(v is None for v in options.values())
 
     def _format_options(self, fmt: Format):
         given = self.options if isinstance(self.options, dict) else dataclasses.asdict(self.options)

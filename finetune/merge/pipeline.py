@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from finetune.merge import exact
 from finetune.merge import report as fidelity_report
 from finetune.merge.adapter import MERGES_DIR, AdapterSource, RunFiles, locate, read_adapter
 from finetune.merge.config import MergeConfig
@@ -165,6 +166,11 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     out = cfg.out
     merge_into, merge_into_reason = resolve_merge_into(cfg.merge_into, fmt, base_fmt)
     ckpt = _source_checkpoint(source, merge_into, cfg.base_original)
+    if exact.applies(source, cfg, merge_into):  # a zero-point adapter into its own format: no requantization
+        info = _report_header(cfg, source, ckpt, merge_into, exact.ROUTE, device)
+        fidelity = exact.write(cfg, source, ckpt, info, echo)
+        return MergeResult(out, fmt.name, base_fmt.name, merge_into, len(source.loras),
+                           time.perf_counter() - started, {}, info, fidelity)
 
     model = skeleton(ckpt.config)
     prefix, n_layers = block_prefix(model)

@@ -11,6 +11,7 @@ The distributed engine (one process, DDP, DeepSpeed, FSDP) is chosen once as a s
 
 from __future__ import annotations
 
+from finetune.exact.target import check as check_merge_target
 from finetune.model import resolve_base
 from finetune.recipe import Recipe
 from finetune.train.evaluate import baseline
@@ -35,6 +36,7 @@ def train(recipe: Recipe, resume: bool = False, echo=print, force: bool = False)
     with rt.main_process_first():
         spec = resolve_base(recipe.base, rt.device)
     rt.check_base(spec)
+    check_merge_target(recipe.lora.merge_target, spec)
     start = prepare_run(recipe, rt, resume, force, say)  # output.dir checked and locked before anything loads
     try:
         run = setup(recipe, rt, start, spec, say)

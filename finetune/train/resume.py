@@ -25,7 +25,7 @@ from quant.errors import UserError
 
 NEVER = {
     "base.model", "base.quantization", "base.double_quant",
-    "lora.r", "lora.target_modules",
+    "lora.r", "lora.target_modules", "lora.merge_target",
     "data.train", "data.eval_fraction", "data.format", "data.max_length", "data.packing", "data.train_on_prompt",
     "data.split", "data.max_examples",
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation", "train.optimizer",
