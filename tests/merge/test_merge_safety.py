@@ -13,7 +13,7 @@ from support import error_line
 
 from finetune.cli import main
 from finetune.merge.pipeline import _OutputSize
-from quant import files
+from quant import files, tensorfiles
 from quant.files import disk_needed
 def _merge(run, out, capsys, fmt: str, *flags: str) -> tuple[int, str]:
     code = main(["merge", str(run), "--out", str(out), "--format", fmt, "--no-report", "-q", *flags])
@@ -42,14 +42,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_model(nf4_run, tmp_path,
     out = tmp_path / "out"
     assert _merge(nf4_run, out, capsys, "bf16")[0] == 0
     before = (out / "model.safetensors").read_bytes()
-    real_add = files._Shard.add
+    real_add = tensorfiles._Shard.add
 
     def full_at_layer_1(self, name, t):
         if name.startswith("model.layers.1."):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_add(self, name, t)
 
-    monkeypatch.setattr(files._Shard, "add", full_at_layer_1)
+    monkeypatch.setattr(tensorfiles._Shard, "add", full_at_layer_1)
     code, err = _merge(nf4_run, out, capsys, "fp16", "--overwrite")
     assert code == 2 and re.fullmatch(rf"error: no space left writing {re.escape(str(out))}; \d+ MiB free, about "
                                       r"1 MiB needed", error_line(err))

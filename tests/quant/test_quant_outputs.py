@@ -11,7 +11,7 @@ import re
 from kill_points import run_killed
 from support import error_line
 
-from quant import files
+from quant import files, tensorfiles
 from quant.cli import main
 
 
@@ -65,7 +65,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_model(tmp_path, tiny_mod
     def full(self, name, t):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files._Shard, "add", full)
+    monkeypatch.setattr(tensorfiles._Shard, "add", full)
     code, err = _quant(tiny_model_dir, out, capsys, "--overwrite")
     assert code == 2 and re.fullmatch(rf"error: no space left writing {re.escape(str(out))}; \d+ MiB free, about "
                                       r"\d+ MiB needed", error_line(err))
