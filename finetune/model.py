@@ -129,7 +129,7 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         bias="none",
         task_type="CAUSAL_LM",
     )
-    _register_layers(config, lora.merge_target, custom)
+    _register_layers(config, model, lora.merge_target, custom)
     try:
         with _quiet_peft_checkpointing_probe():
             peft_model = get_peft_model(model, config)
@@ -140,13 +140,12 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
     return peft_model
 
 
-def _register_layers(config, merge_target: str, custom: bool) -> None:
-    """The LoRA layers peft has no dispatcher for: zero-point layers for an exact-merge adapter (finetune.exact),
-    else the formats' own."""
+def _register_layers(config, model, merge_target: str, custom: bool) -> None:
+    """The LoRA layers peft has no dispatcher for: an exact-merge adapter's (finetune.exact), else the formats'."""
     if merge_target != exact_target.NONE:
         from finetune.exact.lora import register
 
-        register(config)
+        register(config, exact_target.model_route(model, merge_target))
     elif custom:
         register_lora_layers(config)
 
@@ -163,7 +162,7 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = 
     from peft import PeftModel
 
     config = PeftLoraConfig.from_pretrained(str(adapter_dir))
-    _register_layers(config, exact_target.target_of(adapter_dir), _has_custom_lora_layers(base_model))
+    _register_layers(config, base_model, exact_target.target_of(adapter_dir), _has_custom_lora_layers(base_model))
     with _quiet_peft_checkpointing_probe():
         return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
 

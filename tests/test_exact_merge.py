@@ -32,7 +32,7 @@ def _calib(tokenizer):
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """The tiny Llama as an asymmetric 4-bit GPTQ base with act-order (non-monotone g_idx), a 3-bit asymmetric
-    one in the v1 layout (zero points stored minus one), an AWQ base, and a symmetric GPTQ base."""
+    one in the v1 layout (zero points stored minus one), an AWQ base, and a symmetric GPTQ base (route 2)."""
     out = {}
     with single_thread():
         for name, cfg, fmt in (("gptq", GPTQConfig(bits=4, group_size=32, desc_act=True, sym=False), "auto"),
@@ -57,19 +57,19 @@ def _recipe(base: Path, chat_files, out: Path, target: str, **train):
                                         train={"max_steps": 8, "gradient_checkpointing": False, **train}))
 
 
-@pytest.mark.parametrize("name,target", [("gptq", "gptq"), ("gptq3", "gptq"), ("awq", "awq")])
-def test_exact_merge_keeps_qweight_and_scales_and_equals_the_adapter_model(tmp_path, bases, chat_files, name,
-                                                                             target):
+@pytest.mark.parametrize("name,target,moved", [("gptq", "gptq", "qzeros"), ("gptq3", "gptq", "qzeros"),
+                                               ("awq", "awq", "qzeros"), ("gptq-sym", "gptq", "qweight")])
+def test_exact_merge_keeps_the_grid_and_equals_the_adapter_model(tmp_path, bases, chat_files, name, target, moved):
     with single_thread():
         train(_recipe(bases[name], chat_files, tmp_path / "run", target), echo=lambda *a: None)
         result = quiet_merge(tmp_path / "run", tmp_path / "merged", target, device="cpu")
-    assert result.report["route"] == "zero points (exact)"
-    assert result.report["zero_points_moved"] > 0  # the adapter did something the merge had to carry
+    assert result.report["route"] == ("zero points (exact)" if moved == "qzeros" else "codes (exact)")
+    assert result.report["moved"] > 0  # the adapter did something the merge had to carry
     before, after = load_file(str(bases[name] / "model.safetensors")), load_file(str(tmp_path / "merged" /
                                                                                  "model.safetensors"))
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.endswith(".qzeros") for k in changed)  # qweight, scales, g_idx, norms: identical
+    assert changed and all(k.endswith(f".{moved}") for k in changed)  # scales, g_idx, norms, the rest: identical
     fidelity = result.fidelity
     assert fidelity["retention"] == pytest.approx(1.0, abs=1e-4) and fidelity["kl_adapter_merged"] < 1e-6
 
@@ -120,13 +120,13 @@ def test_exact_adapter_resumes_to_the_uninterrupted_result(tmp_path, bases, chat
 
 
 @pytest.mark.parametrize("name,target,message", [
-    ("gptq-sym", "gptq", "lora.merge_target = 'gptq': the base's GPTQ grid is symmetric"),
     ("gptq", "awq", "lora.merge_target = 'awq': the exact merge keeps the base's integer weights"),
+    ("awq", "gptq", "lora.merge_target = 'gptq': the exact merge keeps the base's integer weights"),
 ])
 def test_a_pair_that_cannot_be_exact_is_refused_in_one_line(tmp_path, bases, chat_files, name, target, message):
     with pytest.raises(UserError, match=message) as e:
         train(_recipe(bases[name], chat_files, tmp_path / "run", target), echo=lambda *a: None)
-    assert "\n" not in str(e.value) and "exact targets: gptq on an asymmetric GPTQ base" in str(e.value)
+    assert "\n" not in str(e.value) and "exact targets: gptq on a GPTQ base, awq on an AWQ base" in str(e.value)
     assert not (tmp_path / "run").exists()  # refused before output.dir is touched
 
 
@@ -134,3 +134,18 @@ def test_a_target_not_built_is_refused_by_the_recipe(tmp_path, bases, chat_files
     with pytest.raises(RecipeError, match="merge_target") as e:
         _recipe(bases["gptq"], chat_files, tmp_path / "run", "nf4")
     assert "\n" not in str(e.value) and "'gptq'" in str(e.value) and "'awq'" in str(e.value)
+
+
+def test_code_route_is_the_merges_requantization_with_a_straight_through_gradient():
+    from finetune.exact.grid import code_update, code_grid
+    from quant.gptq.pack import pack_rows
+
+    codes = torch.tensor([[0, 7, 15, 8]])  # [N=1, K=4], one group of 4
+    grid = code_grid(pack_rows(torch.cat([codes.T, torch.zeros(28, 1, dtype=torch.long)]), 4),
+                     torch.full((1, 1), 0.5), torch.zeros(4, dtype=torch.int32), 4)
+    delta = torch.tensor([[-1.0, 0.3, 2.0, 0.2]], requires_grad=True)  # weight units; steps of 0.5
+    D = code_update(delta, grid)
+    # 0 - 2 -> clamped to 0; 7 + 0.6 -> 8; 15 + 4 -> clamped to 15; 8 + 0.4 -> 8
+    assert (D / 0.5).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    D.sum().backward()
+    assert delta.grad.tolist() == [[0.0, 1.0, 0.0, 1.0]]

@@ -1,4 +1,6 @@
-"""The zero-point grid of one packed layer (GPTQ, AWQ) and the one function that moves it.
+"""The grids of packed layers (GPTQ, AWQ) and the functions that move them, shared by training and the merge.
+
+Route 1, zero points:
 
 A packed layer computes W[n, k] = (q[k, n] - z[g, n]) · s[g, n] with g = g_idx[k] (GPTQ, act-order groups) or
 k // group_size (AWQ). An update c[n, g] that is the same for every input of group g changes W by c wherever
@@ -6,6 +8,10 @@ z' = z - c / s is an integer the checkpoint can store. `shift_zeros` makes it on
 grid steps and clamps z' to the storable range, in training (with a straight-through gradient, so the adapter
 learns the real-valued update the rounding follows) and in the merge (without gradient), with the same code on the
 same fp32 numbers, so the merged checkpoint holds exactly the zero points training computed with.
+
+Route 2, codes (a symmetric GPTQ grid, whose zero points readers fix): `shift_codes` is the merge's requantization
+of W + delta onto the base's own grid, nearest code with the same scales and zero points; training computes with
+it (straight-through), the merge writes it.
 """
 
 from __future__ import annotations
@@ -17,13 +23,28 @@ import torch
 from quant.awq.nn import AWQLinear
 from quant.awq.pack import unpack as awq_unpack
 from quant.gptq.nn import GPTQLinear
-from quant.gptq.pack import decode_zeros
+from quant.gptq.pack import decode_zeros, unpack_rows
 
 LAYERS = (GPTQLinear, AWQLinear)  # the packed layers whose zero points can carry an update
 
 
+class _Shape:
+    """What a grid says of its layer's shape (its `scales` [G, N] and `g_idx` [K])."""
+
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.g_idx.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[1]
+
+
 @dataclass
-class ZeroGrid:
+class ZeroGrid(_Shape):
     """One packed layer's group structure and zero points, in fp32, transposed to [G, N] like the checkpoint."""
 
     zeros: torch.Tensor  # [G, N] the integer zero points as readers decode them
@@ -36,14 +57,6 @@ class ZeroGrid:
     @property
     def groups(self) -> int:
         return self.scales.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.g_idx.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.scales.shape[1]
 
     def to(self, device) -> "ZeroGrid":
         return ZeroGrid(*(t.to(device) for t in (self.zeros, self.scales, self.g_idx, self.lo, self.hi)), self.run)
@@ -116,6 +129,38 @@ def group_sums(x: torch.Tensor, grid: ZeroGrid) -> torch.Tensor:
 def dense_delta(D: torch.Tensor, grid: ZeroGrid) -> torch.Tensor:
     """The group update D [N, G] as a dense weight delta [N, K] (what a merge into another format adds)."""
     return D[:, grid.g_idx]
+
+
+# ------------------------------------------------------------------------------------------ the codes (route 2)
+
+
+@dataclass
+class CodeGrid(_Shape):
+    """A symmetric GPTQ layer's codes and grid: readers fix its zero points, so an update can only move codes."""
+
+    codes: torch.Tensor  # [N, K] uint8, nn.Linear layout
+    scales: torch.Tensor  # [G, N]
+    g_idx: torch.Tensor  # [K] long
+    maxq: int  # 2^bits - 1
+
+
+def code_grid(qweight, scales, g_idx, bits: int) -> CodeGrid:
+    codes = unpack_rows(qweight, bits, g_idx.shape[0]).T.contiguous().to(torch.uint8)
+    return CodeGrid(codes, scales.float(), g_idx.long(), 2**bits - 1)
+
+
+def shift_codes(delta: torch.Tensor, grid: CodeGrid) -> torch.Tensor:
+    """q' [N, K] for a dense update delta [N, K]: the merge's requantization of W + delta on the base's own grid
+    (same scales and zero points, nearest code), clamp(round(q + delta / s), 0, 2^b - 1); forward is the code the
+    merge writes, the gradient is straight through the rounding and zero where the clamp holds."""
+    s = grid.scales[grid.g_idx].T
+    t = (grid.codes.float() + delta.float() / s).clamp(0, grid.maxq)
+    return t + (torch.round(t) - t).detach()
+
+
+def code_update(delta: torch.Tensor, grid: CodeGrid) -> torch.Tensor:
+    """What the requantized codes add to the weights: s · (q' - q) [N, K]."""
+    return grid.scales[grid.g_idx].T * (shift_codes(delta, grid) - grid.codes.float())
 
 
 def lora_update(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """`lora.merge_target`: the quantized format an adapter is trained to merge into exactly, checked against the base.
 
-Built: the zero-point route (finetune.exact.lora) for `gptq` on a GPTQ base with an asymmetric grid and for `awq`
-on an AWQ base (with zero points), merged into the base's own format. Every other pair is refused in one line
-before anything loads: a target other than the base's own format would have to requantize (what the plain merge
-does), and a symmetric GPTQ grid has no zero points to carry an update (readers fix them at 2^(b-1)).
+Built, merged into the base's own format (finetune.exact.lora): the zero-point route for `gptq` on a GPTQ base
+with an asymmetric grid and for `awq` on an AWQ base with zero points; the code route (merge-aware training
+through the merge's own requantization) for `gptq` on a symmetric GPTQ base, whose zero points readers fix.
+Every other pair is refused in one line before anything loads: a target other than the base's own format would
+have to requantize with a search (what the plain merge does); NF4 and GGUF K-quant targets are not built.
 
 The adapter's record is the run's recipe (its `lora.merge_target`, saved with the final adapter and with every
 checkpoint's run) together with base.json (the grid: format, bits, group size, symmetry); `target_of` reads it back.
@@ -19,7 +20,7 @@ from quant.formats.base import BaseSpec
 
 NONE = "none"
 TARGETS = (NONE, "gptq", "awq")  # the values lora.merge_target takes
-BUILT = "gptq on an asymmetric GPTQ base (sym: false), awq on an AWQ base"
+BUILT = "gptq on a GPTQ base, awq on an AWQ base with zero points"
 
 
 def check(merge_target: str, spec: BaseSpec) -> None:
@@ -30,21 +31,31 @@ def check(merge_target: str, spec: BaseSpec) -> None:
     if spec.format != merge_target:
         raise UserError(f"{where}: the exact merge keeps the base's integer weights and scales, so the target must "
                         f"be the base's own format, and this base is {spec.format}; exact targets: {BUILT}")
-    if spec.format == "gptq" and spec.settings.get("sym", True):
-        raise UserError(f"{where}: the base's GPTQ grid is symmetric (sym: true), whose zero points readers fix at "
-                        f"2^(bits-1), so no update can be folded into them; exact targets: {BUILT}")
     if spec.format == "awq" and not spec.settings.get("zero_point", True):
         raise UserError(f"{where}: the AWQ base has no zero points (zero_point: false) to fold an update into; "
                         f"exact targets: {BUILT}")
 
 
+def route(merge_target: str, quantization_config: dict | None) -> str:
+    """'zeros' where the grid has zero points to carry the update (asymmetric GPTQ, AWQ), else 'codes'."""
+    q = quantization_config if isinstance(quantization_config, dict) else {}
+    return "codes" if merge_target == "gptq" and q.get("sym", True) else "zeros"
+
+
+def model_route(model, merge_target: str) -> str:
+    """The route for a loaded packed model (its config holds the checkpoint's quantization_config)."""
+    q = getattr(model.config, "quantization_config", None)
+    return route(merge_target, q.to_dict() if hasattr(q, "to_dict") else q)
+
+
 def check_layers(model, merge_target: str) -> None:
     """Every adapted layer of `model` (a peft model) carries a zero-point adapter: a LoRA on a layer stored in
     float would merge by rounding, not exactly."""
-    from finetune.exact.lora import ZeroPointLoraLinear
+    from finetune.exact.lora import CLASSES
     from peft.tuners.lora.layer import LoraLayer
 
-    other = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and not isinstance(m, ZeroPointLoraLinear)]
+    exact = tuple(CLASSES.values())
+    other = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and not isinstance(m, exact)]
     if other:
         raise UserError(f"lora.merge_target = {merge_target!r}: {len(other)} targeted modules are not {merge_target} "
                         f"quantized layers (e.g. {other[0]}); an exact merge only adapts quantized layers: narrow "

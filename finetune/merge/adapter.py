@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.exact.factors import zero_point_factors
+from finetune.exact.factors import exact_factors
 from finetune.exact.target import NONE, target_of
 from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
 from finetune.recipe_checks import read_yaml, short
@@ -260,7 +260,7 @@ def _factors(run: "RunFiles", base: BaseSpec) -> dict:
     loras = _load_factors(run.adapter_dir, run.config)
     if target_of(run.adapter_dir, run.recipe, run.recipe_path) == NONE:
         return loras
-    return zero_point_factors(loras, base, run.adapter_dir)
+    return exact_factors(loras, base, run.adapter_dir)
 
 
 @dataclass
