@@ -93,11 +93,9 @@ def _gptq(ckpt: Checkpoint, module: str, f):
                          q["bits"])
         _check_shapes(module, f, grid.in_features, grid.out_features)
         return CodeFactors(f.A, f.B, f.scale, grid, q["bits"])
-    q = gptq_config(ckpt.path)
     fmt = q["checkpoint_format"]
-    offset = 1 if fmt == "gptq" else 0
     grid = gptq_grid(ckpt.get(f"{module}.qzeros"), ckpt.get(f"{module}.scales"), ckpt.get(f"{module}.g_idx"),
-                     q["bits"], offset)
+                     q["bits"], fmt)
     _check_shapes(module, f, grid.groups, grid.out_features)
     return ZeroPointFactors(f.A, f.B, f.scale, grid, lambda z: encode_zeros(z.round().to(torch.int64), q["bits"], fmt))
 

@@ -23,7 +23,7 @@ import torch
 from quant.awq.nn import AWQLinear
 from quant.awq.pack import unpack as awq_unpack
 from quant.gptq.nn import GPTQLinear
-from quant.gptq.pack import decode_zeros, unpack_rows
+from quant.gptq.pack import decode_zeros, unpack_rows, zero_offset
 
 LAYERS = (GPTQLinear, AWQLinear)  # the packed layers whose zero points can carry an update
 
@@ -70,21 +70,19 @@ def _run(g_idx: torch.Tensor, groups: int) -> int | None:
     return size if torch.equal(g_idx, torch.arange(K, device=g_idx.device) // size) else None
 
 
-def storable_range(zeros: torch.Tensor, bits: int, zero_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[lo, hi] per zero point: the fields are `bits` wide and readers add `zero_offset` (GPTQ v1 stores z - 1,
+def storable_range(zeros: torch.Tensor, bits: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] per zero point: the fields are `bits` wide and readers add `offset` (GPTQ v1 stores z - 1,
     docs/quantized-formats.md A3), and a v1 field 2^b - 1 (z = 2^b) is never written (quant.gptq.pack). A base
     zero point outside that range stays reachable (z' = z is always allowed: the update of zero is exact)."""
-    lo = torch.full_like(zeros, float(zero_offset)).minimum(zeros)
+    lo = torch.full_like(zeros, float(offset)).minimum(zeros)
     hi = torch.full_like(zeros, float(2**bits - 1)).maximum(zeros)
     return lo, hi
 
 
-def gptq_grid(qzeros, scales, g_idx, bits: int, zero_offset: int) -> ZeroGrid:
-    N = scales.shape[1]
-    fmt = "gptq" if zero_offset else "gptq_v2"
-    zeros = decode_zeros(qzeros, bits, fmt, N).float()
+def gptq_grid(qzeros, scales, g_idx, bits: int, checkpoint_format: str) -> ZeroGrid:
+    zeros = decode_zeros(qzeros, bits, checkpoint_format, scales.shape[1]).float()
     g_idx = g_idx.long()
-    return ZeroGrid(zeros, scales.float(), g_idx, *storable_range(zeros, bits, zero_offset),
+    return ZeroGrid(zeros, scales.float(), g_idx, *storable_range(zeros, bits, zero_offset(checkpoint_format)),
                     _run(g_idx, scales.shape[0]))
 
 
@@ -97,7 +95,7 @@ def awq_grid(qzeros, scales, in_features: int, group_size: int) -> ZeroGrid:
 def grid_of(layer: torch.nn.Module) -> ZeroGrid:
     """The grid of a loaded packed layer."""
     if isinstance(layer, GPTQLinear):
-        return gptq_grid(layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.zero_offset)
+        return gptq_grid(layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.checkpoint_format)
     if isinstance(layer, AWQLinear):
         return awq_grid(layer.qzeros, layer.scales, layer.in_features, layer.group_size)
     raise TypeError(f"{type(layer).__name__} has no zero points to carry an update")
