@@ -118,6 +118,7 @@ def _formats_help() -> str:
 
 def _merge_parser(sub) -> None:
     from finetune.merge.config import MERGE_INTO, flag, format_options
+    from finetune.merge.report import CPU_EVAL_MAX_BATCHES
     from quant.formats.base import DTYPES, dtype_name
     from quant.formats.registry import FORMATS, output_names
 
@@ -153,7 +154,9 @@ def _merge_parser(sub) -> None:
     r = m.add_argument_group("fidelity report")
     r.add_argument("--eval", dest="eval_data", metavar="DATA", help="held-out data in the run's data format "
                    "(default: the run's data.eval)")
-    r.add_argument("--eval-max-batches", type=int, help="score at most this many eval batches")
+    r.add_argument("--eval-max-batches", type=int, metavar="N", help="score the first N eval batches of "
+                   "train.micro_batch_size rows (default: all on a GPU, {cpu_cap} on CPU, where each batch runs "
+                   "three models; the report names the rows used)".replace("{cpu_cap}", str(CPU_EVAL_MAX_BATCHES)))
     r.add_argument("--no-report", dest="report", action="store_false", help="skip the fidelity evaluation")
     defaults = ", ".join(f"{f.name} {dtype_name(f.default_dtype)}" for f in FORMATS if f.output and not f.fixed_dtype)
     m.add_argument("--dtype", choices=list(DTYPES), help="dtype of unquantized tensors (norms, embeddings, head) "
@@ -365,6 +368,7 @@ def cmd_merge(args) -> int:
     import signal
 
     from finetune.merge import merge
+    from finetune.merge.pipeline import ScoringInterrupted
 
     def terminate(signum, frame):
         raise KeyboardInterrupt  # unwinds through the merge, which removes its temporary directory
@@ -372,6 +376,10 @@ def cmd_merge(args) -> int:
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         merge(merge_config(args))
+    except ScoringInterrupted:
+        print(f"interrupted while scoring; the merged model is complete in {args.out} (its merge_report.json has "
+              "no fidelity)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
