@@ -5,7 +5,9 @@
   `.lock.owner`), so a second run on the same directory is refused at once instead of mixing checkpoints;
 - cleaned of the temporary and half-deleted directories killed runs left (safe: the lock says none is live);
 - for --resume, the newest checkpoint that verifies against its manifest, with a one-line warning for each
-  newer one that does not (moved aside to `checkpoint-N.invalid`), and the recipe checked against it.
+  newer one that does not (moved aside to `checkpoint-N.invalid`), and the recipe checked against it; --resume
+  where no run ever started (no `.run-started` marker, checkpoint, adapter or recipe.yaml: usually a mistyped
+  output.dir) is refused naming the directory, rather than silently training from step 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from quant.errors import UserError
 
 LOCK = ".lock"
 OWNER = ".lock.owner"
+STARTED = ".run-started"  # written when a fresh run has its directory: a run began here, even if killed at once
 
 
 def check_output_dir(recipe: Recipe) -> Path:
@@ -96,6 +99,20 @@ class RunLock:
             self._lock = None
 
 
+def run_started(out_dir: Path) -> bool:
+    """Whether a run ever started in `out_dir` (what --resume can continue, if only from step 0)."""
+    out_dir = Path(out_dir).expanduser()
+    return out_dir.is_dir() and (any((out_dir / name).exists() for name in (STARTED, "recipe.yaml", "adapter"))
+                                 or any(out_dir.glob("checkpoint-*")))
+
+
+def _mark_started(out_dir: Path) -> None:
+    tmp = out_dir / f".tmp-run-started-{os.getpid()}"
+    with disk_space_guard(out_dir / STARTED, 4096):
+        tmp.write_text(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        os.replace(tmp, out_dir / STARTED)
+
+
 def select_checkpoint(out_dir: Path, warn) -> Path | None:
     """The newest checkpoint that verifies against its manifest; newer broken ones are moved aside."""
     for path in reversed(ckpt.list_checkpoints(out_dir)):
@@ -128,6 +145,10 @@ class RunStart:
 
 
 def _main_part(recipe: Recipe, resume: bool, force: bool, world_size: int, say) -> RunStart:
+    if resume and not run_started(Path(recipe.output.dir)):
+        raise UserError(f"--resume: no run ever started in output.dir = '{recipe.output.dir}' (no checkpoint, "
+                        "adapter or run marker); check the directory, drop --resume to start a new run, or use "
+                        "--resume-if-present to continue a run only where there is one")
     out = check_output_dir(recipe)
     start = RunStart(out, lock=RunLock(out).acquire())
     try:
@@ -139,6 +160,7 @@ def _main_part(recipe: Recipe, resume: bool, force: bool, world_size: int, say) 
             if ckpt.list_checkpoints(out) or (out / "adapter").exists():
                 raise UserError(f"output.dir = '{out}' already holds a run; pass --resume to continue it, "
                                 "or choose another output.dir")
+            _mark_started(out)
             return start
         start.checkpoint = select_checkpoint(out, say)
         if start.checkpoint is None:
