@@ -38,9 +38,9 @@ from quant.formats.registry import output_format
 log = logging.getLogger(__name__)
 CPU_EVAL_MAX_BATCHES = 8  # fidelity batches scored on CPU unless asked otherwise (see the module docstring)
 RETENTION_WARNING = 0.5  # below this share of the fine-tune kept, the merge says what else to try
-# What else to try (scripts/tables/merge_alternatives.py measures each on a real adapter; README).
+# What else to try (scripts/tables/merge_alternatives.py measures each on a real adapter).
 ALTERNATIVES = ("try a type with more bits (gguf Q6_K or Q8_0; gptq/awq --bits 8), --calib with the training data, "
-                "or --merge-into original (README, 'What merging a real adapter keeps', has what each kept)")
+                "or --merge-into original")
 
 
 def eval_cap(max_batches: int | None, device: torch.device) -> int | None:
@@ -247,7 +247,7 @@ def table(report: dict, fmt: str, base_quantization: str) -> str:
 
 def retention_warning(f: dict, fmt: str) -> str | None:
     """One line when the merged model keeps less than RETENTION_WARNING of the fine-tune, with what else to try
-    and what those alternatives measured (README, 'What merging a real adapter keeps')."""
+    (ALTERNATIVES)."""
     ret = f.get("retention")
     if ret is None or ret >= RETENTION_WARNING:
         return None

@@ -1,5 +1,5 @@
-"""The README's "What merging a real adapter keeps" table, and the numbers `finetune merge` quotes when a merge
-keeps less than half of the fine-tune: SmolLM2-135M-Instruct (NF4) + 20 steps on ShareGPT (recipes/sharegpt.yaml),
+"""What the alternatives `finetune merge` suggests when a merge keeps less than half of the fine-tune keep on a
+real adapter: SmolLM2-135M-Instruct (NF4) + 20 steps on ShareGPT (recipes/sharegpt.yaml),
 merged to GGUF Q4_K_M as a user would, then the alternatives: other GGUF types, --calib with the training data,
 --merge-into original, and bf16 as the reference. All outputs are scored on one pass over every held-out row.
 
