@@ -31,12 +31,13 @@ import torch
 from finetune.generation import LlamaCppModel, llama_cpp_available
 from finetune.merge.adapter import read_adapter
 from finetune.merge.source import block_prefix, plan_units, skeleton
-from finetune.merge.stream import check_adapter_fits, stream_units
+from finetune.merge.stream import check_adapter_fits, check_fits_model, stream_units
 from quant.errors import UserError
-from quant.files import Checkpoint
 from quant.formats import registry as formats
 from quant.formats.base import CastEncoder
 from quant.formats.registry import FORMATS, stored_output
+from quant.model_checks import check_model_dir
+from quant.tensorfiles import Checkpoint
 
 # What `model_format` recognises, for the one-line error on anything else.
 SUPPORTED = ("run directories and adapters (the adapter on its quantized base), and model directories stored as "
@@ -65,6 +66,20 @@ class Loaded:
 
 def is_adapter_path(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file()
+
+
+def input_paths(path: str | Path) -> list[tuple[Path | str | None, str]]:
+    """What RUN_OR_MODEL reads: the directory, and for a run or adapter its adapter, run and base directories
+    (for the output rule: `--out` never replaces or sits inside any of them)."""
+    from finetune.merge.adapter import locate
+
+    path = Path(path)
+    found: list[tuple[Path | str | None, str]] = [(path, "RUN_OR_MODEL")]
+    if path.is_dir() and is_adapter_path(path):
+        run = locate(path)
+        found += [(run.adapter_dir, "the adapter"), (run.run_dir, "the run"),
+                  *[(b, "the adapter's base model") for b in run.base_paths()]]
+    return found
 
 
 def model_format(model_dir: Path) -> str:
@@ -115,12 +130,14 @@ def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Lo
     if path.is_dir() and is_adapter_path(path):
         from finetune.merge.report import load_adapter_model  # it loads peft, which pulls bitsandbytes
 
-        source = read_adapter(path)
+        source = read_adapter(path)  # adapter_config.json, base.json and finite factors checked
+        check_fits_model(source)  # every module there, with its shape, before any weight loads
         model, compute_dtype = load_adapter_model(source, device)
         tokenizer = load_tokenizer(str(source.tokenizer_dir), str(path))
         return Loaded(model, tokenizer, str(path), "adapter", device, compute_dtype, source)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; supported: {SUPPORTED}")
+    check_model_dir(path, "RUN_OR_MODEL")  # config.json and GGUF headers as data, before a loader reads them
     fmt, _ = _stored(path)
     compute = _DTYPES[dtype] if dtype else default_dtype(device, fmt)
     model = fmt.load_merged(path, device, compute)
@@ -141,6 +158,7 @@ def load_for_generation(path: str | Path, device: torch.device, dtype: str | Non
         return Loaded(model, tokenizer, str(path), "adapter", device, source.base.dtype, source)
     gguf = gguf_file(path)
     if gguf is not None and use_llama_cpp and device.type == "cpu" and llama_cpp_available():
+        check_model_dir(path, "RUN_OR_MODEL")  # the GGUF header as data, before llama.cpp reads it
         fmt, _ = _stored(path)
         return Loaded(LlamaCppModel(gguf), fmt.load_tokenizer(path), str(path), model_format(path), device,
                       torch.float32, runner="llama.cpp")
@@ -165,7 +183,8 @@ def merged_adapter_model(source, device: torch.device) -> torch.nn.Module:
     model = skeleton(ckpt.config)
     prefix, n_layers = block_prefix(model)
     weights = formats.format_of(source.base).rebuilder(source.base, ckpt, model, device)
-    check_adapter_fits(source.loras, weights, n_layers)
+    check_adapter_fits(source.loras, weights.weight_shape, f"{weights.ckpt.path} ({n_layers} layers)",
+                       f"is {source.adapter_dir / 'base.json'} naming the model the adapter was trained on?")
     state: dict[str, torch.Tensor] = {}
     stream_units(weights, plan_units(ckpt.keys(), prefix, n_layers), source.loras, CastEncoder(source.base.dtype),
                  lambda tensors: state.update({k: v.to(device) for k, v in tensors.items()}))

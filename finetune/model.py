@@ -1,4 +1,9 @@
-"""Resolve the base once (a `BaseSpec`), load it through its format (quant.formats), attach LoRA with peft."""
+"""Resolve the base once (a `BaseSpec`), load it through its format (quant.formats), attach LoRA with peft.
+
+Which layers are frozen quantized layers, what peft needs registered for them and what counts as quantized storage
+is asked of the format registry. peft is imported where it is used: it takes ~10 s to import (it imports
+bitsandbytes), and the finetune CLI imports this module for every command.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from quant.errors import UserError
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
 from quant.loading import load_tokenizer, materialize
+from quant.peft_support import register_lora_layers
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +114,10 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     targets = lora.target_modules
-    packed = _has_packed_layers(model)
-    if packed and targets == "all-linear":
-        # peft's 'all-linear' only knows nn.Linear and bitsandbytes layers; spell out our GPTQ/AWQ layers' names.
-        from quant.peft_support import packed_layer_types
-
-        types = packed_layer_types()
+    custom = _has_custom_lora_layers(model)
+    if custom and targets == "all-linear":
+        # peft's 'all-linear' only knows nn.Linear and bitsandbytes layers; spell out the other layers' names.
+        types = formats.custom_lora_types()
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, types)})
     _check_target_modules(model, targets)
     config = PeftLoraConfig(
@@ -124,10 +128,8 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if packed:
-        from quant.peft_support import register_packed_layers
-
-        register_packed_layers(config)
+    if custom:
+        register_lora_layers(config)
     try:
         with _quiet_peft_checkpointing_probe():
             return get_peft_model(model, config)
@@ -135,10 +137,9 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
 
 
-def _has_packed_layers(model: torch.nn.Module) -> bool:
-    from quant.peft_support import packed_layer_types
-
-    types = packed_layer_types()
+def _has_custom_lora_layers(model: torch.nn.Module) -> bool:
+    """Whether the model holds layers peft has no dispatcher for (they must be registered with it)."""
+    types = formats.custom_lora_types()
     return any(isinstance(m, types) for m in model.modules())
 
 
@@ -148,10 +149,8 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = 
     from peft import PeftModel
 
     config = PeftLoraConfig.from_pretrained(str(adapter_dir))
-    if _has_packed_layers(base_model):
-        from quant.peft_support import register_packed_layers
-
-        register_packed_layers(config)
+    if _has_custom_lora_layers(base_model):
+        register_lora_layers(config)
     with _quiet_peft_checkpointing_probe():
         return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
 
@@ -183,9 +182,15 @@ def _check_target_modules(model: torch.nn.Module, targets) -> None:
 
 
 def memory_report(model: torch.nn.Module) -> dict:
-    """Bytes held by parameters and buffers, split into quantized storage, other frozen, and trainable."""
+    """Bytes held by parameters and buffers, split into quantized storage (the tensors holding the formats' frozen
+    layers' weights, quant-state tensors included), other frozen, and trainable."""
     quantized = frozen = trainable = 0
     seen = set()
+    for m in model.modules():
+        for t in formats.quantized_storage(m):
+            if id(t) not in seen:
+                seen.add(id(t))
+                quantized += t.numel() * t.element_size()
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in seen:
             continue
@@ -193,41 +198,27 @@ def memory_report(model: torch.nn.Module) -> dict:
         nbytes = t.numel() * t.element_size()
         if getattr(t, "requires_grad", False):
             trainable += nbytes
-        elif t.dtype in (torch.uint8, torch.int8, torch.int32) or type(t).__name__ in ("Params4bit", "Int8Params"):
-            quantized += nbytes
         else:
             frozen += nbytes
-        # Quant-state tensors hang off Params4bit and are not parameters or buffers.
-        qs = getattr(t, "quant_state", None)
-        if qs is not None:
-            quantized += _quant_state_bytes(qs)
     total = quantized + frozen + trainable
     return {"total_mb": total / 2**20, "quantized_mb": quantized / 2**20, "frozen_mb": frozen / 2**20,
             "trainable_mb": trainable / 2**20}
 
 
-def _quant_state_bytes(qs) -> int:
-    total = 0
-    for name in ("absmax", "code"):
-        t = getattr(qs, name, None)
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    if getattr(qs, "state2", None) is not None:
-        total += _quant_state_bytes(qs.state2)
-    return total
-
-
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, counting packed 4-bit storage as two weights per byte and a GPTQ
-    or AWQ layer's packed int32 buffer (not a parameter) as its in x out weights."""
-    from quant.peft_support import packed_layer_types
-
+    """(trainable, total) parameter counts, counting a quantized layer's weight (4-bit bytes, a GPTQ or AWQ
+    layer's packed int32 buffers) as its in x out weights."""
     trainable = total = 0
+    counted = set()
+    for m in model.modules():
+        storage = formats.quantized_storage(m)
+        if storage:
+            counted.update(id(t) for t in storage)
+            total += m.in_features * m.out_features
     for p in model.parameters():
-        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
-        total += n
+        if id(p) in counted:
+            continue
+        total += p.numel()
         if p.requires_grad:
-            trainable += n
-    types = packed_layer_types()
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, types))
+            trainable += p.numel()
     return trainable, total

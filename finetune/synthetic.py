@@ -89,8 +89,8 @@ def save_model_dir(model, path: str | Path) -> Path:
 def save_rtn_gptq(model, path: str | Path, group_size: int = 128) -> Path:
     """Quantize `model` in place to 4-bit GPTQ by round-to-nearest and write the checkpoint (with the byte
     tokenizer). For random weights calibration would change nothing a benchmark measures."""
-    from quant.gptq import GPTQConfig
-    from quant.model import quantize_model, save_quantized
+    from quant.gptq.model import quantize_model, save_quantized
+    from quant.gptq.solver import GPTQConfig
 
     cfg = GPTQConfig(bits=4, group_size=group_size, method="rtn").validate()
     quantize_model(model, None, cfg, device=next(model.parameters()).device, progress=False)
@@ -99,8 +99,8 @@ def save_rtn_gptq(model, path: str | Path, group_size: int = 128) -> Path:
 
 def save_rtn_awq(model, path: str | Path, group_size: int = 128) -> Path:
     """Like save_rtn_gptq, in AWQ's gemm format: asymmetric 4-bit with zero points, no scale search."""
-    from quant.awq import AWQConfig
-    from quant.awq_model import quantize_model_awq, save_awq
+    from quant.awq.model import quantize_model_awq, save_awq
+    from quant.awq.solver import AWQConfig
 
     cfg = AWQConfig(group_size=group_size, method="rtn").validate()
     quantize_model_awq(model, None, cfg, device=next(model.parameters()).device, progress=False)

@@ -1,26 +1,29 @@
 """Quantized weights: GPTQ/AWQ/RTN quantizers, on-disk formats, packed layers and kernels, perplexity."""
 
+import importlib
+
 from quant.errors import UserError
 
-# Public API, imported lazily so that `import quant` (and the CLI's --help) does not pull in torch.
+# Public API, imported lazily so that `import quant` does not pull in torch.
 _EXPORTS = {
-    "GPTQConfig": "quant.gptq",
-    "gptq_quantize": "quant.gptq",
-    "HessianAccumulator": "quant.gptq",
-    "QuantLinear": "quant.nn",
-    "quantize_model": "quant.model",
-    "quantize": "quant.model",
-    "save_quantized": "quant.model",
-    "load_gptq_model": "quant.model",
+    "GPTQConfig": "quant.gptq.solver",
+    "gptq_quantize": "quant.gptq.solver",
+    "HessianAccumulator": "quant.feedback",
+    "GPTQLinear": "quant.gptq.nn",
+    "QuantLinear": "quant.gptq.nn",
+    "quantize_model": "quant.gptq.model",
+    "quantize": "quant.gptq.model",
+    "save_quantized": "quant.gptq.model",
+    "load_gptq_model": "quant.gptq.model",
     "evaluate": "quant.eval",
     "perplexity": "quant.eval",
     "register_quantlinear": "quant.peft_support",
-    "AWQConfig": "quant.awq",
-    "AWQLinear": "quant.nn_awq",
-    "quantize_model_awq": "quant.awq_model",
-    "quantize_awq": "quant.awq_model",
-    "save_awq": "quant.awq_model",
-    "load_awq_model": "quant.awq_model",
+    "AWQConfig": "quant.awq.solver",
+    "AWQLinear": "quant.awq.nn",
+    "quantize_model_awq": "quant.awq.model",
+    "quantize_awq": "quant.awq.model",
+    "save_awq": "quant.awq.model",
+    "load_awq_model": "quant.awq.model",
     "register_awqlinear": "quant.peft_support",
 }
 
@@ -29,7 +32,5 @@ __all__ = ["UserError", *_EXPORTS]
 
 def __getattr__(name):
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'quant' has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """`quant` command line: `quant gptq` / `quant awq` (quantize to a GPTQ / AWQ checkpoint), `quant gguf` (export
 for llama.cpp) and `quant eval` (perplexity).
 
-Parsing only; each subcommand calls one public function. A UserError becomes one line on stderr and
-exit code 2.
+Parsing only; each subcommand calls one public function. The quantizer flags are generated from the fields of
+GPTQConfig / AWQConfig (quant.settings), so their defaults are the dataclasses'. A UserError becomes one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,11 +14,22 @@ import logging
 import signal
 import sys
 
-from quant.awq import METHODS as AWQ_METHODS, ROUNDINGS
+import torch
+
+from quant.awq.model import quantize_awq
+from quant.awq.solver import AWQConfig
+from quant.calibration import check_sources
 from quant.errors import UserError
-from quant.formats.gptq_pack import FORMATS as CHECKPOINT_FORMATS
+from quant.eval import evaluate
+from quant.export import export_gguf
+from quant.files import check_output
 from quant.formats.registry import AUTO, base_names
-from quant.gptq import METHODS
+from quant.ggml.mix import FILE_TYPES
+from quant.gptq.model import quantize
+from quant.gptq.pack import FORMATS as CHECKPOINT_FORMATS
+from quant.gptq.solver import GPTQConfig
+from quant.loading import source_inputs
+from quant.settings import add_flags, from_flags
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -56,23 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gptq", help="quantize MODEL (HF dir, hub id, .gguf, pkg:...) to a GPTQ checkpoint")
     g.add_argument("model")
     _output_args(g)
-    g.add_argument("--bits", type=int, default=4)
-    g.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
-    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
-                   help="act-order: quantize columns by decreasing Hessian diagonal (default for --method gptq; on "
-                   "SmolLM2 4-bit g64 it halves the perplexity gap of plain GPTQ; meaningless for rtn)")
-    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="--asym for zero points")
+    add_flags(g, GPTQConfig)
     g.add_argument("--asym", dest="sym", action="store_false", help=argparse.SUPPRESS)
-    g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
-    g.add_argument("--mse", type=float, default=None, help="clipping search norm; 0 = min-max (default: 2.4 for "
-                   "--method gptq, which had the smallest perplexity gap of our symmetric GPTQ both in and out of the "
-                   "calibration domain on SmolLM2 (README); 0 for rtn)")
-    g.add_argument("--decorrelate", type=float, default=None, help="shrink the Hessian's off-diagonal by this "
-                   "fraction, 0..1 (default: 0.25 for gptq: best in and out of the calibration domain, README "
-                   "'quant awq'; 0 = GPTQ as published, 1 = round-to-nearest)")
-    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--method", choices=METHODS, default=METHODS[0])
     _calibration_args(g)
     g.add_argument("--format", dest="checkpoint_format", choices=(AUTO,) + CHECKPOINT_FORMATS, default=AUTO,
                    help="auto: gptq (v1) when symmetric, gptq_v2 when asymmetric")
@@ -90,26 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                        "awq_marlin), transformers and GPTQModel.")
     w.add_argument("model")
     _output_args(w)
-    w.add_argument("--bits", type=int, default=4, help="4 (the only width of the AWQ gemm format)")
-    w.add_argument("--group-size", type=int, default=128,
-                   help="32, 64 or 128 input channels per scale/zero (default 128); pick one that divides every layer's "
-                   "in_features for vLLM (SmolLM2's 576 needs 32 or 64)")
-    w.add_argument("--method", choices=AWQ_METHODS, default=AWQ_METHODS[0], help="rtn: plain round-to-nearest on the "
-                   "same grid, no calibration (for comparison)")
-    w.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="search per-group clipping of the weight range (--no-clip: min-max range)")
-    w.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=False,
-                   help="AutoAWQ's variant: s = mean|x|^a / mean|w|^(1-a)")
-    w.add_argument("--grid", type=int, default=20, help="points of the alpha grid (and 1/grid clipping steps)")
-    w.add_argument("--rounding", choices=ROUNDINGS, default="feedback", help="how codes are picked on the searched "
-                   "grid: feedback (default: nearest, inside GPTQ's error feedback), nearest (AWQ as published) or "
-                   "dithered (unbiased stochastic rounding, seeded, inside the error feedback; what finetune merge "
-                   "uses)")
-    w.add_argument("--decorrelate", type=float, default=0.5, help="for feedback/dithered rounding: shrink the "
-                   "Hessian's off-diagonal by this fraction, 0..1 (default 0.5: best out of the calibration domain, "
-                   "README 'quant awq')")
-    w.add_argument("--search-tokens", type=int, default=2048, help="calibration tokens forwarded per scale "
-                   "candidate through attention/MLP (default 2048; statistics always use every token)")
+    add_flags(w, AWQConfig)
     _calibration_args(w)
     w.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     w.add_argument("--seed", type=int, default=0)
@@ -135,12 +113,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _gguf_parser(sub) -> None:
-    from quant.ggml.mix import FILE_TYPES
-
     g = sub.add_parser(
         "gguf", help="write MODEL as one .gguf file for llama.cpp / Ollama",
-        description="Write MODEL (HF dir, hub id, .gguf, pkg:..., or a GPTQ checkpoint) as one .gguf file: llama.cpp's "
-        "architecture metadata, tokenizer and tensor names, quantized by our own K-quant/legacy packing with "
+        description="Write MODEL (HF dir, hub id, .gguf, pkg:..., or a GPTQ or AWQ checkpoint) as one .gguf file: "
+        "llama.cpp's architecture metadata, tokenizer and tensor names, quantized by our own K-quant/legacy packing with "
         "llama.cpp's per-tensor mixes (q4_k_m: Q4_K with Q6_K for the head and for attn_v/ffn_down of a third of "
         "the layers; rows that are not a multiple of 256 fall back to Q5_0/Q5_1/Q8_0 as in llama.cpp). Llama, "
         "Mistral and Qwen2 architectures.")
@@ -164,9 +140,15 @@ def _gguf_parser(sub) -> None:
     g.set_defaults(run=_run_gguf)
 
 
-def _run_gguf(a) -> None:
-    from quant.ggml.export import export_gguf
+def _check_io(a, action: str, file: bool = False) -> None:
+    """--out (the output rule, docs/outputs.md) and --calib checked before any model loads."""
+    check_output(a.out, a.overwrite, action=action, inputs=source_inputs(a.model, a.calib), file=file)
+    if a.calib:
+        check_sources(a.calib, a.text_field)
 
+
+def _run_gguf(a) -> None:
+    _check_io(a, "export", file=True)
     report = export_gguf(a.model, a.out, a.gguf_type, calib=a.calib, calib_samples=a.calib_samples,
                          calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                          name=a.name, device=a.device, seed=a.seed, progress=a.progress,
@@ -175,42 +157,31 @@ def _run_gguf(a) -> None:
 
 
 def _run_gptq(a) -> None:
-    from quant.gptq import GPTQConfig
-    from quant.model import quantize
-
-    cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, static_groups=a.static_groups, sym=a.sym,
-                     damp_percent=a.damp, true_sequential=a.true_sequential, method=a.method)
-    # Act-order, the clipping search and decorrelation are our GPTQ defaults (measured best in and out of the
-    # calibration domain); --method rtn stays plain min-max rounding.
-    cfg.desc_act = cfg.calibrated if a.desc_act is None else a.desc_act
-    cfg.mse = (2.4 if cfg.calibrated else 0.0) if a.mse is None else a.mse
-    cfg.decorrelate = (0.25 if cfg.calibrated else 0.0) if a.decorrelate is None else a.decorrelate
+    _check_io(a, "quantization")
+    cfg = from_flags(GPTQConfig, a)
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                       device=a.device, checkpoint_format=a.checkpoint_format, seed=a.seed, progress=a.progress,
                       overwrite=a.overwrite)
-    err = report.mean_error()
-    print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
-          f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {a.out}")
+    _print_written(a.out, cfg, report)
 
 
 def _run_awq(a) -> None:
-    from quant.awq import AWQConfig
-    from quant.awq_model import quantize_awq
-
-    cfg = AWQConfig(bits=a.bits, group_size=a.group_size, method=a.method, clip=a.clip, n_grid=a.grid,
-                    duo_scaling=a.duo_scaling, search_tokens=a.search_tokens, rounding=a.rounding,
-                    decorrelate=a.decorrelate)
+    _check_io(a, "quantization")
+    cfg = from_flags(AWQConfig, a)
     report = quantize_awq(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                           calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                           device=a.device, seed=a.seed, progress=a.progress, overwrite=a.overwrite)
-    print(f"wrote {a.out}: {len(report.layers)} layers, {a.method} {a.bits}-bit g{a.group_size}, "
-          f"mean rel. error {report.mean_error():.3e}, {report.seconds:.1f}s")
+    _print_written(a.out, cfg, report)
+
+
+def _print_written(out, cfg, report) -> None:
+    err = report.mean_error()
+    print(f"wrote {out}: {len(report.layers)} layers, {cfg.method} {cfg.bits}-bit g{cfg.group_size}, "
+          f"mean rel. error {err:.3e}, {report.seconds:.1f}s" if err is not None else f"wrote {out}")
 
 
 def _run_eval(a) -> None:
-    from quant.eval import evaluate
-
     res = evaluate(a.model, a.data, seqlen=a.seqlen, max_chunks=a.max_chunks, quantization=a.quantization,
                    device=a.device, text_field=a.text_field, progress=a.progress)
     print(json.dumps(res))
@@ -222,8 +193,6 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quant.calibration import load_texts, token_stream
 from quant.errors import UserError
+from quant.formats.registry import UNQUANTIZED, base_format, resolve_base
+from quant.loading import materialize
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +52,11 @@ def load_eval_model(spec: str, quantization: str = "auto", device=None):
     `auto` evaluates a checkpoint as the format it is stored in, else unquantized; bitsandbytes formats are
     quantized on load (single quantization, uint8 storage).
     """
-    from transformers import AutoTokenizer
-
-    from quant.formats.registry import UNQUANTIZED, base_format, resolve_base
-    from quant.loading import materialize
+    from transformers import AutoTokenizer  # here, not at the top: ~1.4 s of `quant --help` (2 cores)
 
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src = materialize(spec)
-    # CPU: fp32 compute (bf16 backward/forward on CPU is many times slower, docs/offline-assets.md).
+    # CPU: fp32 compute (bf16 on CPU is many times slower; quant.formats.base.resolve_compute_dtype).
     compute = torch.float32 if device.type == "cpu" else torch.bfloat16
     base = resolve_base(spec, src, quantization, double_quant=False, compute_dtype=compute, what="--quantization",
                         default=UNQUANTIZED)
@@ -68,8 +68,6 @@ def load_eval_model(spec: str, quantization: str = "auto", device=None):
 def evaluate(model_spec: str, data, seqlen: int = 512, max_chunks: int | None = None, quantization: str = "auto",
              device=None, text_field: str = "text", progress: bool = True) -> dict:
     """`quant eval`: perplexity of MODEL on the text in `data` (file, directory, pkg:..., hub dataset)."""
-    from quant.calibration import load_texts, token_stream
-
     texts = load_texts(data, text_field=text_field, what="evaluation data")
     t0 = time.perf_counter()
     model, tokenizer, kind = load_eval_model(model_spec, quantization, device)

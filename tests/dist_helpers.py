@@ -1,7 +1,7 @@
 """Run under `torchrun --nproc_per_node 2`: our FSDP2 code paths on CPU/gloo, where accelerate will not shard.
 
 accelerate sets up FSDP only on GPUs, so this script shards the model the way accelerate's FSDP2 prepare
-does (`fully_shard` on every decoder layer, then the root) and drives finetune's Runtime as the loop does:
+does (`fully_shard` on every decoder layer, then the root) and drives finetune's FSDP strategy as the run does:
 backward/step, gathering the adapter, and a checkpoint saved and loaded into a freshly sharded model.
 Everything else is real: FSDP2 over gloo, bitsandbytes NF4 stored as float32, peft LoRA.
 
@@ -46,10 +46,10 @@ def main(model_dir: str, out_dir: str) -> None:
     from finetune.recipe import TrainConfig
     from finetune.train.checkpoint import TrainState
     from finetune.train.optim import build_optimizer, build_scheduler
-    from finetune.train.runtime import Runtime
+    from finetune.train.strategy.fsdp import FSDP
 
     acc = Accelerator(cpu=True)
-    rt = Runtime(acc, acc.device, acc.process_index, acc.num_processes, "FSDP")
+    rt = FSDP(acc)
     mesh = init_device_mesh("cpu", (rt.world_size,))
     cfg = TrainConfig(max_steps=3, learning_rate=1e-2, lr_scheduler="constant", max_grad_norm=1.0)
     ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -89,8 +89,8 @@ def main(model_dir: str, out_dir: str) -> None:
     state = rt.load_checkpoint(out / "checkpoint-3", fresh, fresh_opt, fresh_sched)
     restored = rt.full_adapter_state(fresh)
     load_diff = max(float((restored[n] - gathered[n]).abs().max()) for n in gathered)
-    before = rt._full_optimizer_state(sharded, optimizer)  # gathered whole on rank 0 only
-    after = rt._full_optimizer_state(fresh, fresh_opt)
+    before = rt.full_optimizer_state(sharded, optimizer)  # gathered whole on rank 0 only
+    after = rt.full_optimizer_state(fresh, fresh_opt)
     if rt.is_main:
         before, after = before["state"], after["state"]
         optim_diff = max(float((before[k][s] - after[k][s]).abs().max())

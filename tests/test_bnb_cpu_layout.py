@@ -17,7 +17,7 @@ from support import tiny_recipe
 from finetune.model import attach_lora, load_base
 from finetune.recipe import BaseConfig, LoraConfig, recipe_from_dict
 from finetune.train.loop import train
-from quant.formats.bnb import is_cpu_packed, keep_reference_layout
+from quant.formats.bnb_lib import is_cpu_packed, keep_reference_layout
 
 CPU = torch.device("cpu")
 
@@ -38,7 +38,7 @@ def test_the_session_forces_the_cpu_capability_that_triggers_the_conversion():
     assert layer.support_avx512bf16_for_cpu
     with torch.no_grad():
         layer(torch.randn(2, 64))
-    assert is_cpu_packed(layer), "bitsandbytes no longer converts on eval: revisit quant/formats/bnb.py"
+    assert is_cpu_packed(layer), "bitsandbytes no longer converts on eval: revisit quant/formats/bnb_lib.py"
     with pytest.raises(RuntimeError, match="already converted"):
         keep_reference_layout(torch.nn.Sequential(layer))
 

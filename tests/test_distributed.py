@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from support import tiny_recipe
 from finetune.recipe import TrainConfig, recipe_from_dict
 from finetune.train.loop import train
-from finetune.train.runtime import fill_deepspeed_config
+from finetune.train.strategy.deepspeed import fill_deepspeed_config
 from quant.errors import UserError
 from quant.formats.base import BaseSpec, ShardingSetup
 from quant.formats.registry import sharding_problem
@@ -188,7 +188,7 @@ def test_fsdp_config_on_cpu_is_refused_instead_of_running_unsharded(tmp_path, ti
 
 
 def test_fsdp2_paths_on_cpu_train_gather_and_resume_exactly(tmp_path, tiny_model_dir):
-    """Runtime's FSDP2 step, adapter gathering and checkpoint round trip over real FSDP2 + gloo (the model is
+    """The FSDP strategy's FSDP2 step, adapter gathering and checkpoint round trip over real FSDP2 + gloo (the model is
     sharded as accelerate's FSDP2 prepare does, since accelerate itself shards only on GPUs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",

@@ -19,6 +19,7 @@ from finetune.data import build_datasets
 from finetune.data.check import EVAL_SPLIT_FILE, check_data, held_out_rows
 from finetune.recipe import DataConfig, load_recipe, recipe_from_dict
 from finetune.train.loop import train
+from finetune.train.rundir import is_run_dir
 from quant.errors import UserError
 from support import chat_rows, error_line, tiny_recipe, write_jsonl
 
@@ -52,7 +53,7 @@ def test_resume_if_present_starts_a_run_then_continues_it(tmp_path, tiny_model_d
     recipe = _write(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, chat_files[0], None, out,
                                                      train={"max_steps": 2, "save_every": 1}, **FAST))
     assert main(["sft", str(recipe), "--resume-if-present", "-q"]) == 0
-    assert (out / "adapter" / "adapter_config.json").exists() and (out / ".run-started").exists()
+    assert (out / "adapter" / "adapter_config.json").exists() and is_run_dir(out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     # The same command again continues the finished run (to the same max_steps: nothing more to train).
     assert main(["sft", str(recipe), "--resume-if-present", "-q", "--set", "train.max_steps=3"]) == 0

@@ -15,11 +15,11 @@ from torch import nn
 
 from finetune.merge.source import skeleton
 from quant.errors import UserError
-from quant.files import Checkpoint
+from quant.tensorfiles import Checkpoint
 from quant.formats.base import REQUIRED, BaseSpec, ShardingSetup
 from quant.formats.registry import (FORMATS, base_format, base_names, output_format, output_names, resolve_base,
                                     sharding_problem)
-from quant.sequential import find_blocks
+from quant.blocks import find_blocks
 from support import make_tiny_model, quiet_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,8 +65,8 @@ def _weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from quant.nn import QuantLinear
-    from quant.nn_awq import AWQLinear
+    from quant.awq.nn import AWQLinear
+    from quant.gptq.nn import QuantLinear
 
     if isinstance(module, bnb.nn.Linear4bit):
         return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()

@@ -8,6 +8,7 @@ from torch import nn
 
 from finetune.kernels.lora import Projection, project, projection_of
 from finetune.kernels.mlp import lora_mlp
+from quant.formats.registry import frozen_weight
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -16,7 +17,7 @@ def make_proj(n_in, n_out, r, scale, bias=False, dropout=0.0, device="cpu", dtyp
     base = nn.Linear(n_in, n_out, bias=bias).to(device=device, dtype=dtype).requires_grad_(False)
     A = nn.Parameter(torch.randn(r, n_in, device=device) / n_in ** 0.5)
     B = nn.Parameter(torch.randn(n_out, r, device=device) * 0.1)
-    return Projection(base, "dense", A, B, scale, nn.Dropout(dropout) if dropout else None)
+    return Projection(base, frozen_weight(base), A, B, scale, nn.Dropout(dropout) if dropout else None)
 
 
 def plain(p: Projection, x):
@@ -105,14 +106,15 @@ def test_projection_of_reads_peft_layers_and_names_what_it_cannot_take():
 
 def test_nf4_weight_is_bitsandbytes_dequantization():
     bnb = pytest.importorskip("bitsandbytes")
-    from quant.formats.bnb import keep_reference_layout
+    from quant.formats.bnb_lib import keep_reference_layout
 
     torch.manual_seed(2)
     q = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     q.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4", compress_statistics=True)
     q = q.to("cpu")  # quantizes (double quantization: nested absmax)
     keep_reference_layout(q)
-    p = Projection(q, "bnb4", nn.Parameter(torch.zeros(2, 64)), nn.Parameter(torch.zeros(32, 2)), 1.0, None)
+    p = Projection(q, frozen_weight(q), nn.Parameter(torch.zeros(2, 64)), nn.Parameter(torch.zeros(32, 2)), 1.0, None)
+    assert p.kind == "bnb4"
     import bitsandbytes.functional as F
 
     assert torch.equal(p.weight(torch.float32), F.dequantize_4bit(q.weight.data, q.weight.quant_state))

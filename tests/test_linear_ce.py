@@ -1,4 +1,5 @@
-"""The chunked fused LM-head loss gives the plain path's loss and gradients, and training with it is the same."""
+"""The chunked fused LM-head loss (and per-row log-probs) give the plain path's values and gradients, and training
+with it is the same."""
 
 from __future__ import annotations
 
@@ -9,18 +10,23 @@ from safetensors.torch import load_file
 
 from support import tiny_recipe
 from finetune.recipe import recipe_from_dict
-from finetune.train.linear_ce import linear_cross_entropy_sum
+from finetune.train.linear_ce import linear_cross_entropy_sum, linear_log_probs
 from finetune.train.loss import fusable_head
 from finetune.train.loop import train
 
 
-@pytest.mark.parametrize("dtype,chunk", [(torch.float32, 7), (torch.float32, 4096), (torch.bfloat16, 16)])
-def test_matches_plain_cross_entropy(dtype, chunk):
-    g = torch.Generator().manual_seed(0)
+def head_inputs(dtype, g):
+    """hidden [50, 32] (a leaf), a frozen head [300, 32], labels with every 4th row ignored."""
     hidden = torch.randn(50, 32, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(300, 32, generator=g) * 0.3).to(dtype)
     labels = torch.randint(0, 300, (50,), generator=g)
     labels[::4] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype,chunk", [(torch.float32, 7), (torch.float32, 4096), (torch.bfloat16, 16)])
+def test_matches_plain_cross_entropy(dtype, chunk):
+    hidden, weight, labels = head_inputs(dtype, torch.Generator().manual_seed(0))
     plain_h = hidden.detach().clone().requires_grad_()
     plain = F.cross_entropy((plain_h @ weight.T).float(), labels, ignore_index=-100, reduction="sum")
     plain.backward()
@@ -33,9 +39,29 @@ def test_matches_plain_cross_entropy(dtype, chunk):
     assert err < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_refuses_a_trained_head():
+@pytest.mark.parametrize("dtype,chunk", [(torch.float32, 7), (torch.float32, 4096), (torch.bfloat16, 16)])
+def test_log_probs_match_log_softmax(dtype, chunk):
+    """Per-row log-probs (preference objectives) and their gradient under a different weight per row."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, labels = head_inputs(dtype, g)
+    upstream = torch.randn(50, generator=g)  # per-sequence sums and losses weigh each token differently
+    dense_h = hidden.detach().clone().requires_grad_()
+    dense = (dense_h @ weight.T).float().log_softmax(-1).gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+    dense = torch.where(labels != -100, dense, 0.0)
+    (dense * upstream).sum().backward()
+    got = linear_log_probs(hidden, weight, labels, chunk)
+    (got * upstream).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got - dense.detach()).abs().max() <= tol * dense.detach().abs().max()
+    assert got[::4].abs().max() == 0 and hidden.grad[::4].abs().max() == 0  # ignored rows: nothing, either way
+    err = (hidden.grad.float() - dense_h.grad.float()).norm() / dense_h.grad.float().norm()
+    assert err < tol
+
+
+@pytest.mark.parametrize("fn", [linear_cross_entropy_sum, linear_log_probs])
+def test_refuses_a_trained_head(fn):
     with pytest.raises(ValueError, match="frozen"):
-        linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4, requires_grad=True), torch.zeros(3).long())
+        fn(torch.randn(3, 4), torch.randn(5, 4, requires_grad=True), torch.zeros(3).long())
 
 
 def test_training_with_the_fused_loss_matches_the_plain_loss(tmp_path, tiny_model_dir, chat_files):

@@ -16,7 +16,8 @@ import yaml
 from support import tiny_recipe
 from finetune.recipe import recipe_from_dict
 from finetune.train import checkpoint as ckpt
-from finetune.train import loop
+from finetune.train import setup
+from finetune.train.objectives import sft
 from finetune.train.loop import train
 from quant.errors import UserError
 
@@ -46,15 +47,17 @@ def finished(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
 
 def test_a_second_run_on_a_locked_output_dir_is_refused_with_the_holders_pid(tmp_path, tiny_model_dir, chat_files):
     out = tmp_path / "run"
+    out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from finetune.train.rundir import RunLock
+        from quant.files import write_marker
+        write_marker({str(out)!r}, "run")  # as a run marks its output.dir before it locks it
         lock = RunLock({str(out)!r}).acquire()  # kept: a dropped lock object releases itself
         print("held", flush=True)
         time.sleep(600)
     """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        out.mkdir()
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=rf"output.dir = '{out}' is in use by another run \(pid {holder.pid} on "):
             train(_recipe(tiny_model_dir, chat_files, out), echo=quiet)
@@ -130,14 +133,14 @@ def test_resume_refuses_changed_data_under_the_same_path(finished, tmp_path, tin
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, chat_files,
                                                                       monkeypatch):
-    real, calls = loop.causal_lm_loss, {"n": 0}
+    real, calls = sft.causal_lm_loss, {"n": 0}
 
     def blows_up(*args, **kwargs):
         loss, n = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("inf") if calls["n"] == 3 else loss), n  # step 3's micro-batch
 
-    monkeypatch.setattr(loop, "causal_lm_loss", blows_up)
+    monkeypatch.setattr(sft, "causal_lm_loss", blows_up)
     out = tmp_path / "run"
     with pytest.raises(UserError) as err:
         train(_recipe(tiny_model_dir, chat_files, out), echo=quiet)
@@ -149,7 +152,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
 
 def test_a_nan_gradient_stops_the_run_before_the_optimizer_applies_it(tmp_path, tiny_model_dir, chat_files,
                                                                      monkeypatch):
-    real = loop.attach_lora
+    real = setup.attach_lora
     seen = {}
 
     def poisoned(*args, **kwargs):
@@ -159,7 +162,7 @@ def test_a_nan_gradient_stops_the_run_before_the_optimizer_applies_it(tmp_path, 
         p.register_hook(lambda g: g * float("nan"))
         return model
 
-    monkeypatch.setattr(loop, "attach_lora", poisoned)
+    monkeypatch.setattr(setup, "attach_lora", poisoned)
     with pytest.raises(UserError, match=r"^step 1: the gradient norm is nan \(not finite\); stopped without saving "
                                         r"\(no checkpoint was written\); likely cause: "):
         train(_recipe(tiny_model_dir, chat_files, tmp_path / "run"), echo=quiet)
@@ -169,8 +172,8 @@ def test_a_nan_gradient_stops_the_run_before_the_optimizer_applies_it(tmp_path, 
 def test_the_cli_prints_a_non_finite_stop_as_one_line(tmp_path, tiny_model_dir, chat_files, monkeypatch, capsys):
     from finetune.cli import main
 
-    real = loop.causal_lm_loss
-    monkeypatch.setattr(loop, "causal_lm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), 1))
+    real = sft.causal_lm_loss
+    monkeypatch.setattr(sft, "causal_lm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), 1))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, chat_files[0], None, tmp_path / "run", **FAST)))
     assert main(["sft", str(path), "-q"]) == 2
@@ -186,13 +189,13 @@ def test_the_cli_prints_a_non_finite_stop_as_one_line(tmp_path, tiny_model_dir, 
 def no_model_load(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("the base model was loaded")
-    monkeypatch.setattr(loop, "load_base", loaded)
+    monkeypatch.setattr(setup, "load_base", loaded)
 
 
 @pytest.mark.parametrize("where, expected", [
     (lambda tmp, model: "/dev/null", "output.dir = '/dev/null' exists and is not a directory"),
-    (lambda tmp, model: str(model), "is inside the base model's directory"),
-    (lambda tmp, model: str(Path(model) / "runs" / "a"), "is inside the base model's directory"),
+    (lambda tmp, model: str(model), "is the base model"),
+    (lambda tmp, model: str(Path(model) / "runs" / "a"), "is inside the base model"),
     (lambda tmp, model: (tmp / "f").write_text("x") and str(tmp / "f" / "run"), "is not a writable directory"),
     (lambda tmp, model: "/proc/no/such/run", "is not a writable directory"),
 ])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from support import tiny_recipe
 from finetune.recipe import recipe_from_dict
-from finetune.train import loop
+from finetune.train import setup
 from finetune.train.loop import train
 from quant.errors import UserError
 
@@ -68,7 +68,7 @@ def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, tiny_model_di
     train(straight, echo=lambda *a: None)
 
     crashed = recipe_from_dict(tiny_recipe(tiny_model_dir, *chat_files, tmp_path / "crashed", **sections))
-    real_build = loop.build_optimizer
+    real_build = setup.build_optimizer
 
     def crashing_optimizer(*args, **kwargs):
         opt = real_build(*args, **kwargs)
@@ -83,12 +83,12 @@ def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, tiny_model_di
         opt.step = types.MethodType(step, opt)  # a bound method, as the LR scheduler expects
         return opt
 
-    monkeypatch.setattr(loop, "build_optimizer", crashing_optimizer)
+    monkeypatch.setattr(setup, "build_optimizer", crashing_optimizer)
     with pytest.raises(_Crash):
         train(crashed, echo=lambda *a: None)
     assert sorted(p.name for p in (tmp_path / "crashed").glob("checkpoint-*")) == ["checkpoint-3"]
     assert not (tmp_path / "crashed" / "adapter").exists()
-    monkeypatch.setattr(loop, "build_optimizer", real_build)
+    monkeypatch.setattr(setup, "build_optimizer", real_build)
 
     with pytest.raises(UserError, match="pass --resume"):
         train(crashed, echo=lambda *a: None)

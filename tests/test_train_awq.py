@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from finetune.cli import main as finetune_main
 from finetune.model import load_adapter, load_base
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
-from quant.awq import AWQConfig
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
-from quant.nn_awq import AWQLinear
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.nn import AWQLinear
+from quant.awq.solver import AWQConfig
+from quant.packed import read_state
 from support import error_line, make_tiny_model, single_thread, tiny_recipe
 
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -66,13 +66,6 @@ def test_awq_base_trains_and_is_detected_automatically(awq_run, awq_dir):
     assert not torch.allclose(plain, tuned, atol=1e-4), "adapter had no effect on the AWQ base"
 
 
-def _tensors(out: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(out.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return tensors
-
 
 def _check_awq_layout(out: Path, group_size: int) -> None:
     """quant/formats/AWQ.md on a written checkpoint: the config block and one layer's tensors."""
@@ -80,7 +73,7 @@ def _check_awq_layout(out: Path, group_size: int) -> None:
     assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["zero_point"], qc["version"]) == \
         ("awq", 4, group_size, True, "gemm")
     assert qc == json.loads((out / "quantize_config.json").read_text())
-    tensors = _tensors(out)
+    tensors = read_state(out)
     K, N = 128, 64  # down_proj of the tiny model
     name = "model.layers.0.mlp.down_proj"
     assert f"{name}.weight" not in tensors and f"{name}.g_idx" not in tensors

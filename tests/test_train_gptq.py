@@ -14,9 +14,9 @@ from finetune.model import load_adapter, load_base
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
 from quant.errors import UserError
-from quant.gptq import GPTQConfig
-from quant.model import load_gptq_model, quantize_model, save_quantized
-from quant.nn import QuantLinear
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.nn import QuantLinear
+from quant.gptq.solver import GPTQConfig
 
 
 @pytest.fixture(scope="module")

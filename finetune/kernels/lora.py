@@ -10,7 +10,8 @@ again by every projection. `project(projs, x)` does the group (q/k/v, or gate/up
                dx = sum_j dy_j W_j + dxa [A_1; ...; A_n]       accumulated in place (beta = 1)
 
 Saved for backward: x and the [tokens, n * r] xa; W_j is dequantized again in backward into the same reused
-buffer as in forward (one layer's weight in bf16, never kept). LoRA dropout is honoured: a projection with
+buffer as in forward (one layer's weight in bf16, never kept). How a base layer's weight is read as a dense tensor
+is its format's answer (quant.formats.registry.frozen_weight). LoRA dropout is honoured: a projection with
 dropout gets its own dropped input (made outside by `torch.native_dropout`, so autograd differentiates the
 dropout) and its own skinny GEMM; what backward keeps of it is the dropout's bool mask, which autograd keeps for
 the dropout anyway, and the dropped input is remade from x and that mask (peft keeps a full copy of the dropped
@@ -20,54 +21,14 @@ under autocast up to rounding order (the sum is rounded once instead of three ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-_SCRATCH: dict = {}
-
-
-def scratch(shape, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
-    """A reused buffer per (device, dtype, slot): the dequantized weight of one projection at a time."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    key = (device, dtype, slot)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
-
-
-def _linear4bit_types():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return ()
-    return (bnb.nn.Linear4bit,)
-
-
-def _packed_linear_types():
-    """quant's packed layers (GPTQ, AWQ): each has `dequantize(dtype)` -> the weight [out, in]."""
-    from quant.nn import QuantLinear
-    from quant.nn_awq import AWQLinear
-
-    return QuantLinear, AWQLinear
-
-
-def base_weight_kind(base: nn.Module) -> str | None:
-    """'bnb4' (bitsandbytes NF4 or FP4), 'packed' (GPTQ, AWQ), 'dense', or None when the layer type is not
-    supported here."""
-    if isinstance(base, _linear4bit_types()):
-        w = base.weight
-        return "bnb4" if w.dtype == torch.uint8 and getattr(w, "quant_state", None) is not None else None
-    if isinstance(base, _packed_linear_types()):
-        return "packed"
-    if type(base) is nn.Linear:
-        return "dense"
-    return None
+from quant.formats.base import FrozenWeight
+from quant.formats.registry import frozen_weight
 
 
 @dataclass(eq=False)
@@ -75,27 +36,23 @@ class Projection:
     """One adapted linear layer: its frozen base and the single active LoRA adapter on it."""
 
     base: nn.Module
-    kind: str  # base_weight_kind
+    frozen: FrozenWeight  # the base's weight as a dense tensor (quant.formats.registry.frozen_weight)
     A: nn.Parameter  # [r, in]
     B: nn.Parameter  # [out, r]
     scale: float
     dropout: nn.Module | None  # None: identity
+    layer: nn.Module | None = None  # the peft LoRA layer, whose `disable_adapters` flag is read on every call
 
-    _absmax_cache: tuple | None = field(default=None, init=False, repr=False)
+    @property
+    def kind(self) -> str:
+        """How the base's weight is read: 'dense', 'bnb4', 'packed' (the FrozenWeight's kind)."""
+        return self.frozen.kind
 
-    def _absmax(self, state) -> torch.Tensor:
-        """The fp32 block scales of a 4-bit weight. With double quantization they are stored as 8-bit codes that
-        bitsandbytes decodes on every dequantization (on CPU, half the time of one: 50.8 -> 24.3 ms for a 1536x576
-        weight); the base is frozen, so they are decoded once and kept (4 bytes per 64 weights)."""
-        if not state.nested:
-            return state.absmax
-        key = (state.absmax.data_ptr(), state.absmax.device)
-        if self._absmax_cache is None or self._absmax_cache[0] != key:
-            import bitsandbytes.functional as bnbf
-
-            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            self._absmax_cache = (key, absmax.float())
-        return self._absmax_cache[1]
+    @property
+    def enabled(self) -> bool:
+        """False inside peft's `disable_adapter()` (the reference pass of preference training): then the layer
+        computes what peft computes, its base alone."""
+        return not getattr(self.layer, "disable_adapters", False)
 
     @property
     def out_features(self) -> int:
@@ -106,21 +63,8 @@ class Projection:
         return getattr(self.base, "bias", None)
 
     def weight(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
-        """The frozen weight [out, in] in `dtype` (a view of a reused buffer for 4-bit bases)."""
-        if self.kind == "bnb4":
-            w = self.base.weight
-            state = w.quant_state
-            args = (w.data, self._absmax(state), state.blocksize, state.quant_type, state.shape, state.dtype)
-            if w.is_cuda:  # bitsandbytes has no CPU `out=` kernel; the out= overload returns nothing
-                out = scratch(state.shape, state.dtype, w.device, slot)
-                torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
-            else:
-                out = torch.ops.bitsandbytes.dequantize_4bit.default(*args)
-            return out if out.dtype == dtype else out.to(dtype)
-        if self.kind == "packed":
-            return self.base.dequantize(dtype)
-        w = self.base.weight
-        return w if w.dtype == dtype else w.to(dtype)
+        """The frozen weight [out, in] in `dtype` (a view of a reused buffer for 4-bit bases on CUDA)."""
+        return self.frozen(dtype, slot)
 
 
 def projection_of(module: nn.Module) -> tuple[Projection | None, str]:
@@ -136,13 +80,13 @@ def projection_of(module: nn.Module) -> tuple[Projection | None, str]:
     name = active[0]
     if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
         return None, "a LoRA variant (DoRA, ...) is active"
-    kind = base_weight_kind(module.base_layer)
-    if kind is None:
+    frozen = frozen_weight(module.base_layer)
+    if frozen is None:
         return None, f"base layer {type(module.base_layer).__name__} is not supported by the fused path"
     dropout = module.lora_dropout[name]
     p = getattr(dropout, "p", 0.0)
-    return Projection(module.base_layer, kind, lora_a[name].weight, module.lora_B[name].weight,
-                      float(module.scaling[name]), dropout if p > 0 else None), "on"
+    return Projection(module.base_layer, frozen, lora_a[name].weight, module.lora_B[name].weight,
+                      float(module.scaling[name]), dropout if p > 0 else None, module), "on"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -258,6 +202,8 @@ def dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
 
 def project(projs: Sequence[Projection], x: torch.Tensor) -> list[torch.Tensor]:
     """[x @ W_j^T + b_j + s_j dropout_j(x) A_j^T B_j^T for each projection j], with x [..., in]."""
+    if not all(p.enabled for p in projs):  # adapters switched off: peft's base_layer(x), no dropout drawn
+        return [project([p], x)[0] if p.enabled else p.base(x) for p in projs]
     dtype = compute_dtype(x)
     x = x.to(dtype)
     lead = x.shape[:-1]

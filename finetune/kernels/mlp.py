@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from finetune.kernels.lora import Projection, compute_dtype, dropped, lora_plus_base, no_autocast
+from finetune.kernels.lora import Projection, compute_dtype, dropped, lora_plus_base, no_autocast, project
 from finetune.kernels.offload import in_recompute
-from finetune.kernels.pointwise import swiglu_backward_into, swiglu_forward_into
+from finetune.kernels.pointwise import swiglu, swiglu_backward_into, swiglu_forward_into
 
 
 class _Weights:
@@ -171,6 +171,8 @@ def lora_mlp(gate: Projection, up: Projection, down: Projection, x: torch.Tensor
              kernels: bool = True) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with every LoRA path fused; `tile` tokens at a time when given. LoRA dropout
     only untiled (ValueError otherwise: the caller takes `lora.project` + `pointwise.swiglu`)."""
+    if not all(p.enabled for p in (gate, up, down)):  # adapters switched off: `project` computes the base layers
+        return project([down], swiglu(*project([gate, up], x), kernels))[0]
     dtype = compute_dtype(x)
     x = x.to(dtype)
     lead = x.shape[:-1]

@@ -31,7 +31,7 @@ def skeleton(config: dict):
 
 
 def block_prefix(model) -> tuple[str, int]:
-    from quant.sequential import find_blocks
+    from quant.blocks import find_blocks
 
     prefix, blocks = find_blocks(model)
     return prefix, len(blocks)

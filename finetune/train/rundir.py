@@ -1,13 +1,16 @@
 """The output directory of one run, settled before any model loads.
 
-- refused if it cannot be right: a file or device, not creatable, or inside the base model's directory;
+- refused if it cannot be right: a file or device, not creatable, equal to, inside or above an input (the base
+  model, the data files; quant.files.check_target), or an existing folder that is not a run (docs/outputs.md);
+- marked as ours (quant.files.MARKER, kind "run"), so that a later command recognises it by the marker, never by
+  file names a user's folder may also hold;
 - locked for the whole run (`.lock`, held by the main process with filelock; the holder's pid is in
   `.lock.owner`), so a second run on the same directory is refused at once instead of mixing checkpoints;
 - cleaned of the temporary and half-deleted directories killed runs left (safe: the lock says none is live);
 - for --resume, the newest checkpoint that verifies against its manifest, with a one-line warning for each
   newer one that does not (moved aside to `checkpoint-N.invalid`), and the recipe checked against it; --resume
-  where no run ever started (no `.run-started` marker, checkpoint, adapter or recipe.yaml: usually a mistyped
-  output.dir) is refused naming the directory, rather than silently training from step 0.
+  where no run ever started (no marker, checkpoint or adapter: usually a mistyped output.dir) is refused naming
+  the directory, rather than silently training from step 0.
 """
 
 from __future__ import annotations
@@ -24,34 +27,49 @@ from finetune.train import checkpoint as ckpt
 from finetune.train.diskspace import disk_space_guard
 from finetune.train.resume import check_changes
 from quant.errors import UserError
+from quant.files import check_target, output_kind, write_marker
+from quant.loading import local_path
 
 LOCK = ".lock"
+RUN_KIND = "run"
 OWNER = ".lock.owner"
-STARTED = ".run-started"  # written when a fresh run has its directory: a run began here, even if killed at once
 
 
 def check_output_dir(recipe: Recipe) -> Path:
-    """Create output.dir, or say in one line why it cannot be the run's directory."""
+    """Create output.dir and mark it ours, or say in one line why it cannot be the run's directory."""
     spec = recipe.output.dir
     if not spec.strip():
         raise UserError("output.dir is empty; name the run's directory, e.g. runs/my-run")
     out = Path(spec).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir = '{spec}' exists and is not a directory")
-    base = Path(recipe.base.model).expanduser()
-    if base.is_dir():
-        inside = out.resolve() == base.resolve() or base.resolve() in out.resolve().parents
-        if inside:
-            raise UserError(f"output.dir = '{spec}' is inside the base model's directory ({recipe.base.model}); "
-                            "choose a directory outside it, e.g. runs/my-run")
+    inputs = [(local_path(recipe.base.model), "the base model"), (recipe.data.train, "data.train"),
+              (recipe.data.eval, "data.eval")]
+    check_target(out, inputs, "output.dir", shown=f"output.dir = '{spec}'")
+    if out.is_dir() and not is_run_dir(out) and any(out.iterdir()):
+        names = sorted(p.name for p in out.iterdir())
+        raise UserError(f"output.dir = '{spec}' holds files that are not a finetune run ({', '.join(names[:3])}"
+                        f"{', ...' if len(names) > 3 else ''}); choose a new or empty directory: a run never "
+                        "writes into another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".tmp-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        if output_kind(out) != RUN_KIND:
+            write_marker(out, RUN_KIND)
     except OSError as e:
         raise UserError(f"output.dir = '{spec}' is not a writable directory ({e.strerror or e})") from None
     return out
+
+
+def is_run_dir(path: Path) -> bool:
+    """A `finetune sft` output directory: our marker, or (runs of versions before it) a checkpoint with its
+    manifest or a final adapter."""
+    if output_kind(path) == RUN_KIND:
+        return True
+    return (path / "adapter" / "adapter_config.json").is_file() or \
+        any((p / ckpt.MANIFEST).is_file() for p in ckpt.list_checkpoints(path))
 
 
 class RunLock:
@@ -99,20 +117,6 @@ class RunLock:
             self._lock = None
 
 
-def run_started(out_dir: Path) -> bool:
-    """Whether a run ever started in `out_dir` (what --resume can continue, if only from step 0)."""
-    out_dir = Path(out_dir).expanduser()
-    return out_dir.is_dir() and (any((out_dir / name).exists() for name in (STARTED, "recipe.yaml", "adapter"))
-                                 or any(out_dir.glob("checkpoint-*")))
-
-
-def _mark_started(out_dir: Path) -> None:
-    tmp = out_dir / f".tmp-run-started-{os.getpid()}"
-    with disk_space_guard(out_dir / STARTED, 4096):
-        tmp.write_text(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-        os.replace(tmp, out_dir / STARTED)
-
-
 def select_checkpoint(out_dir: Path, warn) -> Path | None:
     """The newest checkpoint that verifies against its manifest; newer broken ones are moved aside."""
     for path in reversed(ckpt.list_checkpoints(out_dir)):
@@ -145,7 +149,7 @@ class RunStart:
 
 
 def _main_part(recipe: Recipe, resume: bool, force: bool, world_size: int, say) -> RunStart:
-    if resume and not run_started(Path(recipe.output.dir)):
+    if resume and not is_run_dir(Path(recipe.output.dir).expanduser()):  # before check_output_dir marks it
         raise UserError(f"--resume: no run ever started in output.dir = '{recipe.output.dir}' (no checkpoint, "
                         "adapter or run marker); check the directory, drop --resume to start a new run, or use "
                         "--resume-if-present to continue a run only where there is one")
@@ -160,7 +164,6 @@ def _main_part(recipe: Recipe, resume: bool, force: bool, world_size: int, say) 
             if ckpt.list_checkpoints(out) or (out / "adapter").exists():
                 raise UserError(f"output.dir = '{out}' already holds a run; pass --resume to continue it, "
                                 "or choose another output.dir")
-            _mark_started(out)
             return start
         start.checkpoint = select_checkpoint(out, say)
         if start.checkpoint is None:

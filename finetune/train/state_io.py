@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from finetune.train.optional import deepspeed_globals
 
 _TREE_KEY = "finetune.tree"
 _FORMAT = "finetune-state/1"
@@ -99,8 +103,6 @@ def _hashable(key):
 
 def save_tree(obj, path: Path) -> None:
     """Write `obj` to `path` (a .safetensors file): tensors as tensors, the rest as JSON in the header."""
-    from safetensors.torch import save_file
-
     tensors: dict = {}
     tree = json.dumps(_encode(obj, tensors), allow_nan=False, separators=(",", ":"))
     save_file(tensors, str(path), metadata={_TREE_KEY: tree, "format": _FORMAT})
@@ -108,9 +110,6 @@ def save_tree(obj, path: Path) -> None:
 
 def load_tree(path: Path):
     """Rebuild what `save_tree` wrote. Raises StateFormatError for anything else (never runs code)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -157,24 +156,16 @@ def _one_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- DeepSpeed
 
 
-def _deepspeed_allow_list() -> list:
-    """The classes DeepSpeed pickles into its ZeRO checkpoints besides tensors and containers."""
-    allowed = []
-    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        allowed += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return allowed
+# The classes DeepSpeed pickles into its ZeRO checkpoints besides tensors and containers.
+DEEPSPEED_STATE_CLASSES = (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+                           ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                           ("deepspeed.utils.tensor_fragment", ("fragment_address",)))
 
 
 def weights_only_load(path, map_location=None):
     """`torch.load` with the weights-only unpickler and DeepSpeed's allow-list; a file that names any other
     global raises StateFormatError naming it (nothing is imported or called)."""
-    with torch.serialization.safe_globals(_deepspeed_allow_list()):
+    with torch.serialization.safe_globals(deepspeed_globals(DEEPSPEED_STATE_CLASSES)):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # the unpickler raises UnpicklingError, RuntimeError or others for bad input

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from finetune.recipe import Recipe
 from finetune.train.diskspace import disk_space_guard
+from finetune.train.optional import wandb
 from quant.files import write_text
-
-
 class Tracker:
     def __init__(self, recipe: Recipe, out_dir: Path, resume_step: int | None, enabled: bool = True):
         self.enabled = enabled
@@ -42,14 +41,12 @@ class Tracker:
         write_text(self.metrics_path, "".join(line + "\n" for line in keep))  # a crash here loses no line
 
     def _start_wandb(self, recipe: Recipe, resume: bool):
-        import wandb
-
         wb = recipe.tracking.wandb
         id_file = self.out_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None
         run_dir = Path(wb.dir or self.out_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
+        run = wandb().init(
             project=wb.project,
             name=wb.name,
             entity=wb.entity,

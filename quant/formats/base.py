@@ -22,6 +22,10 @@ from typing import Any
 import torch
 
 from quant.errors import UserError
+from quant.model_checks import read_json_object
+from quant.tensorfiles import ShardWriter
+from quant.loading import load_tokenizer
+from quant.settings import setting
 
 REQUIRED, OPTIONAL = "required", "optional"  # Format.calibration
 # --method, shared by the GPTQ and AWQ outputs: each format's own choices, one flag.
@@ -98,8 +102,6 @@ class BaseSpec:
     @classmethod
     def read(cls, directory: str | Path) -> "BaseSpec | None":
         """The record saved in `directory`, or None when there is none."""
-        from quant.files import read_json_object
-
         path = Path(directory) / cls.FILE
         data = read_json_object(path)
         return None if data is None else cls.from_dict(data, str(path))
@@ -145,7 +147,7 @@ class Rebuilder:
     """A checkpoint's tensors, one unit (decoder layer) at a time, as training saw them. This base class passes
     every tensor through unchanged (an unquantized base, or the original weights); formats override `load`.
 
-    `ckpt` is a `quant.files.Checkpoint`.
+    `ckpt` is a `quant.tensorfiles.Checkpoint`.
     """
 
     def __init__(self, ckpt, device=None):
@@ -163,46 +165,14 @@ class Rebuilder:
         return {k: self.ckpt.get(k, self.device) for k in keys}
 
 
-class PackedRebuilder(Rebuilder):
-    """A packed-weight checkpoint (GPTQ, AWQ): the `parts` tensors of each packed Linear come back dequantized as
-    its `<module>.weight`; a subclass names the parts and the tensor holding the input width, and dequantizes."""
-
-    label = ""  # how messages name the format
-    parts: tuple[str, ...] = ()
-    in_features_of = ""  # the part whose first dimension is in_features
-
-    def dequantize(self, module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def weight_shape(self, module):
-        if f"{module}.qweight" in self.ckpt.file_of:
-            return self.ckpt.shape(f"{module}.scales")[1], self.ckpt.shape(f"{module}.{self.in_features_of}")[0]
-        return super().weight_shape(module)
-
-    @torch.no_grad()
-    def load(self, keys):
-        out, packed = {}, {}
-        for key, t in super().load(keys).items():
-            module, _, leaf = key.rpartition(".")
-            if leaf in self.parts:
-                packed.setdefault(module, {})[leaf] = t
-            else:
-                out[key] = t
-        for module, parts in packed.items():
-            missing = [p for p in self.parts if p not in parts]
-            if missing:
-                raise UserError(f"{self.ckpt.path}: {self.label} layer {module} lacks {missing}")
-            out[f"{module}.weight"] = self.dequantize(module, parts)
-        return out
-
-
 # ------------------------------------------------------------------------------------------ merge output
 
 
 def option(help: str, type=str, choices=None):
-    """A format option of `finetune merge` (a field of the format's `options` dataclass): `--name-with-dashes`
-    on the command line, `options={"name": ...}` from Python. None means the format's own default."""
-    return field(default=None, metadata={"help": help, "type": type, "choices": choices})
+    """A format option of `finetune merge` (a field of the format's `options` dataclass, made by
+    quant.settings.setting): `--name-with-dashes` on the command line, `options={"name": ...}` from Python. None
+    means the format's own default."""
+    return setting(None, help, type=type, choices=choices)
 
 
 @dataclass
@@ -230,8 +200,6 @@ class Encoder:
     def sink(self, directory: Path, max_shard_bytes: int):
         """Where the encoded tensors go (add/close/abort, `total` bytes): safetensors shards by default; a
         single-file format returns its own writer."""
-        from quant.files import ShardWriter
-
         return ShardWriter(directory, max_shard_bytes)
 
     def __call__(self, layer: int | None, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -280,6 +248,25 @@ class LinearEncoder(CastEncoder):
         raise NotImplementedError
 
 
+# ------------------------------------------------------------------------------------------ a loaded layer
+
+
+class FrozenWeight:
+    """A frozen layer's weight [out, in] as a dense tensor, made on demand in the dtype asked and never kept: how
+    the fused LoRA kernels (finetune.kernels) read a base layer in forward and again in backward. This one reads a
+    plain `weight`; a format whose layers hold something else gives its own (Format.frozen_weight)."""
+
+    kind = "dense"
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+
+    def __call__(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+        """`slot`: which reusable buffer to write into, where the format keeps some (one per weight held at once)."""
+        w = self.layer.weight
+        return w if w.dtype == dtype else w.to(dtype)
+
+
 # ------------------------------------------------------------------------------------------ the interface
 
 
@@ -316,13 +303,32 @@ class Format:
         raise NotImplementedError(f"{self.name} is not a training base")
 
     def rebuilder(self, spec: BaseSpec, ckpt, model: torch.nn.Module, device) -> Rebuilder:
-        """Reads `ckpt` (a quant.files.Checkpoint of this format) unit by unit as training saw it; `model` is
+        """Reads `ckpt` (a quant.tensorfiles.Checkpoint of this format) unit by unit as training saw it; `model` is
         its skeleton."""
         return Rebuilder(ckpt, device)
 
     def sharding_problem(self, spec: BaseSpec, setup: ShardingSetup) -> str | None:
         """Why a base in this format cannot train under `setup`, or None (decided before any weight loads)."""
         return None
+
+    # ---- its layers in a loaded model (fused LoRA kernels, peft, parameter counts, importance statistics)
+    peft_dispatches = True  # peft adapts this format's layers itself; False: register `lora_layer()` with peft
+
+    def layer_types(self) -> tuple[type, ...]:
+        """The module types of this format's frozen layers in a loaded model; () when they are plain nn.Linear."""
+        return ()
+
+    def frozen_weight(self, layer: torch.nn.Module) -> FrozenWeight | None:
+        """How the fused LoRA kernels read `layer`'s weight as a dense tensor; None: they cannot take this layer."""
+        return None
+
+    def storage(self, layer: torch.nn.Module) -> list[torch.Tensor]:
+        """The tensors holding `layer`'s quantized weight (what a memory report counts as quantized storage)."""
+        return []
+
+    def lora_layer(self) -> type:
+        """The peft LoRA layer class for this format's layers, where peft has no dispatcher for them."""
+        raise NotImplementedError(f"peft adapts {self.title} layers itself")
 
     # ---- output side
     options = None  # a dataclass of `option(...)` fields, or None
@@ -369,40 +375,4 @@ class Format:
 
     def load_tokenizer(self, model_dir: Path):
         """The tokenizer of a model directory in this format (tokenizer files beside the weights)."""
-        from quant.loading import load_tokenizer
-
         return load_tokenizer(str(model_dir), str(model_dir))
-
-
-class PackedFormat(Format):
-    """A format stored as packed integer tensors that our own layer computes with (GPTQ, AWQ): a training base
-    loaded from its checkpoint, and a merge output read back by the same loader. Subclasses set `packed_what`
-    and implement `load_packed`."""
-
-    base = output = True
-    stored_quantized = True
-    gpu_compute_dtype = torch.float16  # the packed-layer GPU kernels (ours, vLLM's) run in fp16
-    default_dtype = torch.float16  # what GPTQ/AWQ readers, vLLM's kernels among them, expect
-    packed_what = ""  # how the sharding refusal names the float tensors a cast would corrupt ("GPTQ scales")
-
-    def load_packed(self, model_dir, device, dtype) -> torch.nn.Module:
-        """The checkpoint in `model_dir` as an HF model with the format's packed layers."""
-        raise NotImplementedError
-
-    def load(self, spec, device, attn_implementation=None):
-        model = self.load_packed(spec.model_dir, device, spec.dtype)
-        if attn_implementation:
-            model.set_attn_implementation(attn_implementation)
-        return model
-
-    def sharding_problem(self, spec, setup):
-        if setup.shards_parameters:
-            return (f"{setup.where} shards parameters, but the {self.title} base keeps its packed int32 weights in "
-                    "buffers, which are never sharded (every rank would hold the whole base); use DDP or ZeRO-2 "
-                    "(recipes/accelerate/ddp.yaml, zero2.yaml)")
-        if setup.cast_dtype is not None:
-            return setup.cast_problem(self.packed_what)
-        return None
-
-    def load_merged(self, out_dir, device, dtype):
-        return self.load_packed(out_dir, device, dtype).eval()

@@ -7,93 +7,22 @@ from the float checkpoint, with the settings the base was loaded with: NF4/FP4 c
 quantized in blocks of `BLOCKSIZE` with the base's double quantization and storage dtype; int8 through fp16, as
 `Int8Params` does. Tests compare both rebuilds bit for bit with the layers training builds.
 
-The reference layout. bitsandbytes >= 0.49 `Linear4bit.forward`, on a CPU with AVX512-BF16, in eval mode and
-on an input without grad, converts its packed weight *in place* into a CPU-specific layout for a bf16 kernel
-(`_convert_weight_packed_for_cpu`) and never converts it back when the module returns to `train()`. After one
-evaluation every later forward computes through that bf16 kernel (fp32 compute is no longer fp32) and the backward
-runs through `bitsandbytes::gemv_4bit`, which has no autograd kernel: the input gradients, and so every LoRA
-gradient below that layer, are wrong. The way back (`_convert_weight_packed_for_cpu_inverse`) is lossy: absmax
-went through bf16 and double quantization is redone with a new offset. So the layers must never take that path.
-
-`keep_reference_layout(model)` switches the conversion off per layer (`support_avx512bf16_for_cpu`, the flag the
-layer reads its CPU capability into at construction) and refuses a model whose layers were already converted.
-Every path that builds bitsandbytes layers for training, merging or evaluation calls it right after loading.
+bitsandbytes itself (imported on first use), its reference CPU layout and its quantization ops are
+`quant.formats.bnb_lib`. transformers is imported where it is used, as in every format module (quant.formats.float
+says why).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from quant.errors import UserError
 from quant.formats.base import BaseSpec, EncodeRequest, Format, LinearEncoder, Rebuilder, dtype_name
-
-# On an AVX512-BF16 CPU, importing bitsandbytes tries to fetch a hub kernel for that bf16 path and warns
-# ("Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels") when it cannot. Our
-# layers never take the path (below), so the advice would only mislead; set before bitsandbytes is imported.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-# The per-layer attribute bitsandbytes' Linear4bit.forward checks before converting (bitsandbytes 0.49-0.50).
-_CPU_PACKING_FLAG = "support_avx512bf16_for_cpu"
-
-
-def _linear4bit_type():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # no bitsandbytes: no bitsandbytes layers to fix
-        return None
-    return bnb.nn.Linear4bit
-
-
-def is_cpu_packed(module: torch.nn.Module) -> bool:
-    """True when a Linear4bit's weight has been converted to bitsandbytes' AVX512-BF16 CPU layout."""
-    weight = getattr(module, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    return bool(getattr(state, "packing_format_for_cpu", False))
-
-
-def keep_reference_layout(model: torch.nn.Module) -> int:
-    """Stop every bitsandbytes 4-bit layer in `model` from converting its weight to the CPU bf16 layout.
-
-    Returns the number of layers switched. Raises RuntimeError if a layer was converted already: its weights can
-    no longer be restored exactly, so the model must be loaded again (a bug in the caller, not a user error).
-    """
-    linear4bit = _linear4bit_type()
-    if linear4bit is None:
-        return 0
-    switched = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, linear4bit):
-            continue
-        if is_cpu_packed(module):
-            raise RuntimeError(f"{name}: bitsandbytes already converted this 4-bit weight to its CPU bf16 layout "
-                               "(an eval-mode forward ran before keep_reference_layout); load the model again")
-        if not hasattr(module, _CPU_PACKING_FLAG) and _converts_for_cpu():
-            raise RuntimeError(f"bitsandbytes {_version()} converts 4-bit weights for its CPU bf16 kernel but its "
-                               f"layers have no '{_CPU_PACKING_FLAG}' switch; this release is not supported yet")
-        # Set it whatever this CPU reports: a layer moved later to another machine's process keeps it too.
-        setattr(module, _CPU_PACKING_FLAG, False)
-        switched += 1
-    return switched
-
-
-def _converts_for_cpu() -> bool:
-    import bitsandbytes.functional as bnbf
-
-    return hasattr(bnbf, "_convert_weight_packed_for_cpu")
-
-
-def _version() -> str:
-    import bitsandbytes
-
-    return getattr(bitsandbytes, "__version__", "?")
-
-
-# ------------------------------------------------------------------------------------------ the formats
-
-BLOCKSIZE = 64  # NF4/FP4 quantization block: what transformers' Linear4bit uses, for training and outputs
+from quant.formats.bnb_lib import (BLOCKSIZE, Bnb4Weight, keep_reference_layout, nn_types, quant_state_tensors,
+                                   quantize_4bit, quantize_int8, rebuild_4bit, rebuild_int8)
 
 
 def storage_dtype(quant_storage: str, compute: torch.dtype) -> torch.dtype:
@@ -107,8 +36,6 @@ def bnb_linear_names(model: nn.Module, skip_modules=None) -> set[str]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from quant.errors import UserError
-
     keep = HfQuantizer.get_modules_to_not_convert(model, skip_modules, getattr(model, "_keep_in_fp32_modules", None))
     names = set()
     for name, module in model.named_modules():
@@ -118,37 +45,6 @@ def bnb_linear_names(model: nn.Module, skip_modules=None) -> set[str]:
         if type(module) is nn.Linear and should_convert_module(name, keep):
             names.add(name)
     return names
-
-
-def _quantize_4bit(W: torch.Tensor, quant_type: str, double_quant: bool, dtype: torch.dtype,
-                   quant_storage: torch.dtype):
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.quantize_4bit(W.to(dtype).contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
-                              quant_type=quant_type, quant_storage=quant_storage)
-
-
-def rebuild_4bit(W: torch.Tensor, quant_type: str, double_quant: bool, dtype: torch.dtype,
-                 quant_storage: torch.dtype = torch.uint8) -> torch.Tensor:
-    """The NF4/FP4 weight a bitsandbytes Linear4bit holds for float weight W, dequantized, in `dtype`."""
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(*_quantize_4bit(W, quant_type, double_quant, dtype, quant_storage))
-
-
-def _quantize_int8(W: torch.Tensor):
-    import bitsandbytes.functional as bnbf
-
-    CB, SCB, _ = bnbf.int8_vectorwise_quant(W.to(torch.float16).contiguous())  # through fp16, as Int8Params does
-    return CB, SCB
-
-
-def rebuild_int8(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The LLM.int8 weight (row-wise absmax int8, quantized from fp16 as Int8Params does), dequantized in fp32
-    the way peft's merge and bitsandbytes' CPU matmul do (int8_vectorwise_dequant)."""
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.int8_vectorwise_dequant(*_quantize_int8(W.to(dtype)))
 
 
 class _BnbRebuilder(Rebuilder):
@@ -178,7 +74,7 @@ class Bnb4Encoder(LinearEncoder):
         self.fmt = fmt
 
     def encode_weight(self, module, weight):
-        q, state = _quantize_4bit(weight, self.fmt.name, True, self.dtype, torch.uint8)
+        q, state = quantize_4bit(weight, self.fmt.name, True, self.dtype, torch.uint8)
         key = f"{module}.weight"
         return {key: q, **{f"{key}.{part}": value for part, value in state.as_dict(packed=True).items()}}
 
@@ -194,7 +90,7 @@ class Int8Encoder(LinearEncoder):
         self.fmt = fmt
 
     def encode_weight(self, module, weight):
-        CB, SCB = _quantize_int8(weight)
+        CB, SCB = quantize_int8(weight)
         return {f"{module}.weight": CB, f"{module}.SCB": SCB.float(),
                 f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}  # row-major, the only kind loaded
 
@@ -204,6 +100,13 @@ class Int8Encoder(LinearEncoder):
 
 class _BnbFormat(Format):
     base = output = True
+    layer_class = ""  # its layers' class in bitsandbytes.nn
+
+    def layer_types(self):
+        return nn_types(self.layer_class)
+
+    def storage(self, layer):
+        return [layer.weight, *quant_state_tensors(getattr(layer.weight, "quant_state", None))]
 
     def bnb_config(self, compute: torch.dtype, double_quant: bool = True, storage: torch.dtype = torch.uint8):
         raise NotImplementedError
@@ -241,7 +144,7 @@ class _BnbFormat(Format):
             for p in m.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
-            if type(m).__name__ == "Linear4bit":
+            if isinstance(m, nn_types("Linear4bit")):
                 m.compute_dtype = dtype
         keep_reference_layout(model)  # else eval mode computes through bitsandbytes' CPU bf16 kernel
         return model.eval()
@@ -254,19 +157,11 @@ def _own_unquantized_tensors(model: nn.Module) -> None:
     then stays mapped for the whole run with every page the quantization read resident: SmolLM2's fp32 file kept
     ~400 MiB of RSS for ~110 MiB of such tensors.
     """
-    quantized = tuple(t for t in (_params_type("Params4bit"), _params_type("Int8Params")) if t is not None)
+    quantized = nn_types("Params4bit", "Int8Params")
     for module in model.modules():
         for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             if tensor.is_floating_point() and not isinstance(tensor, quantized):
                 tensor.data = tensor.data.clone()
-
-
-def _params_type(name: str):
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return getattr(bnb.nn, name, None)
 
 
 class Bnb4Format(_BnbFormat):
@@ -278,6 +173,7 @@ class Bnb4Format(_BnbFormat):
                 and qc.get("bnb_4bit_quant_type", "fp4") == self.name)
 
     summary = f"bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize {BLOCKSIZE})"
+    layer_class = "Linear4bit"
 
     def __init__(self, quant_type: str):
         self.name = quant_type
@@ -298,6 +194,11 @@ class Bnb4Format(_BnbFormat):
 
     def _spec_config(self, spec):
         return self.bnb_config(spec.dtype, spec.settings.get("double_quant", True), self._storage(spec))
+
+    def frozen_weight(self, layer):
+        # bitsandbytes' dequantize op reads packed uint8 storage; a float quant_storage (for sharding) is refused
+        w = layer.weight
+        return Bnb4Weight(layer) if w.dtype == torch.uint8 and getattr(w, "quant_state", None) is not None else None
 
     def rebuilder(self, spec, ckpt, model, device):
         double_quant, storage = spec.settings.get("double_quant", True), self._storage(spec)
@@ -323,6 +224,7 @@ class Int8Format(_BnbFormat):
 
     name = "int8"
     summary = "bitsandbytes LLM.int8 serialization (weight int8 + SCB)"
+    layer_class = "Linear8bitLt"
 
     def stores(self, config):
         qc = config.get("quantization_config") or {}

@@ -7,7 +7,8 @@ block quantizers under llama.cpp's per-tensor mix. With --calib the K-quant and 
 weighted by each column's activation energy (llama.cpp's importance matrix), measured on the MERGED model: the
 encoder runs each merged float layer on the calibration hidden states just before the layer is written (one
 layer and the calibration activations in memory), and holds the output head back until the final norm's
-outputs give its energy. The fidelity report loads the file through transformers (`gguf_file`).
+outputs give its energy. The fidelity report loads the file through transformers (`gguf_file`), imported where it
+is used, as in every format module (quant.formats.float says why).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant.blocks import OneLayer, find_blocks
 from quant.formats.base import OPTIONAL, EncodeRequest, Encoder, Format, option
-from quant.formats.layerwise import OneLayer, layer0_inputs
+from quant.formats.layerwise import layer0_inputs
+from quant.ggml.arch import Arch
+from quant.ggml.imatrix import collect_importance
 from quant.ggml.mix import FILE_TYPES, file_type
+from quant.ggml.writer import GGUFSink
 
 FILE = "model.gguf"
 DEFAULT_TYPE = "q4_k_m"  # llama.cpp's usual recommendation: near Q5 quality at 4.8 bits per weight
@@ -41,9 +46,6 @@ class GGUFEncoder(Encoder):
     hf_layout = False
 
     def __init__(self, request: EncodeRequest, gguf_type: str):
-        from quant.ggml.arch import Arch
-        from quant.sequential import find_blocks
-
         self.ft = file_type(gguf_type)
         self.label = f"gguf {self.ft.name.upper()}"
         self.model, self.device = request.model, request.device
@@ -57,8 +59,6 @@ class GGUFEncoder(Encoder):
         self.hidden, self.kwargs, self.held, self.norm = [], [], {}, None
 
     def sink(self, directory: Path, max_shard_bytes: int):
-        from quant.ggml.writer import GGUFSink
-
         return GGUFSink(directory / FILE, self.config, self.tokenizer_dir, self.ft.name, self.importance, self.name,
                         self.device, progress=False, spill=directory / f".{FILE}.spill")
 
@@ -90,15 +90,12 @@ class GGUFEncoder(Encoder):
 
     @torch.no_grad()
     def _layer(self, i: int, tensors):
-        from quant.ggml.imatrix import collect_importance
-
         head = f"{self.prefix}.{i}."
         layer = self.blocks[i]
         layer.load_state_dict({k[len(head):]: v.to(self.device, self.run_dtype) if v.is_floating_point() else v
                                for k, v in tensors.items()}, strict=True, assign=True)
         walk = OneLayer(layer, self.hidden, self.kwargs, advance=True)
-        energy = collect_importance(walk, [torch.tensor([[j]]) for j in range(len(self.hidden))], self.device,
-                                    progress=False)
+        energy = collect_importance(walk, OneLayer.index_ids(len(self.hidden)), self.device, progress=False)
         self.importance.update({head + k.removeprefix("layers.0."): v for k, v in energy.items()})
         self.blocks[i] = nn.Module()  # drop the layer: its tensors go to the sink
         if i + 1 < len(self.blocks):

@@ -1,5 +1,5 @@
 """Requantizing a merged model one decoder layer at a time, on the merged model's own activations: what the
-GPTQ and AWQ merge outputs share (`quant.formats.gptq_encode`, `quant.formats.awq_encode`).
+GPTQ and AWQ merge outputs share (`GPTQEncoder` in quant.formats.gptq, `AWQEncoder` in quant.formats.awq).
 
 GPTQ and AWQ minimise each layer's output error on the inputs that layer really sees, so the calibration
 activations must be those of the MERGED model, already requantized up to the previous layer. The encoder
@@ -7,10 +7,10 @@ keeps exactly one set of hidden states: embeddings turn the calibration tokens i
 merged layer is then materialised, quantized, written, and run once (quantized) to give the next layer's
 inputs, and dropped. Peak memory is one float layer plus the calibration activations.
 
-Each layer is quantized by the block driver behind `quant gptq` / `quant awq` (`quant.sequential.drive_blocks`),
+Each layer is quantized by the block driver behind `quant gptq` / `quant awq` (`quant.blocks.drive_blocks`),
 so a merge output and a `quant` output share one algorithm. The driver takes a model and calibration token ids;
-`OneLayer` is a model whose only block is the current layer and whose "token ids" are indices into the stored
-hidden states.
+`quant.blocks.OneLayer` is a model whose only block is the current layer and whose "token ids" are indices into
+the stored hidden states.
 """
 
 from __future__ import annotations
@@ -18,32 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant.blocks import LayerLog, OneLayer, QuantReport, capture_inputs, find_blocks, run_block
 from quant.errors import UserError
 from quant.formats.base import Encoder
-from quant.sequential import LayerLog, QuantReport, capture_inputs, find_blocks
-
-
-class OneLayer(nn.Module):
-    """A model whose only block is `layer` and whose "token ids" index the stored hidden states. With `advance`,
-    each call also replaces the state it read by the layer's output (the next layer's input): a pass that
-    measures while it walks (the GGUF importance), instead of a separate walk after it."""
-
-    def __init__(self, layer: nn.Module, hidden: list, kwargs: list, advance: bool = False):
-        super().__init__()
-        self.layers = nn.ModuleList([layer])
-        self._hidden, self._kwargs, self._advance = hidden, kwargs, advance
-
-    def forward(self, input_ids, use_cache=False):
-        j = int(input_ids.reshape(-1)[0])
-        if not self._advance:
-            return self.layers[0](self._hidden[j], **self._kwargs[j])
-        self._hidden[j] = _run_layer(self.layers[0], self._hidden[j], self._kwargs[j])
-        return self._hidden[j]
-
-
-def _run_layer(layer, h, kwargs):
-    out = layer(h, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
@@ -133,14 +110,14 @@ class LayerwiseEncoder(Encoder):
             raise UserError(f"layer {i}: merged tensors do not fit the model: {str(e).splitlines()[-1].strip()}") \
                 from None
         wrapper = OneLayer(layer, self.hidden, self.kwargs)
-        index_ids = [torch.tensor([[j]]) for j in range(len(self.hidden))] if self.calibrated else None
+        index_ids = OneLayer.index_ids(len(self.hidden)) if self.calibrated else None
         report = self.quantize_layer(wrapper, index_ids, head)
         for entry in report.layers:
             entry.name = head + entry.name.split(".", 2)[-1]
             self.layers.append(entry)
         if self.calibrated and i + 1 < len(self.blocks):
             for j in range(len(self.hidden)):  # the next layer sees this layer's quantized outputs
-                self.hidden[j] = _run_layer(layer, self.hidden[j], self.kwargs[j])
+                self.hidden[j] = run_block(layer, self.hidden[j], self.kwargs[j])
         quantized = {n for n, m in layer.named_modules() if isinstance(m, self.packed)}
         out = {}
         for k, v in layer.state_dict().items():

@@ -1,7 +1,10 @@
 """The one list of weight formats, and the lookups everything else goes through.
 
 Nothing outside `quant/formats/` compares format names: callers look a format up here (`base_format`,
-`output_format`, `resolve_base`, `declared_format`) and ask the object. The recipe's `base.quantization`
+`output_format`, `resolve_base`, `declared_format`) and ask the object. Nothing outside keeps a list of layer
+types either: what a loaded model's frozen layers are, how to read one's weight densely, what peft needs registered
+and what counts as quantized storage is asked here too (`layer_format`, `frozen_weight`, `linear_types`,
+`custom_lora_types`, `lora_layers`, `quantized_storage`). The recipe's `base.quantization`
 choices, `finetune merge --format` and its per-format flags, `quant eval --quantization` and the sharding check
 are all derived from `FORMATS`.
 
@@ -18,6 +21,9 @@ and implements, for a training base (`base = True`):
     load()                 the base on a device for training, exactly as the BaseSpec says
     rebuilder()            a `Rebuilder` whose load() gives a decoder layer's weights as training saw them
     sharding_problem()     why DDP / DeepSpeed ZeRO-2/3 / FSDP2 / mixed precision cannot train it, or None
+    layer_types(), frozen_weight(), storage()   its frozen layers in a loaded model, how the fused LoRA kernels
+                           read one's weight, the tensors holding its quantized weight; peft_dispatches / lora_layer()
+                           when peft has no dispatcher for those layers
 and, for a merge output (`output = True`):
     options                a dataclass of `option(...)` fields: its `finetune merge` flags (shared names such as
                            --bits must keep one meaning), validated by the merge config
@@ -32,9 +38,9 @@ A format that writes something other than safetensors shards (a single .gguf fil
 own writer from `sink()` and set `hf_layout = False` (no config.json/tokenizer files next to it); the request
 carries the model's config (`request.model.config`) and the tokenizer directory for its metadata.
 
-GPTQ and AWQ (`gptq.py`, `awq.py`) share `base.PackedFormat` (load, load_merged and sharding_problem around their
-packed layer's loader); each adds its rebuilder, options (bits, group_size), calibration() and an encoder that
-runs its quantizer layer by layer on the calibration ids (`layerwise.py`). GGUF output
+GPTQ and AWQ (`gptq.py`, `awq.py`) share `packed_base.PackedFormat` (load, load_merged, sharding_problem,
+calibration() and the layer questions around their packed layer and its loader); each adds its rebuilder, options
+(bits, group_size) and an encoder that runs its quantizer layer by layer on the calibration ids (`layerwise.py`). GGUF output
 is `gguf.py`: output = True, options (gguf_type -> `--gguf-type`), calibration() OPTIONAL (--calib weights the
 K-quant scale search), an encoder whose sink() writes the .gguf, load_merged() through transformers' gguf_file.
 tests/test_formats.py then holds every format to its contract: its output round-trips through its own loader
@@ -48,10 +54,11 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from quant.errors import UserError
 from quant.formats.awq import AWQFormat
-from quant.formats.base import BaseSpec, Format, ShardingSetup, dtype_name
+from quant.formats.base import BaseSpec, Format, FrozenWeight, ShardingSetup, dtype_name
 from quant.formats.bnb import Bnb4Format, Int8Format
 from quant.formats.float import FloatBase, FloatOutput
 from quant.formats.gguf import GGUFFormat
@@ -185,7 +192,7 @@ def sharding_problem(spec: BaseSpec, setup: ShardingSetup) -> str | None:
 
 
 def check_source(spec: BaseSpec, ckpt) -> None:
-    """The checkpoint the merge streams for `spec` holds that format's weights (a quant.files.Checkpoint)."""
+    """The checkpoint the merge streams for `spec` holds that format's weights (a quant.tensorfiles.Checkpoint)."""
     fmt = format_of(spec)
     declared = next((f for f in FORMATS if f.base and f.declares(ckpt.quantization_config(), ckpt.path)), None)
     if fmt.stored_quantized:
@@ -198,3 +205,44 @@ def check_source(spec: BaseSpec, ckpt) -> None:
     elif ckpt.quantization_config():
         raise UserError(f"{ckpt.path} is stored quantized ({ckpt.quantization_config().get('quant_method')}); the "
                         f"{fmt.name} base is rebuilt from full-precision weights: pass --base with those")
+
+
+# ------------------------------------------------------------------------------------------ layers of a loaded model
+
+
+def layer_format(module: nn.Module) -> Format | None:
+    """The format whose frozen layer `module` is (nf4 and fp4 share one layer type: the first answers), or None
+    for a plain nn.Linear or any other module."""
+    return next((f for f in FORMATS if isinstance(module, f.layer_types())), None)
+
+
+def frozen_weight(module: nn.Module) -> FrozenWeight | None:
+    """How the fused LoRA kernels read a base layer's weight as a dense tensor: its format's way, a plain
+    nn.Linear's weight, or None when they cannot take the layer."""
+    fmt = layer_format(module)
+    if fmt is not None:
+        return fmt.frozen_weight(module)
+    return FrozenWeight(module) if type(module) is nn.Linear else None
+
+
+def linear_types() -> tuple[type, ...]:
+    """nn.Linear and every format's layer types: the modules that hold a projection's weight in any loaded model
+    (what the GGUF importance statistics hook)."""
+    return (nn.Linear, *(t for f in FORMATS for t in f.layer_types()))
+
+
+def custom_lora_types() -> tuple[type, ...]:
+    """The layer types peft has no dispatcher for: they are registered with peft as custom modules, and peft's
+    'all-linear' does not find them."""
+    return tuple(t for f in FORMATS if not f.peft_dispatches for t in f.layer_types())
+
+
+def lora_layers() -> dict[type, type]:
+    """{layer type: peft LoRA layer class} for `custom_lora_types` (imports peft)."""
+    return {t: f.lora_layer() for f in FORMATS if not f.peft_dispatches for t in f.layer_types()}
+
+
+def quantized_storage(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors holding `module`'s quantized weight when it is a format's frozen layer, else []."""
+    fmt = layer_format(module)
+    return fmt.storage(module) if fmt is not None else []

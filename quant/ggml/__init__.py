@@ -9,5 +9,6 @@
 - `vocab`    tokenizer -> GGUF tokenizer metadata
 - `imatrix`  per-column activation energy from calibration data (the importance the K-quant search weights by)
 - `writer`   `write_gguf`: a stream of (HF name, float tensor) -> one .gguf file, written atomically
-- `export`   `quant gguf`: a model spec (HF dir, .gguf, pkg:..., GPTQ checkpoint) -> .gguf
+
+The `quant gguf` driver, which reads any source through the format registry, is `quant.export`.
 """

@@ -3,9 +3,10 @@
 This is the idea behind llama.cpp's importance matrix: a weight column that multiplies large activations matters
 more, so the K-quant scale search weights each column's error by the mean of x² over the calibration tokens
 (only relative values matter: the searches are invariant to scaling all weights). Collected with forward
-pre-hooks on nn.Linear and GPTQ `QuantLinear` layers, so a float model, a GPTQ model or a peft model (base +
-adapter: the base layer sees the same input as the merged layer will) all work; names are the plain HF weight
-names ("model.layers.0.self_attn.q_proj.weight").
+pre-hooks on the layer types the caller names (nn.Linear, and a quantized model's own layer types, which the
+format registry knows), so a float model, a GPTQ or AWQ model or a peft model (base + adapter: the base layer sees
+the same input as the merged layer will) all work; names are the plain HF weight names
+("model.layers.0.self_attn.q_proj.weight").
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant.errors import UserError
-from quant.nn import QuantLinear
 
 _PEFT = re.compile(r"^(base_model\.model\.)|(\.base_layer)(?=$)")
 
@@ -27,22 +27,23 @@ def weight_name(module_name: str) -> str:
     return _PEFT.sub("", module_name) + ".weight"
 
 
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
+def _layers(model: nn.Module, layer_types: tuple[type, ...]) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, QuantLinear)) and ".lora_" not in n and not n.startswith("lora_")}
+            if isinstance(m, layer_types) and ".lora_" not in n and not n.startswith("lora_")}
 
 
 @torch.no_grad()
-def collect_importance(model: nn.Module, chunks: list[torch.Tensor], device=None, progress: bool = True
-                       ) -> dict[str, torch.Tensor]:
-    """Mean x² per input column of every Linear over all calibration tokens: {HF weight name: fp32 [in]} on CPU.
+def collect_importance(model: nn.Module, chunks: list[torch.Tensor], device=None, progress: bool = True,
+                       layer_types: tuple[type, ...] = (nn.Linear,)) -> dict[str, torch.Tensor]:
+    """Mean x² per input column of every layer of `layer_types` over all calibration tokens: {HF weight name:
+    fp32 [in]} on CPU.
 
     `chunks`: [1, T] token-id tensors (quant.calibration.calibration_chunks). The model runs where it is (its
     inputs are moved to `device`, default the model's device).
     """
     if not chunks:
         raise UserError("calibration data gave no token windows to collect activation statistics from")
-    layers = _layers(model)
+    layers = _layers(model, layer_types)
     if not layers:
         raise UserError(f"{type(model).__name__} has no Linear layers to collect activation statistics for")
     device = device or next(model.parameters()).device

@@ -8,6 +8,9 @@
 - A .gguf source: its tokenizer metadata is copied as it is.
 Special-token ids, add_bos/add_eos and the chat template come from the HF files through `gguf.SpecialVocab`;
 add_bos/add_eos are then set to what the HF tokenizer actually does, so llama.cpp adds what transformers adds.
+
+transformers is imported where it is used: this module is on the import path of `quant --help`, to which
+AutoTokenizer adds ~1.4 s (2 cores).
 """
 
 from __future__ import annotations

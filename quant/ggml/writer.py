@@ -23,10 +23,12 @@ from gguf import GGMLQuantizationType as G
 from tqdm.auto import tqdm
 
 from quant.errors import UserError
+from quant.files import staged
 from quant.ggml.arch import Arch
 from quant.ggml.mix import ModelShape, choose, file_type
 from quant.ggml.types import encode, tensor_type
 from quant.ggml.vocab import Vocab, vocab_from_dir, vocab_from_gguf
+from quant.replace import new_tmp
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +178,6 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping, tok
                also serves a tied embedding. None: ggml's reference (data-free) scale searches.
     device     where the scale searches run (default: where each tensor is).
     """
-    from quant.files import staged
-    from quant.replace import new_tmp
-
     t0 = time.perf_counter()
     out = Path(out)
     sink = None

@@ -9,16 +9,13 @@ forward 2 T^2 H D per sequence, backward 2.5x that), and each output's relative 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
+from finetune.kernels.attention import attention, new_sequence_starts
 from scripts.bench.bench_stacks import packed_positions
-from finetune.kernels.attention import attention, new_sequence_starts  # noqa: E402
 
 H, KV, D = 32, 8, 128
 

@@ -4,25 +4,24 @@ forward/backward against a dense bf16 matmul.
     python -m scripts.bench.bench_awq --layers 4      # 4 of 32 blocks; the per-block time is extrapolated to 32
     python -m scripts.bench.bench_awq --smoke         # tiny shapes on CPU: checks the script itself
 
-Same set-up as scripts/bench/bench_gptq.py (bf16 model built from a config, random calibration tokens, the model
-parked in host memory with one block on the GPU at a time); speed and memory do not depend on the weights.
+Same set-up as scripts/bench/bench_gptq.py (scripts/bench/quant_bench.py: bf16 model built from a config, random
+calibration tokens, the model parked in host memory with one block on the GPU at a time); speed and memory do not
+depend on the weights. The quantizer flags are `quant awq`'s, with its defaults.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+import torch
 
-import torch  # noqa: E402
-from scripts.bench.bench_gptq import LLAMA31_8B, host_peak_gib, sync, timed
-
-from quant.awq import AWQConfig  # noqa: E402
-from quant.awq_model import quantize_model_awq  # noqa: E402
-from quant.nn_awq import AWQLinear  # noqa: E402
+from quant.awq.model import quantize_model_awq
+from quant.awq.nn import AWQLinear
+from quant.awq.solver import AWQConfig
+from quant.settings import from_flags
+from scripts.bench.quant_bench import arguments, build, device, host_peak_gib, random_calibration, sync, timed
 
 
 def layer_bench(layer: AWQLinear, dense_w: torch.Tensor) -> list[dict]:
@@ -43,44 +42,22 @@ def layer_bench(layer: AWQLinear, dense_w: torch.Tensor) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4, help="decoder blocks to build and quantize (of 32)")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=2048)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--search-tokens", type=int, default=AWQConfig.search_tokens)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--smoke", action="store_true")
-    a = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu" and not a.smoke:
-        raise SystemExit("bench_awq.py needs a CUDA GPU (or --smoke)")
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    shape = dict(LLAMA31_8B, num_hidden_layers=a.layers)
-    if a.smoke:
-        shape.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                     vocab_size=1024)
-        a.calib_samples, a.calib_seqlen = min(a.calib_samples, 4), min(a.calib_seqlen, 64)
-    cfg = LlamaConfig(**shape)
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    dense_down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    a = arguments(__doc__, AWQConfig, layers=4).parse_args()
+    dev = device(a, "bench_awq.py")
+    qcfg = from_flags(AWQConfig, a)
+    model, cfg, dense_down = build(a, dev)
     if dev == "cuda":
         model.to("cpu")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, cfg.vocab_size, (1, a.calib_seqlen), generator=g) for _ in range(a.calib_samples)]
-    qcfg = AWQConfig(group_size=a.group_size, search_tokens=a.search_tokens)
+    calib = random_calibration(cfg, a.calib_samples, a.calib_seqlen)
     sync(dev)
     t = time.perf_counter()
     report = quantize_model_awq(model, calib, qcfg, device=dev)
     sync(dev)
     wall = time.perf_counter() - t
-    res = {"layers": a.layers, "calib": f"{a.calib_samples}x{a.calib_seqlen}", "group_size": a.group_size,
-           "search_tokens": a.search_tokens, "wall_s": round(wall, 1), "s_per_block": round(wall / a.layers, 2),
+    res = {"layers": a.layers, "calib": f"{a.calib_samples}x{a.calib_seqlen}", **qcfg.to_dict(),
+           "wall_s": round(wall, 1), "s_per_block": round(wall / a.layers, 2),
            "extrapolated_32_layers_s": round(wall * 32 / a.layers, 1),
            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else 0,
            "peak_host_rss_gib": round(host_peak_gib(), 2), "mean_rel_error": report.mean_error(),

@@ -31,17 +31,18 @@ _CHILD = r"""
 import json, resource, sys, time
 from finetune.recipe import load_recipe
 from finetune.train import loop
+from finetune.train.strategy.base import Strategy
 
 recipe = load_recipe(sys.argv[1], json.loads(sys.argv[2]))
 stamps, cpu = [], []
-real_step = loop.Runtime.step
+real_step = Strategy.step
 def timed_step(self, *a, **k):
     out = real_step(self, *a, **k)
     stamps.append(time.perf_counter())
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu.append(usage.ru_utime + usage.ru_stime)
     return out
-loop.Runtime.step = timed_step
+Strategy.step = timed_step
 result = loop.train(recipe, echo=lambda *a, **k: None)
 n = max(len(stamps) - 1, 1)
 print("RESULT " + json.dumps({

@@ -2,7 +2,8 @@
 
 Needs only torch, transformers, triton, safetensors and tqdm (the lent GPU image has them; no network,
 no datasets). The model is built directly on the GPU in bf16 from a config and calibrated with random
-tokens: speed and memory do not depend on the weights' values.
+tokens: speed and memory do not depend on the weights' values (scripts/bench/quant_bench.py). The quantizer
+flags are `quant gptq`'s, with its defaults.
 
     python -m scripts.bench.bench_gptq                      # all 32 layers, 128 x 2048 calibration tokens
     python -m scripts.bench.bench_gptq --layers 4           # a subset; per-block time is extrapolated to 32
@@ -11,52 +12,27 @@ By default the model is then parked in host memory and blocks visit the GPU one 
 lets an 8B model fit a small GPU budget); --no-offload keeps everything on the GPU.
 
 Prints the configuration, wall time (capture + per block), extrapolated full-model time, peak GPU memory
-(torch allocator) and peak host RSS, then times QuantLinear (Triton, torch reference) against a dense bf16
+(torch allocator) and peak host RSS, then times GPTQLinear (Triton, torch reference) against a dense bf16
 matmul on one quantized down_proj.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import sys
 import time
 from pathlib import Path
 
+import torch
 
-import torch  # noqa: E402
-
-from quant.gptq import METHODS, GPTQConfig  # noqa: E402
-from quant.model import quantize_model  # noqa: E402
-from quant.nn import QuantLinear  # noqa: E402
-
-LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+from quant.gptq.model import quantize_model
+from quant.gptq.nn import GPTQLinear
+from quant.gptq.solver import GPTQConfig
+from quant.settings import from_flags
+from scripts.bench.quant_bench import arguments, build, device, host_peak_gib, random_calibration, sync, timed
 
 
-def host_peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps * 1e3
-
-
-def kernel_bench(layer: QuantLinear, dense_w: torch.Tensor) -> None:
-    print("\nQuantLinear timing on one down_proj (ms per call):")
+def kernel_bench(layer: GPTQLinear, dense_w: torch.Tensor) -> None:
+    print("\nGPTQLinear timing on one down_proj (ms per call):")
     print(f"{'tokens':>7} {'triton':>9} {'torch-ref':>10} {'dense bf16':>11}")
     for m in (1, 16, 256, 2048):  # up to 256 the fused kernel, above it dequantize + cuBLAS
         x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.bfloat16)
@@ -70,49 +46,25 @@ def kernel_bench(layer: QuantLinear, dense_w: torch.Tensor) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=32, help="decoder blocks to build and quantize (of 32)")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=2048)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--desc-act", action="store_true")
-    ap.add_argument("--method", choices=METHODS, default=METHODS[0])
+    ap = arguments(__doc__, GPTQConfig, layers=32)
     ap.add_argument("--no-offload", dest="offload", action="store_false",
                     help="keep the whole model on the GPU (default: park it in host memory and bring one block "
                          "at a time, which is what lets large models fit)")
     ap.add_argument("--no-kernel-bench", dest="kernel_bench", action="store_false")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU too: checks the script itself")
     a = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu" and not a.smoke:
-        raise SystemExit("bench_gptq.py needs a CUDA GPU (or --smoke)")
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    shape = dict(LLAMA31_8B, num_hidden_layers=a.layers)
-    if a.smoke:
-        shape.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                     vocab_size=1024)
-        a.calib_samples, a.calib_seqlen = min(a.calib_samples, 4), min(a.calib_seqlen, 64)
-    cfg = LlamaConfig(**shape)
+    dev = device(a, "bench_gptq.py")
+    qcfg = from_flags(GPTQConfig, a)
     t0 = time.perf_counter()
-    with torch.device(dev):  # built in bf16 directly: an fp32 8B model would need 32 GB first
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    sync(dev)
+    model, cfg, dense_down = build(a, dev)
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"built Llama-3.1-8B-shaped model with {a.layers} layers ({n_params / 1e9:.2f}B params, bf16) on "
           f"{name} in {time.perf_counter() - t0:.1f}s", flush=True)
-    dense_down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     if a.offload and dev == "cuda":
         model.to("cpu")
         torch.cuda.empty_cache()
 
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, cfg.vocab_size, (1, a.calib_seqlen), generator=g) for _ in range(a.calib_samples)]
-    qcfg = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, method=a.method)
+    calib = random_calibration(cfg, a.calib_samples, a.calib_seqlen)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     mem_before = torch.cuda.memory_allocated() if dev == "cuda" else 0
@@ -127,8 +79,7 @@ def main() -> None:
     # the whole wall time slightly over-estimates the full model.
     full = wall * 32 / a.layers
     res = {
-        "layers": a.layers, "calib": f"{a.calib_samples}x{a.calib_seqlen}", "bits": a.bits,
-        "group_size": a.group_size, "desc_act": a.desc_act, "method": a.method,
+        "layers": a.layers, "calib": f"{a.calib_samples}x{a.calib_seqlen}", **qcfg.to_dict(),
         "wall_s": round(wall, 1), "solver_s_per_block": round(per_layer_s, 2),
         "extrapolated_32_layers_s": round(full, 1), "peak_gpu_gib": round(peak / 2**30, 2),
         "offload": a.offload, "gpu_before_gib": round(mem_before / 2**30, 2),

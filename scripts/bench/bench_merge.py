@@ -24,14 +24,20 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from finetune.merge import MergeConfig, merge
+from finetune.merge.config import format_options
+from finetune.synthetic import save_random_model
+from quant.files import staged
+from quant.tensorfiles import Checkpoint
+from quant.formats.registry import resolve_base
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def build_base(shape: str, layers: int | None, path: Path, device: str) -> Path:
-    from finetune.synthetic import save_random_model
-    from quant.files import staged
-
     if (path / "config.json").exists():
         return path
     overrides = {"num_hidden_layers": layers} if layers else {}
@@ -44,11 +50,6 @@ def build_base(shape: str, layers: int | None, path: Path, device: str) -> Path:
 
 def build_adapter(base: Path, path: Path, rank: int, seed: int = 0) -> Path:
     """A peft LoRA adapter directory as `finetune sft` leaves it: adapter files, base.json, recipe.yaml."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from quant.files import Checkpoint
-    from quant.formats.registry import resolve_base
 
     if (path / "adapter_config.json").exists():
         return path
@@ -87,9 +88,6 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench-merge", help="where the base, adapter and outputs go")
     p.add_argument("--keep", action="store_true", help="keep the merged outputs")
     args = p.parse_args()
-
-    from finetune.merge import MergeConfig, merge
-    from finetune.merge.config import format_options
 
     work = Path(args.work)
     tag = f"{args.shape}-L{args.layers or 'all'}"

@@ -26,6 +26,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
+
+from finetune.model import load_adapter, load_base
+from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text
+from quant.formats.base import BaseSpec
+from quant.formats.registry import base_format
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,11 +87,6 @@ def summary(run_dir: Path) -> dict:
 def adapter_loads(run_dir: Path, base_dir: Path, base: str) -> bool:
     """peft's PeftModel.from_pretrained on the base (the base the run recorded, for a stored-quantized base such
     as GPTQ; else the float checkpoint), on the CPU."""
-    from transformers import AutoModelForCausalLM
-
-    from finetune.model import load_adapter, load_base
-    from quant.formats.base import BaseSpec
-    from quant.formats.registry import base_format
 
     try:
         model = (load_base(BaseSpec.read(run_dir / "adapter"), torch.device("cpu")).model
@@ -111,9 +112,6 @@ def main() -> None:
     args = ap.parse_args()
     if not args.cpu and torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"--gpus {args.gpus} but {torch.cuda.device_count()} CUDA devices are visible")
-
-    from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text
-    from quant.formats.registry import base_format
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-multigpu-"))
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from finetune.recipe import load_recipe
+from finetune.synthetic import save_random_model
+from finetune.train.loop import train
+from quant.formats.registry import DEFAULT_BASE, base_format, base_names
 
-from finetune.recipe import load_recipe  # noqa: E402
-from finetune.synthetic import save_random_model  # noqa: E402
-from finetune.train.loop import train  # noqa: E402
-from quant.formats.registry import DEFAULT_BASE, base_format, base_names  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ Stacks:
             `ours[KEY=VALUE,...]` applies recipe overrides (levers off: ours[train.fused_lora=false], ...)
 All: LoRA r on all 7 projections, alpha = r, no dropout, non-reentrant (or the stack's own) checkpointing,
 SDPA attention where the stack uses transformers', fused AdamW at a constant learning rate.
+Each builder imports its own libraries: liger and unsloth patch transformers for the whole process, and unsloth
+must be imported before it, so nothing here imports transformers at the top.
 """
 
 from __future__ import annotations
@@ -150,6 +152,6 @@ def build(name: str, dirs: dict, rank: int, max_seq: int):
 
 def release() -> None:
     """Drop buffers our kernels keep between calls, so the next stack's peak starts from nothing of ours."""
-    from finetune.kernels.lora import _SCRATCH
+    from quant.formats.bnb_lib import _SCRATCH
 
     _SCRATCH.clear()

@@ -13,7 +13,8 @@ bf16, from the same LoRA initialisation where the stack lets us (r=16 on all 7 p
 dropout), on the same random-token batches, with fused AdamW at a constant learning rate. `STACK@packed`
 trains on packed rows instead: examples of 64-1024 tokens packed into each row, position ids restarting at
 every example (as `finetune sft` packs), labels hidden at each example's first token. Liger and unsloth patch
-libraries globally, so each runs in a process of its own (unsloth imported before transformers).
+libraries globally, so each runs in a process of its own (unsloth imported before transformers: nothing that
+imports transformers is imported at the top of this file or of bench_stacks.py).
 
 Prints one table: tokens/s (every token of the batch; timing skips the first 3 steps), peak GPU memory (what the
 stack itself allocated, above what was allocated before it), LoRA-MFU, the largest per-step loss difference to

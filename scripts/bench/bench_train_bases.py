@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from finetune.recipe import recipe_from_dict
+from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text
+from finetune.train.loop import train
+from quant.formats.registry import base_format
 
-from finetune.recipe import recipe_from_dict  # noqa: E402
-from finetune.synthetic import random_model, save_model_dir, save_rtn_gptq, synthetic_text  # noqa: E402
-from finetune.train.loop import train  # noqa: E402
-from quant.formats.registry import base_format  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

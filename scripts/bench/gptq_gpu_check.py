@@ -1,7 +1,7 @@
 """GPU checks of the GPTQ Triton kernels against the torch reference, without pytest.
 
 The lent GPU image has torch, transformers and triton but no pytest; this runs the same comparisons as
-the `gpu`-marked tests in tests/quant/test_quant_nn.py, plus an end-to-end GPTQ run of a small random
+the `gpu`-marked tests in tests/quant/test_gptq_nn.py, plus an end-to-end GPTQ run of a small random
 Llama on the GPU whose logits must agree between the Triton and the torch path.
 
     python -m scripts.bench.gptq_gpu_check          # exits 1 on any mismatch
@@ -13,12 +13,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import torch  # noqa: E402
-
-from quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize  # noqa: E402
-from quant.kernels import torch_ref  # noqa: E402
-from quant.nn import QuantLinear  # noqa: E402
+from quant.feedback import HessianAccumulator
+from quant.gptq import kernels as torch_ref
+from quant.gptq.kernels import kernels_for
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.nn import QuantLinear
+from quant.gptq.solver import GPTQConfig, gptq_quantize
 
 CASES = [  # bits, group_size, desc_act, K, N, format
     (4, 128, False, 576, 1536, "gptq"), (4, 64, True, 1536, 576, "gptq"), (3, 64, True, 576, 192, "gptq"),
@@ -44,8 +47,7 @@ def make_layer(bits, gs, desc_act, K, N, fmt):
 
 
 def kernel_checks():
-    from quant.kernels import triton_gptq
-
+    triton_gptq = kernels_for(torch.empty(0), "triton")  # the Triton kernels (Triton is optional: imported there)
     for bits, gs, desc, K, N, fmt in CASES:
         L = make_layer(bits, gs, desc, K, N, fmt)
         args = (L.qweight, L.qzeros, L.scales, L.g_idx, bits, L.zero_offset)
@@ -69,10 +71,6 @@ def kernel_checks():
 
 
 def end_to_end():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from quant.model import load_gptq_model, quantize_model, save_quantized
-
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=1024)
     torch.manual_seed(0)

@@ -18,6 +18,13 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
+from finetune.data import build_datasets
+from finetune.recipe import DataConfig
+from quant.files import write_text
+from quant.loading import load_float_model, load_tokenizer
+
 ITEMS = [("mug", "mugs"), ("notebook", "notebooks"), ("lamp", "lamps"), ("backpack", "backpacks"),
          ("candle", "candles"), ("poster", "posters"), ("water bottle", "water bottles"), ("umbrella", "umbrellas"),
          ("scarf", "scarves"), ("t-shirt", "t-shirts"), ("pen", "pens"), ("chair", "chairs"), ("clock", "clocks"),
@@ -106,8 +113,6 @@ def generate(seed: int, n_train: int, n_eval: int) -> tuple[list[dict], list[dic
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from quant.files import write_text
-
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
@@ -116,11 +121,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def check_base(out_dir: Path, n_generate: int, model_spec: str) -> None:
     """Token stats with the real tokenizer, mean assistant-token CE on eval, and greedy answers of the base."""
-    import torch
-
-    from finetune.data import build_datasets
-    from finetune.recipe import DataConfig
-    from quant.loading import load_float_model, load_tokenizer
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_spec)

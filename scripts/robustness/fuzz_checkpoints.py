@@ -15,8 +15,13 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
+from safetensors.torch import load_file
+
+from finetune.train import checkpoint, finish, setup, tracking
+from finetune.train.checkpoint import checkpoint_problem, list_checkpoints, write_manifest
 from scripts.robustness.fuzz_cases import Case, run_cli, write_recipe
 
 STATE_FILES = ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors",
@@ -47,7 +52,6 @@ def damage(kind: str, file: Path, marker: Path) -> None:
     elif kind == "deleted":
         file.unlink()
     elif kind == "pickle, manifest recomputed":
-        from finetune.train.checkpoint import write_manifest
 
         file.write_bytes(pickle.dumps({"state": Payload(marker)}))
         ckpt = file.parent.parent if file.parent.name == "adapter" else file.parent
@@ -67,8 +71,6 @@ def _reference(env: dict) -> Path:
 
 
 def _adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
@@ -84,7 +86,7 @@ def resume_case(name: str, spoil, must_refuse=False) -> Case:
         shutil.rmtree(cwd / "run" / "adapter")
         spoil(cwd / "run", env)
         return ["sft", write_recipe(cwd, env["recipe"]), "--resume", *CKPT_ARGS]
-    return Case(name, prepare, must_refuse)
+    return Case(name, prepare, must_refuse, may_change=("run",))  # --resume continues (and rotates) the run
 
 
 def _legacy(run: Path, env: dict) -> None:
@@ -96,8 +98,6 @@ def _legacy(run: Path, env: dict) -> None:
 
 
 def _retag(run: Path, edit) -> None:
-    from finetune.train.checkpoint import write_manifest
-
     ckpt = run / "checkpoint-4"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     edit(state)
@@ -158,11 +158,9 @@ def _fail_on_call(module, name: str, k: int):
 
 
 def disk_full_cases(env: dict) -> list[Case]:
-    from finetune.train import checkpoint, loop, tracking
-
     targets = [(checkpoint, "save_tree", k) for k in (1, 2, 3, 4)] + [
-        (checkpoint, "save_json_tree", 1), (checkpoint, "write_manifest", 2), (loop, "_save_final_adapter", 1),
-        (tracking.os, "fsync", 1), (loop, "write_text_atomic", 1)]
+        (checkpoint, "save_json_tree", 1), (checkpoint, "write_manifest", 2), (finish, "save_final_adapter", 1),
+        (tracking.os, "fsync", 1), (setup, "write_text_atomic", 1)]
     cases = []
     for module, name, k in targets:
         def prepare(cwd: Path, env: dict) -> list[str]:
@@ -182,16 +180,12 @@ DISK_ARGS = ["--set", "train.max_steps=3", "--set", "train.save_every=1", "--set
 
 
 def _mount(path: Path, size_k: int, remount: bool = False) -> bool:
-    import subprocess
-
     opts = f"{'remount,' if remount else ''}size={size_k}k"
     return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
 
 
 def _after_full_disk(cwd: Path, env: dict) -> str | None:
     """Nothing complete may be damaged; with space freed, --resume must end with the uninterrupted adapter."""
-
-    from finetune.train.checkpoint import checkpoint_problem, list_checkpoints
 
     run = cwd / "disk" / "run"
     for ckpt in list_checkpoints(run):
@@ -213,8 +207,6 @@ def _after_full_disk(cwd: Path, env: dict) -> str | None:
 
 @contextlib.contextmanager
 def _disk(cwd: Path, size_k: int):
-    import subprocess
-
     (cwd / "disk").mkdir()
     if not _mount(cwd / "disk", size_k):
         raise RuntimeError("mount tmpfs failed")
@@ -231,7 +223,6 @@ def real_disk_cases(env: dict) -> list[Case]:
     if not _mount(probe, 64):
         print("full disk: skipped (mounting a tmpfs needs root)")
         return []
-    import subprocess
 
     subprocess.run(["umount", str(probe)], capture_output=True)
     cases = []

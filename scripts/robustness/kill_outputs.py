@@ -37,6 +37,12 @@ import threading
 import time
 from pathlib import Path
 
+from finetune.recipe import recipe_from_dict
+from finetune.synthetic import byte_tokenizer, random_model
+from finetune.train.loop import train
+from quant.files import exclusive, recover
+from quant.replace import temporaries
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMING_LOGS = {"merge_report.json", "quant_log.json"}
 
@@ -82,9 +88,6 @@ sys.exit(importlib.import_module(module).main(argv))
 
 def build(work: Path) -> tuple[Path, Path]:
     """The tiny model directory and a LoRA run trained on it (once)."""
-    from finetune.recipe import recipe_from_dict
-    from finetune.synthetic import byte_tokenizer, random_model
-    from finetune.train.loop import train
 
     model, run = work / "model", work / "run"
     if not (model / "config.json").exists():
@@ -166,9 +169,6 @@ def reference(module: str, argv: list[str], slow: float, scheme: str) -> tuple[d
 
 
 def recover_like_the_next_run(out: Path) -> list[Path]:
-    from quant.files import exclusive, recover
-    from quant.replace import temporaries
-
     with exclusive(out):
         recover(out)
     return [p for p, _, _ in temporaries(out)]

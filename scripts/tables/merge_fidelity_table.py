@@ -29,6 +29,13 @@ from pathlib import Path
 
 import torch
 
+from finetune.merge import MergeConfig, merge
+from finetune.merge.adapter import read_adapter
+from finetune.merge.config import MERGE_INTO, format_options
+from finetune.merge.report import fidelity_many, locate
+from quant.formats.base import REQUIRED
+from quant.formats.registry import output_names
+
 
 def _value(text: str):
     if text.lower() in ("true", "false"):
@@ -37,9 +44,6 @@ def _value(text: str):
 
 
 def _spec(text: str) -> dict:
-    from finetune.merge.config import MERGE_INTO
-    from quant.formats.registry import output_names
-
     head, _, into = text.partition(":")
     head, plus, calib = head.partition("+")
     if plus and calib != "calib":
@@ -71,12 +75,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from finetune.merge import MergeConfig, merge
-    from finetune.merge.adapter import read_adapter
-    from finetune.merge.config import format_options
-    from finetune.merge.report import fidelity_many, locate
-    from quant.formats.base import REQUIRED
 
     source = read_adapter(args.run)
     calib = args.calib

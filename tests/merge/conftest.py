@@ -41,8 +41,8 @@ def nf4_run(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
 @pytest.fixture(scope="session")
 def gptq_base_dir(tmp_path_factory, tokenizer) -> Path:
     """The tiny model quantized by our GPTQ with act-order (non-monotone g_idx), 4-bit g32."""
-    from quant.gptq import GPTQConfig
-    from quant.model import quantize_model, save_quantized
+    from quant.gptq.model import quantize_model, save_quantized
+    from quant.gptq.solver import GPTQConfig
 
     path = tmp_path_factory.mktemp("tiny-gptq")
     model = random_model("tiny", vocab_size=len(tokenizer))

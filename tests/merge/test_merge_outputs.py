@@ -9,24 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from finetune.merge.adapter import read_adapter
-from quant.files import Checkpoint
+from quant.tensorfiles import Checkpoint
 from quant.formats.base import BaseSpec
-from quant.formats.bnb import rebuild_4bit
+from quant.formats.bnb_lib import rebuild_4bit
+from quant.packed import read_state
 from support import quiet_merge
 
 CPU = torch.device("cpu")
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def _tensors(out: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(out.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return tensors
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +65,7 @@ def test_bf16_merge_reproduces_the_adapter_model(nf4_run, nf4_adapter, tmp_path)
         {p.name for p in out.iterdir()}
     model, expected = nf4_adapter
     assert len(expected) == result.modules_merged == 14
-    written = _tensors(out)
+    written = read_state(out)
     for name, W in expected.items():  # merged weight = bf16(dequantized trained weight + delta), exactly
         assert written[f"{name}.weight"].dtype == torch.bfloat16
         assert torch.equal(written[f"{name}.weight"], W.to(torch.bfloat16)), name
@@ -101,7 +93,7 @@ def test_bitsandbytes_outputs_load_with_transformers(nf4_run, nf4_adapter, tmp_p
     from transformers import AutoModelForCausalLM
 
     out = quiet_merge(nf4_run, tmp_path / fmt, fmt, report=fmt == "nf4").out_dir
-    tensors = _tensors(out)
+    tensors = read_state(out)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     name = "model.layers.1.mlp.down_proj"
     if fmt == "nf4":
@@ -143,7 +135,7 @@ def _check_gptq_layout(out: Path, bits: int, group_size: int, desc_act: bool) ->
         ("gptq", bits, group_size, desc_act, True)
     assert qc["checkpoint_format"] == qc["format"] == "gptq" and qc["pack_dtype"] == "int32"
     assert (out / "model.safetensors").exists()
-    tensors = _tensors(out)
+    tensors = read_state(out)
     ckpt = Checkpoint(out)
     assert ckpt.config["dtype"] == "float16"
     K, N = 128, 64  # down_proj of the tiny model
@@ -165,13 +157,13 @@ def _check_gptq_layout(out: Path, bits: int, group_size: int, desc_act: bool) ->
 
 
 def test_gptq_output_follows_the_format_doc_and_loads(nf4_run, nf4_adapter, chat_files, tmp_path):
-    from quant.model import load_gptq_model
-    from quant.nn import QuantLinear
+    from quant.gptq.model import load_gptq_model
+    from quant.gptq.nn import QuantLinear
 
     result = quiet_merge(nf4_run, tmp_path / "gptq", "gptq", calib=str(chat_files[0]),
                          options={"group_size": 32}, calib_samples=8, calib_seqlen=64)
     out = result.out_dir
-    _check_gptq_layout(out, 4, 32, False)
+    _check_gptq_layout(out, 4, 32, True)  # act-order: from a bnb base the merge takes quant gptq's defaults
     report = json.loads((out / "merge_report.json").read_text())
     assert report["gptq"]["method"] == "gptq" and report["gptq"]["calib_samples"] == 8
     assert report["fidelity"]["retention"] > 0.9
@@ -198,7 +190,7 @@ def test_gptq_base_adapter_merges_to_bf16_and_requantizes_with_the_base_settings
 
     out = quiet_merge(gptq_run, tmp_path / "bf16", "bf16", report=False).out_dir
     model = _adapter_model(gptq_run, "gptq")
-    written = _tensors(out)
+    written = read_state(out)
     for name, W in _expected_merged(model).items():
         assert torch.equal(written[f"{name}.weight"], W.to(torch.bfloat16)), name
     merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
@@ -216,13 +208,13 @@ def test_gptq_base_adapter_merges_to_bf16_and_requantizes_with_the_base_settings
 def test_checkpoint_dir_and_original_weights(nf4_run, tiny_model_dir, tmp_path):
     """A checkpoint-N/ merges like the final adapter (its base comes from the run's recipe.yaml); merging
     into the original weights adds the same delta to the unquantized checkpoint instead."""
-    final = _tensors(quiet_merge(nf4_run, tmp_path / "final", "bf16", report=False).out_dir)
+    final = read_state(quiet_merge(nf4_run, tmp_path / "final", "bf16", report=False).out_dir)
     ckpt = sorted(nf4_run.glob("checkpoint-*"))[-1]
     from_ckpt = quiet_merge(ckpt, tmp_path / "ckpt", "bf16", report=False).out_dir
     assert (from_ckpt / "tokenizer.json").exists()
-    assert all(torch.equal(final[k], v) for k, v in _tensors(from_ckpt).items())
+    assert all(torch.equal(final[k], v) for k, v in read_state(from_ckpt).items())
 
-    original = _tensors(quiet_merge(nf4_run, tmp_path / "orig", "bf16", merge_into="original",
+    original = read_state(quiet_merge(nf4_run, tmp_path / "orig", "bf16", merge_into="original",
                                     report=False).out_dir)
     module = "model.layers.0.self_attn.q_proj"
     W = Checkpoint(tiny_model_dir).get(f"{module}.weight")

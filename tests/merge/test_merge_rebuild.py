@@ -13,10 +13,11 @@ from safetensors import safe_open
 
 from finetune.merge.source import skeleton
 from finetune.recipe import BaseConfig
-from quant.files import Checkpoint, ShardWriter
-from quant.formats.bnb import bnb_linear_names, rebuild_4bit, rebuild_int8
-from quant.formats.gptq import dequantize_gptq
-from quant.formats.gptq_pack import zero_offset
+from quant.tensorfiles import Checkpoint, ShardWriter
+from quant.formats.bnb import bnb_linear_names
+from quant.formats.bnb_lib import rebuild_4bit, rebuild_int8
+from quant.gptq.kernels import dequantize_layer
+from quant.gptq.pack import zero_offset
 
 CPU = torch.device("cpu")
 
@@ -59,9 +60,9 @@ def test_bnb_rebuild_equals_the_layers_load_base_trains_on(tiny_model_dir, quant
 
 
 def test_gptq_dequantization_equals_quantlinear(gptq_base_dir):
-    from quant.formats.gptq import read_quant_config
-    from quant.model import load_gptq_model
-    from quant.nn import QuantLinear
+    from quant.gptq.model import load_gptq_model
+    from quant.gptq.nn import QuantLinear
+    from quant.gptq.pack import read_quant_config
 
     model = load_gptq_model(gptq_base_dir)
     ckpt = Checkpoint(gptq_base_dir)
@@ -70,7 +71,7 @@ def test_gptq_dequantization_equals_quantlinear(gptq_base_dir):
     assert layers
     for name, layer in layers.items():
         parts = {p: ckpt.get(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
-        assert torch.equal(dequantize_gptq(parts, q["bits"], zero_offset(q["checkpoint_format"])),
+        assert torch.equal(dequantize_layer(parts, q["bits"], zero_offset(q["checkpoint_format"])),
                            layer.dequantize(torch.float32))
 
 

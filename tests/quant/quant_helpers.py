@@ -34,3 +34,25 @@ def char_tokenizer():
 def calib_ids(n: int = 8, seqlen: int = 64, vocab: int = 128, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def assert_reproduces_gptqmodel(model, rec: dict, recorded_weight) -> list:
+    """Our loaded `model` against GPTQModel's records of the same checkpoint (scripts/interop/gptqmodel_common.py):
+    the recorded weight bit for bit (`recorded_weight(layer)` in the fixture's layout), every packed layer's outputs
+    and the logits; returns the packed layers."""
+    layers = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if not hasattr(mod, "qweight"):
+                continue
+            layers.append(mod)
+            if f"{name}.w" in rec:  # GPTQModel's dequantized weight, recorded for one layer
+                assert torch.equal(recorded_weight(mod), rec[f"{name}.w"])  # bit-exact
+            ref = rec[f"{name}.y"].float()
+            got = mod(rec[f"{name}.x"]).float()
+            assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-3
+        logits = model(input_ids=rec["input_ids"]).logits.float()
+    assert len(layers) == 7 and sum(k.endswith(".w") for k in rec) == 1
+    ref = rec["logits"].float()
+    assert ((logits - ref).abs().max() / ref.abs().max()).item() < 5e-3
+    return layers

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from quant_helpers import calib_ids, char_tokenizer, tiny_llama
 
-from quant.awq import AWQConfig, quantize_weight
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
-from quant.nn_awq import AWQLinear
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.nn import AWQLinear
+from quant.awq.solver import AWQConfig, quantize_weight
 
 
 def make_layer(K=96, N=64, gs=32, bias=True, seed=0):
@@ -54,16 +54,6 @@ def test_backward_gives_input_gradient_only_and_saves_no_float_weight():
     assert all(b.grad is None for b in layer.buffers())
     # What autograd keeps between forward and backward is the packed layer, never a float copy of W.
     assert not any(t.is_floating_point() and t.numel() >= W.numel() for t in saved)
-
-
-def test_backward_through_bf16():
-    layer, _ = make_layer()
-    x = torch.randn(5, 96, dtype=torch.bfloat16, requires_grad=True)
-    y = layer(x)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    W = layer.dequantize(torch.bfloat16)
-    torch.testing.assert_close(x.grad, torch.ones(5, 64, dtype=torch.bfloat16) @ W, rtol=2e-2, atol=2e-2)
 
 
 def test_lora_on_an_awq_base_trains_with_decreasing_loss(tmp_path):

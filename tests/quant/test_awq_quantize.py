@@ -9,21 +9,13 @@ import pytest
 import torch
 from quant_helpers import calib_ids, tiny_llama
 
-from quant.awq import (
-    AWQConfig,
-    dequantize_codes,
-    fake_quantize,
-    group_params,
-    hessian_loss,
-    quantize_codes,
-    search_clip,
-    search_scales,
-)
-from quant.awq_blocks import Fold, _fold_is_exact
-from quant.awq_model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.blocks import Fold, _fold_is_exact
+from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.nn import AWQLinear
+from quant.awq.solver import (AWQConfig, dequantize_codes, fake_quantize, group_params, hessian_loss, quantize_codes,
+                              search_clip, search_scales)
 from quant.errors import UserError
-from quant.gptq import HessianAccumulator
-from quant.nn_awq import AWQLinear
+from quant.feedback import HessianAccumulator
 
 
 def test_grid_is_asymmetric_with_fp16_scales_and_zero_in_range():
@@ -142,7 +134,7 @@ def test_dithered_rounding_keeps_a_small_change_that_nearest_rounding_drops():
     """A merged weight is the base's grid point plus a delta far below half a step. Nearest rounding on that grid
     returns the base's codes (the change is lost); dithered rounding keeps the change's effect on the layer's
     outputs in expectation, reproducibly for a seed, at a noise no larger than the base's own quantization."""
-    from quant.gptq import round_on_grid
+    from quant.feedback import round_on_grid
 
     g = torch.Generator().manual_seed(0)
     N, K, gs = 64, 256, 64
@@ -172,7 +164,7 @@ def test_dithered_rounding_keeps_a_small_change_that_nearest_rounding_drops():
 
 
 def test_feedback_rounding_has_less_output_error_than_nearest_on_the_same_grid():
-    from quant.gptq import round_on_grid, relative_error
+    from quant.feedback import round_on_grid, relative_error
 
     g = torch.Generator().manual_seed(0)
     N, K, gs = 64, 256, 64

@@ -13,7 +13,7 @@ from gguf_helpers import save_tiny, sentencepiece_tokenizer, tiny_model, token_i
 
 from quant.cli import main
 from quant.errors import UserError
-from quant.ggml.export import export_gguf
+from quant.export import export_gguf
 from quant.ggml.imatrix import collect_importance, weight_name
 from quant.ggml.writer import write_gguf
 
@@ -195,7 +195,7 @@ def test_calibrated_export_from_the_cli_needs_real_text(llama_dir, tmp_path, cap
 def test_gptq_checkpoint_goes_straight_to_gguf(tmp_path):
     from finetune.synthetic import save_rtn_gptq
 
-    from quant.model import load_gptq_model
+    from quant.gptq.model import load_gptq_model
 
     ckpt = save_rtn_gptq(tiny_model("llama"), tmp_path / "gptq", group_size=64)
     ids = token_ids()
@@ -206,6 +206,30 @@ def test_gptq_checkpoint_goes_straight_to_gguf(tmp_path):
     assert report.type_counts() == {"F32": 21}
     got = hf_logits(tmp_path, ids, gguf_file="g.gguf")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_calibrated_export_of_an_awq_checkpoint_weighs_every_projection(tmp_path, monkeypatch):
+    """`quant gguf <AWQ dir> --calib`: the source loads with AWQLinear projections, and the importance statistics
+    cover every one of them (and the head), not only the layers that are still nn.Linear (lm_head)."""
+    import quant.export
+    from finetune.synthetic import save_rtn_awq
+
+    ckpt = save_rtn_awq(tiny_model("llama"), tmp_path / "awq", group_size=64)
+    weighed = {}
+    write = quant.export.write_gguf
+
+    def spy(*args, importance=None, **kwargs):
+        weighed.update(importance)
+        return write(*args, importance=importance, **kwargs)
+
+    monkeypatch.setattr(quant.export, "write_gguf", spy)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["--log-level", "WARNING", "gguf", str(ckpt), "--out", str(tmp_path / "a.gguf"), "--calib", str(text),
+                 "--calib-samples", "4", "--calib-seqlen", "64", "--no-progress"]) == 0
+    projections = {f"{n}.weight" for n, m in tiny_model("llama").named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(projections) == 15 and set(weighed) == projections
+    assert all(v.shape == (256 if "down_proj" not in k else 512,) and (v > 0).all() for k, v in weighed.items())
 
 
 def test_gguf_source_keeps_its_tokenizer_metadata(tmp_path, monkeypatch):

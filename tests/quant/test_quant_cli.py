@@ -27,6 +27,16 @@ def run_cli(argv, capsys):
     return code, out.out, out.err
 
 
+def evaluated(out, prose_file, capsys) -> tuple[dict, str]:
+    """`quant eval` of a written checkpoint on three chunks of 64 tokens: its JSON result and stderr."""
+    code, stdout, stderr = run_cli(["--log-level", "WARNING", "eval", str(out), "--data", str(prose_file),
+                                    "--seqlen", "64", "--max-chunks", "3", "--no-progress"], capsys)
+    assert code == 0
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["tokens"] == 3 * 63 and math.isfinite(res["ppl"])
+    return res, stderr
+
+
 def test_gptq_then_eval_end_to_end(tmp_path, tiny_model_dir, prose_file, capsys):
     out = tmp_path / "q"
     code, stdout, _ = run_cli(["--log-level", "WARNING", "gptq", str(tiny_model_dir), "--out", str(out),
@@ -36,12 +46,8 @@ def test_gptq_then_eval_end_to_end(tmp_path, tiny_model_dir, prose_file, capsys)
     qc = json.loads((out / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == (4, 32, True, False)
     assert (out / "tokenizer.json").exists()
-    code, stdout, stderr = run_cli(["--log-level", "WARNING", "eval", str(out), "--data", str(prose_file),
-                                    "--seqlen", "64", "--max-chunks", "3", "--no-progress"], capsys)
-    assert code == 0
-    res = json.loads(stdout.strip().splitlines()[-1])
-    assert res["quantization"] == "gptq" and res["tokens"] == 3 * 63 and math.isfinite(res["ppl"])
-    assert "perplexity" in stderr
+    res, stderr = evaluated(out, prose_file, capsys)
+    assert res["quantization"] == "gptq" and "perplexity" in stderr
 
 
 @pytest.mark.parametrize("method,flags,expected", [
@@ -71,20 +77,26 @@ def test_eval_float_and_nf4(tiny_model_dir, prose_file, capsys):
     assert results["none"]["ppl"] != results["nf4"]["ppl"]
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["--bits", "5"], "bits must be one of"),
-    (["--group-size", "48"], "group size must be"),
-    (["--group-size", "256"], "does not fit"),
-    (["--method", "gptq"], "--calib is required"),
-    (["--decorrelate", "2"], "decorrelate must be in [0, 1] (got 2.0)"),
+@pytest.mark.parametrize("command,extra,msg", [
+    ("gptq", ["--bits", "5"], "bits must be one of"),
+    ("gptq", ["--group-size", "48"], "group size must be"),
+    ("gptq", ["--group-size", "256"], "does not fit"),
+    ("gptq", ["--method", "gptq"], "--calib is required"),
+    ("gptq", ["--decorrelate", "2"], "decorrelate must be in [0, 1] (got 2.0)"),
+    ("awq", ["--bits", "3"], "bits must be 4"),
+    ("awq", ["--group-size", "48"], "group size must be one of 32, 64, 128"),
+    ("awq", ["--method", "awq"], "--calib is required"),
+    ("awq", ["--grid", "1"], "at least 2 points"),
+    ("awq", ["--decorrelate", "-1"], "decorrelate must be in [0, 1] (got -1.0)"),
 ])
-def test_bad_gptq_input_is_one_line_exit_2(tmp_path, tiny_model_dir, prose_file, capsys, extra, msg):
-    argv = ["gptq", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress"]
+def test_bad_quantizer_input_is_one_line_exit_2(tmp_path, tiny_model_dir, prose_file, capsys, command, extra, msg):
+    argv = [command, str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress"]
     if "--method" not in extra:
         argv += ["--calib", str(prose_file), "--calib-samples", "2", "--calib-seqlen", "32"]
     code, _, err = run_cli(argv + extra, capsys)
     lines = [l for l in err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_empty_calibration_set(tmp_path, tiny_model_dir, capsys):

@@ -1,0 +1,251 @@
+"""Walking a Hugging Face decoder model block by block: what every quantization method shares.
+
+Only one decoder block and the calibration activations live on the compute device at a time: the inputs of
+block 0 are captured by a hook that stops the forward there (`capture_inputs`), each block is moved to the
+device, quantized by the method, run once more to produce the (quantized) inputs of the next block, and moved
+back (`drive_blocks`).
+
+Inside a block, `linear_groups` orders the Linears in groups that share an input (q/k/v, then o, then gate/up,
+then down for Llama), found by watching one forward, so a method can quantize them group by group and let later
+groups see the already-quantized earlier ones.
+
+`OneLayer` turns one decoder layer plus stored hidden states into a model the driver can walk: the merge's
+layer-by-layer encoders and the GGUF importance pass use it. Nothing here knows a method or an architecture
+family beyond where the block list sits (`BLOCK_PATTERNS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quant.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Where the decoder blocks sit in common architectures (optimum's BLOCK_PATTERNS plus a few newer ones).
+BLOCK_PATTERNS = ("model.layers", "model.language_model.layers", "model.decoder.layers", "transformer.h",
+                  "gpt_neox.layers", "transformer.blocks", "model.transformer.h")
+
+
+class Stop(Exception):
+    """Raised from a hook to abandon a forward pass once the needed inputs have been seen."""
+
+
+@dataclass
+class LayerLog:
+    name: str
+    in_features: int
+    out_features: int
+    rel_error: float | None
+    damp_percent: float | None
+    seconds: float
+
+
+@dataclass
+class QuantReport:
+    method: str
+    layers: list[LayerLog] = field(default_factory=list)
+    calib_samples: int = 0
+    calib_tokens: int = 0
+    seconds: float = 0.0
+
+    def mean_error(self) -> float | None:
+        errs = [l.rel_error for l in self.layers if l.rel_error is not None]
+        return sum(errs) / len(errs) if errs else None
+
+    def to_dict(self) -> dict:
+        """What quant_log.json records (a method's report may add its own keys)."""
+        return {"method": self.method, "calib_samples": self.calib_samples, "calib_tokens": self.calib_tokens,
+                "seconds": round(self.seconds, 2), "mean_rel_error": self.mean_error(),
+                "layers": [vars(l) for l in self.layers]}
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for path in BLOCK_PATTERNS:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod):
+            return path, mod
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise UserError(f"{type(model).__name__} has no list of decoder blocks to quantize")
+    return max(lists, key=lambda nm: len(nm[1]))
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, named '<block index>.<name in block>' (what a method checks
+    before any work); a model without any is refused."""
+    _, blocks = find_blocks(model)
+    layers = {f"{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks to quantize")
+    return layers
+
+
+def set_submodule(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
+
+
+def run_block(block, h, kwargs):
+    """The hidden states a decoder block returns for input `h` (blocks return a tuple or a tensor)."""
+    out = block(h, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _move_outside(model: nn.Module, prefix: str, device) -> None:
+    """Move every parameter and buffer that is not inside `prefix` (the block list) to `device`."""
+    for name, mod in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None:
+                mod._buffers[bname] = b.to(device)
+
+
+@torch.no_grad()
+def capture_inputs(model, blocks: nn.ModuleList, calib: list[torch.Tensor], device) -> tuple[list, list]:
+    """Hidden states and keyword arguments (masks, rotary embeddings, ...) that reach block 0 per sample."""
+    hidden, kwargs_list = [], []
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        h = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(h)
+        kwargs_list.append(kwargs)
+        raise Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in calib:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except Stop:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
+
+
+def linear_groups(block, linears, h, kwargs, true_sequential: bool):
+    """Call-ordered groups of Linears, plus for each Linear the member whose input it shares."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0]))) for n, m in linears.items()]
+    try:
+        run_block(block, h, kwargs)
+    finally:
+        for hd in handles:
+            hd.remove()
+    owner: dict[str, str] = {}
+    order: list[str] = []
+    for name, x in seen:
+        if name in owner:
+            continue  # a Linear called twice (shared weights) keeps its first input group
+        owner[name] = next((n for n, y in seen if y is x and n in owner), name)
+        order.append(name)
+    never_called = [n for n in linears if n not in owner]
+    for n in never_called:
+        owner[n] = n
+    if not true_sequential:
+        return [order + never_called], owner
+    groups: list[list[str]] = []
+    for name in order:
+        if owner[name] == name:
+            groups.append([name])
+        else:
+            next(g for g in groups if owner[name] in g).append(name)
+    if never_called:
+        groups.append(never_called)
+    return groups, owner
+
+
+@torch.no_grad()
+def drive_blocks(model: nn.Module, calib: list[torch.Tensor] | None, report: QuantReport, quantize_block,
+                 device=None, desc: str = "", progress: bool = True) -> QuantReport:
+    """The block-by-block loop every method runs through (see the module docstring).
+
+    `quantize_block(block, name, hidden, kwargs_list)` quantizes one block's Linears in place (their weights
+    become the dequantized values, so the block's outputs are the quantized model's), appends to `report`,
+    and returns {linear name: packed layer}; the packed layers replace the Linears once the block has made
+    the next block's inputs. `hidden`/`kwargs_list` are the block's calibration inputs, None when `calib` is
+    None (data-free); an empty `calib` is refused. `device` is where blocks are processed (default: where the
+    model is); the model is returned on its original device.
+    """
+    if calib is not None and not calib:
+        raise UserError(f"{report.method.upper()} needs calibration data: the calibration set is empty")
+    t_start = time.perf_counter()
+    prefix, blocks = find_blocks(model)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    hidden = kwargs_list = None
+    if calib is not None:
+        report.calib_samples = len(calib)
+        report.calib_tokens = sum(int(c.numel()) for c in calib)
+        _move_outside(model, prefix, device)
+        hidden, kwargs_list = capture_inputs(model, blocks, calib, device)
+        _move_outside(model, prefix, home)
+
+    bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
+    for i, block in enumerate(blocks):
+        block.to(device)
+        first = len(report.layers)
+        packed = quantize_block(block, f"{prefix}.{i}", hidden, kwargs_list)
+        if hidden is not None and i + 1 < len(blocks):
+            for j in range(len(hidden)):  # outputs overwrite inputs: one set of activations at a time
+                hidden[j] = run_block(block, hidden[j], kwargs_list[j])
+        for n, layer in packed.items():
+            set_submodule(block, n, layer)
+        block.to(home)
+        errs = [e.rel_error for e in report.layers[first:]]
+        bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}" if errs else "-")
+        bar.update(1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def log_layer(entry: LayerLog, note: str = "") -> None:
+    """One line per quantized Linear (INFO): its shape, relative output error, damping where the method damps."""
+    damp = f"  damp {entry.damp_percent:.3f}" if entry.damp_percent else ""
+    log.info("%-48s %5dx%-5d rel_err %.3e%s%s  %.2fs", entry.name, entry.out_features, entry.in_features,
+             entry.rel_error, damp, note, entry.seconds)
+
+
+class OneLayer(nn.Module):
+    """A model whose only block is `layer` and whose "token ids" index the stored hidden states, so that
+    `drive_blocks` (and any forward hook) can walk one decoder layer of a model that is never whole in memory.
+    With `advance`, each call also replaces the state it read by the layer's output (the next layer's input): a
+    pass that measures while it walks (the GGUF importance), instead of a separate walk after it."""
+
+    def __init__(self, layer: nn.Module, hidden: list, kwargs: list, advance: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList([layer])
+        self._hidden, self._kwargs, self._advance = hidden, kwargs, advance
+
+    def forward(self, input_ids, use_cache=False):
+        j = int(input_ids.reshape(-1)[0])
+        if not self._advance:
+            return self.layers[0](self._hidden[j], **self._kwargs[j])
+        self._hidden[j] = run_block(self.layers[0], self._hidden[j], self._kwargs[j])
+        return self._hidden[j]
+
+    @staticmethod
+    def index_ids(n: int) -> list[torch.Tensor]:
+        """The "token ids" that make the wrapper read stored states 0..n-1, one per calibration window."""
+        return [torch.tensor([[j]]) for j in range(n)]
