@@ -197,18 +197,28 @@ def test_a_file_inside_a_package_is_data_like_any_file(tmp_path, tokenizer, monk
     pipeline, accepted by the recipe, and rendered as records when it is --calib (a merge's default calibration is
     the run's data.train)."""
     import importlib
+    import importlib.metadata
 
     import torch
 
     from finetune.data import read_rows
     from finetune.merge.calibration import calibration_ids
 
+    from quant import loading
+
     package = tmp_path / "site" / "orders_pkg"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     plain = write_jsonl(package / "train.jsonl", chat_rows(20, seed=4))
+    # Installed as pip installs it: pkg: finds a package through its distribution's file list, never by importing.
+    dist = tmp_path / "site" / "orders_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: orders-pkg\nVersion: 0.1\n")
+    (dist / "RECORD").write_text("orders_pkg/__init__.py,,\norders_pkg/train.jsonl,,\n"
+                                 "orders_pkg-0.1.dist-info/METADATA,,\norders_pkg-0.1.dist-info/RECORD,,\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     importlib.invalidate_caches()
+    monkeypatch.setattr(loading, "_distributions", importlib.metadata.packages_distributions)  # uncached here
     spec = "pkg:orders_pkg/train.jsonl"
     rows = read_rows(spec)
     assert rows.source == spec and list(rows) == list(read_rows(str(plain)))
