@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from finetune.data import build_datasets, collate
 from finetune.merge.adapter import AdapterSource
+from finetune.model import load_adapter, load_base
 from finetune.recipe import DataConfig
 from finetune.train.loss import IGNORE, model_inputs
 from quant.errors import UserError
@@ -97,8 +99,6 @@ def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tu
 def load_adapter_model(source: AdapterSource, device: torch.device):
     """(b): the quantized base exactly as training built it (its record), with the adapter; (a) is it with the
     adapter off."""
-    from finetune.model import load_adapter, load_base
-
     base = load_base(source.base, device)
     return load_adapter(base.model, source.adapter_dir).eval(), base.compute_dtype
 
@@ -180,8 +180,6 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
                   progress: bool = False) -> dict[str, dict]:
     """The fidelity of several merged outputs of one adapter ({label: (directory, format)}), on one eval pass
     over the first `max_batches` batches (None: see eval_cap)."""
-    from transformers import AutoTokenizer
-
     model_b, dtype = load_adapter_model(source, device)
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     examples, origin = eval_examples(source, tokenizer, eval_data)
