@@ -161,7 +161,8 @@ def _check_number(config: dict, key: str, where: Path, integer: bool, required: 
     if value is None or isinstance(value, bool) or not isinstance(value, kind) or \
             not (isinstance(value, int) or math.isfinite(value)) or not 0 < value <= MAX_RANK:
         what = f"an integer 1..{MAX_RANK}" if integer else f"a finite number > 0 and <= {MAX_RANK}"
-        raise UserError(f"{where}: {key} = {short(value) if key in config else 'missing'} is not valid (expected "
+        shown = key if key.isprintable() else repr(key)  # a rank_pattern key is the file's text: one line
+        raise UserError(f"{where}: {shown} = {short(value) if key in config else 'missing'} is not valid (expected "
                         f"{what})")
 
 
