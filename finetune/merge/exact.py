@@ -37,9 +37,9 @@ def applies(source: AdapterSource, cfg: MergeConfig, merge_into: str) -> bool:
             and all(v is None for v in options.values()))
 
 
-def write(cfg: MergeConfig, source: AdapterSource, ckpt: Checkpoint, info: dict, echo) -> dict | None:
-    """Write the merged checkpoint to cfg.out (staged, renamed when complete) with merge_report.json; fills
-    `info` (the report) and returns the fidelity measured, None without --report."""
+def write(cfg: MergeConfig, source: AdapterSource, ckpt: Checkpoint, info: dict, echo) -> None:
+    """Write the merged checkpoint to cfg.out (staged, renamed when complete) with merge_report.json, and fill
+    `info` (the report); the fidelity is scored afterwards, on the model in place, as for every merge."""
     started = time.perf_counter()
     replaced = {f"{module}.{leaf}": t for module, f in source.loras.items() for leaf, t in f.packed().items()}
     total = sum(t.numel() * t.element_size() for t in replaced.values()) + sum(
@@ -62,14 +62,7 @@ def write(cfg: MergeConfig, source: AdapterSource, ckpt: Checkpoint, info: dict,
         what = "zero points" if isinstance(next(iter(source.loras.values())), ZeroPointFactors) else "codes"
         info.update(route=f"{what} (exact)", modules_merged=len(source.loras), merge_seconds=round(seconds, 2),
                     output_bytes=writer.total, moved=sum(m for m, _ in moved), of=sum(n for _, n in moved))
-        fidelity = None
-        if cfg.report:
-            fidelity = info["fidelity"] = fidelity_report.fidelity(source, tmp, cfg.fmt.name, cfg.torch_device,
-                                                                   cfg.eval_data, cfg.eval_max_batches)
         fidelity_report.write_report(tmp / "merge_report.json", info)
     kept = "qweight and scales" if what == "zero points" else "scales and zero points"
     echo(f"merged {len(source.loras)} modules of {source.adapter_dir} into {cfg.fmt.name} by their {what} "
-         f"({info['moved']} of {info['of']} moved; {kept} as the base's) in {seconds:.1f}s -> {cfg.out}")
-    if fidelity is not None:
-        echo(fidelity_report.table(fidelity, f"{cfg.fmt.name}, exact", source.base.format))
-    return fidelity
+         f"({info['moved']} of {info['of']} moved; {kept} as the base's) in {seconds:.1f}s; wrote {cfg.out}")

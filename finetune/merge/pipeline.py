@@ -166,9 +166,10 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     out = cfg.out
     merge_into, merge_into_reason = resolve_merge_into(cfg.merge_into, fmt, base_fmt)
     ckpt = _source_checkpoint(source, merge_into, cfg.base_original)
-    if exact.applies(source, cfg, merge_into):  # a zero-point adapter into its own format: no requantization
+    if exact.applies(source, cfg, merge_into):  # an exact-merge adapter into its own format: nothing requantized
         info = _report_header(cfg, source, ckpt, merge_into, exact.ROUTE, device)
-        fidelity = exact.write(cfg, source, ckpt, info, echo)
+        exact.write(cfg, source, ckpt, info, echo)
+        fidelity = _score(cfg, source, out, info, f"{fmt.name}, exact", echo) if cfg.report else None
         return MergeResult(out, fmt.name, base_fmt.name, merge_into, len(source.loras),
                            time.perf_counter() - started, {}, info, fidelity)
 
