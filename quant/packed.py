@@ -34,6 +34,37 @@ from quant.loading import load_float_model, materialize, resolve_model_path
 
 log = logging.getLogger(__name__)
 
+# ------------------------------------------------------------------------------------------ decode kernels
+
+# Up to this many rows of x a method's matrix-vector kernel runs (decode: one row per sequence being generated;
+# quant.gptq.triton_kernels, quant.awq.triton_kernels). Each row streams the packed weight once more, so a few
+# rows still beat a tensor-core tile padded to 16 rows.
+GEMV_MAX_ROWS = 4
+_SMS: dict = {}
+
+
+def gemv_block_k(group: int, K: int, least: int) -> int | None:
+    """Rows of K a matrix-vector program takes at a time so that they lie in one group: the largest power of two up
+    to 128 that divides `group` (128 when one group spans K), at least `least`; None when there is none."""
+    if group >= K:
+        return 128
+    block = 128
+    while block >= least:
+        if group % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+def gemv_split(n_blocks: int, k_blocks: int, device: torch.device) -> int:
+    """Programs along K for a matrix-vector kernel with `n_blocks` column blocks: enough for about two programs per
+    streaming multiprocessor, at most 8, each with at least 4 blocks of K."""
+    if device.type == "cuda" and device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SMS.get(device, 16)  # 16 for the interpreter on CPU: any count will do
+    return max(1, min(8, k_blocks // 4, -(-2 * sms // n_blocks)))
+
+
 # ------------------------------------------------------------------------------------------ the layer
 
 
