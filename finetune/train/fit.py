@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 
+import torch
 from tqdm.auto import tqdm
 
+from finetune.train.batches import prefetched
 from finetune.train.evaluate import evaluate
 from finetune.train.guard import NonFiniteGradient, check_loss, stop as guard_stop
 from finetune.train.meter import StepMeter
@@ -26,7 +28,9 @@ def fit(run: Run) -> StepMeter:
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
     run.closers.append(bar.close)
     write = bar.write if rt.is_main else (lambda *a, **k: None)
-    batches = run.stream.iterate(state.epoch, state.batch_offset)
+    # The next step's micro-batches are collated (and pinned, for a CUDA device) by a worker thread while this
+    # step runs, so the host-to-device copy of to_device is asynchronous and the GPU does not wait for collation.
+    batches = prefetched(run.stream.iterate(state.epoch, state.batch_offset), pin=rt.device.type == "cuda")
     meter = StepMeter()
     rt.reset_peak_memory()
     while state.step < run.total_steps:
@@ -48,18 +52,21 @@ def _step(run: Run, micro: list[dict]) -> tuple[float, int, dict[str, float], fl
     first three reduced over ranks. A non-finite loss or gradient stops the run before the update."""
     rt, model, objective = run.rt, run.model, run.objective
     units = rt.sum_across(0.0, sum(objective.units(b) for b in micro))[1]
-    loss_sum, tokens, sums = 0.0, 0, {}
+    sums, tokens = {}, 0  # "loss" and the objective's metrics, summed on the device
     for i, batch in enumerate(micro):
         batch = rt.to_device(batch)
         with rt.no_sync(model, last=i == len(micro) - 1):
             loss, _, metrics = objective.loss(model, batch)
             # DDP averages gradients over ranks, so scale by world size to get the global-batch mean.
             rt.backward(loss * rt.world_size / max(units, 1))
-        loss_sum += float(loss.detach())
         tokens += batch["num_tokens"]
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-    loss_sum, tokens = rt.sum_across(loss_sum, tokens)
+        for name, value in {"loss": loss, **metrics}.items():
+            value = torch.as_tensor(value).detach().to(loss.device, torch.float32)
+            sums[name] = value if name not in sums else sums[name] + value
+    # One host sync for all of them, after every micro-batch's backward is queued (a read per micro-batch made
+    # the host wait for each backward before it could queue the next forward).
+    sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+    loss_sum, tokens = rt.sum_across(sums.pop("loss"), tokens)
     step_loss = loss_sum / max(units, 1)
     metrics = {name: rt.sum_across(value, 0)[0] / max(units, 1) for name, value in sums.items()}
     step = run.state.step + 1
