@@ -3,6 +3,7 @@
     python -m scripts.bench.bench_decode                          # layers, then the whole Llama-3.1-8B shape
     python -m scripts.bench.bench_decode --layers 4 --sweep       # a 4-layer model, every kernel configuration
     python -m scripts.bench.bench_decode --skip-model             # the layer table only
+    python -m scripts.bench.bench_decode --projections down_proj --layers 4 --tokens 32   # one projection, short
 
 Layer table: x of one row (bf16) times each projection of the 8B shape: dense bf16 (F.linear), our GPTQ 4-bit g128
 layer (the matrix-vector kernel, and the fused tile kernel it replaced at one row), our AWQ 4-bit g128 layer, and
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 SHAPES_8B = [("down_proj 14336->4096", 14336, 4096), ("gate/up 4096->14336", 4096, 14336),
              ("q/o 4096->4096", 4096, 4096), ("k/v 4096->1024", 4096, 1024)]
 L2_BYTES = 50 * 2**20  # H100 / H200 L2: 50 MB
+DEVICE = "cuda"
 
 
 def _copies(nbytes: int) -> int:
@@ -71,15 +73,17 @@ def random_awq(K: int, N: int, device, group: int = 128):
     return layer
 
 
-def layer_rows(sweep: bool) -> list[dict]:
+def layer_rows(sweep: bool, names: str | None = None) -> list[dict]:
     import bitsandbytes as bnb
 
     from quant.awq import triton_kernels as awq_k
     from quant.gptq import triton_kernels as gptq_k
 
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     rows = []
     for name, K, N in SHAPES_8B:
+        if names and not any(name.startswith(n) for n in names.split(",")):
+            continue
         x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
         dense = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(_copies(2 * K * N))]
         g = [random_gptq(K, N, dev) for _ in range(_copies(K * N // 2))]
@@ -184,7 +188,7 @@ def model_rows(shape: str, layers: int | None, tokens: int, group: int = 128) ->
     extra = {"num_hidden_layers": layers} if layers else {}
     rows = []
     for kind in ("bf16", "gptq", "awq"):
-        model = random_model(shape, dtype=torch.bfloat16, device="cuda", **extra).eval()
+        model = random_model(shape, dtype=torch.bfloat16, device=DEVICE, **extra).eval()
         t = time.perf_counter()
         if kind == "gptq":
             quantize_model(model, None, GPTQConfig(bits=4, group_size=group, method="rtn").validate(),
@@ -251,12 +255,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the model (default: the shape's)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per timed generation")
     ap.add_argument("--sweep", action="store_true", help="time every matrix-vector kernel configuration")
+    ap.add_argument("--projections", default=None, help="the layer table's projections, by name (e.g. down_proj)")
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode measures GPU decoding; no CUDA device here")
-    layer_table = [] if args.skip_layers else layer_rows(args.sweep)
+    layer_table = [] if args.skip_layers else layer_rows(args.sweep, args.projections)
     model_table = [] if args.skip_model else model_rows(args.shape, args.layers, args.tokens)
     layers = f"{args.layers} layers" if args.layers else "all layers"
     print(tables(layer_table, model_table, f"decode, {args.shape} ({layers}), batch 1, "

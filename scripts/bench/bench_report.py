@@ -133,7 +133,7 @@ def e2e_table(rows, title: str) -> str:
                        + f" | {_ratio(r, uns)} | {_ratio(r, uns, 'peak_gib')} |")
         if ours:
             ph = ours["phases"]
-            steps = max(ph.get("steps", 0), ph.get("first step", 0))
+            steps = max(ph.get("steps", 0), ph.get("first step", 0), 1e-9)
             others = {k: v for k, v in ph.items() if k not in ("steps", "first step")}
             worst = max(others, key=others.get) if others else None
             phase_rows.append(f"| {b}x{t} | " + " | ".join(f"{ph.get(k, 0):.2f}" for k in PHASES) +
