@@ -37,10 +37,13 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ decode kernels
 
-# Up to this many rows of x a method's matrix-vector kernel runs (decode: one row per sequence being generated;
-# quant.gptq.triton_kernels, quant.awq.triton_kernels). Each row streams the packed weight once more, so a few
-# rows still beat a tensor-core tile padded to 16 rows.
-GEMV_MAX_ROWS = 4
+# Up to GEMV_MAX_ROWS rows of x a method's matrix-vector kernel runs (decode: one row per sequence being generated;
+# quant.gptq.triton_kernels, quant.awq.triton_kernels); each row streams the packed weight once more, so a few rows
+# should still beat a tensor-core tile padded to 16 rows. 0 = off: the kernels match the torch reference (tests,
+# under the Triton interpreter) but have not been timed on a GPU yet; until scripts/bench/bench_decode.py shows
+# them ahead of the fused tile kernel, decode keeps the measured path (set GEMV_ROWS to turn them on).
+GEMV_ROWS = 4
+GEMV_MAX_ROWS = 0
 _SMS: dict = {}
 
 

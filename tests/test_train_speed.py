@@ -1,10 +1,8 @@
-"""What keeps the run's host work and memory off the training step's critical path: batches made ahead by a worker
-thread, in order; evaluation through the chunked loss, never holding full-vocabulary logits."""
+"""What keeps the run's memory at the training step's: evaluation goes through the chunked loss and never holds
+full-vocabulary logits (a [tokens, vocab] tensor is 8x2048x128256x4 bytes = 7.8 GiB at the 1B shape's 8x2048)."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import pytest
 import torch
@@ -15,36 +13,7 @@ from support import tiny_recipe
 from finetune.recipe import recipe_from_dict
 from finetune.train import evaluate as evaluate_mod
 from finetune.train import finish, fit, loss
-from finetune.train.batches import prefetched
 from finetune.train.loop import train
-
-
-def test_prefetched_keeps_the_order_and_makes_the_next_item_while_the_caller_works():
-    made, caller = [], threading.get_ident()
-
-    def source():
-        for i in range(5):
-            made.append((i, threading.get_ident() != caller))
-            yield i
-
-    items = prefetched(source())
-    assert next(items) == 0
-    deadline = time.monotonic() + 10
-    while len(made) < 2 and time.monotonic() < deadline:  # item 1 is made while the caller holds item 0
-        time.sleep(0.01)
-    assert [i for i, _ in made] == [0, 1] and all(worker for _, worker in made)
-    assert list(items) == [1, 2, 3, 4]
-
-
-def test_prefetched_raises_the_sources_error_in_the_caller():
-    def source():
-        yield 0
-        raise ValueError("row 7: bad")
-
-    items = prefetched(source())
-    assert next(items) == 0
-    with pytest.raises(ValueError, match="row 7"):
-        next(items)
 
 
 class _LogitRows(TorchDispatchMode):

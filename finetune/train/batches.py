@@ -8,10 +8,7 @@ which is what checkpoints store.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
-
-import torch
 
 from finetune.data import batch_indices, collate
 
@@ -70,25 +67,3 @@ def eval_batches(dataset, micro_batch_size: int, pad_token_id: int, packed: bool
     for b in range(rank, n, world_size):
         examples = [dataset[i] for i in range(b * micro_batch_size, min(len(dataset), (b + 1) * micro_batch_size))]
         yield collate(examples, pad_token_id, packed=packed)
-
-
-def _pinned(item):
-    """The step item (micro-batches, epoch, offset) with every tensor of its micro-batches in pinned host memory."""
-    micro, epoch, offset = item
-    return [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in micro], epoch, offset
-
-
-def prefetched(items: Iterator, pin: bool = False) -> Iterator:
-    """Yield what `items` yields, each next item made by a worker thread while the caller works on the current one
-    (collation is host work the GPU need not wait for); `pin`: step items' tensors in pinned host memory, so the
-    copies to the device can be asynchronous. The order and content are those of `items`."""
-    make = (lambda: _pinned(next(items))) if pin else (lambda: next(items))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as pool:
-        upcoming = pool.submit(make)
-        while True:
-            try:
-                item = upcoming.result()
-            except StopIteration:
-                return
-            upcoming = pool.submit(make)
-            yield item

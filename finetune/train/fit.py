@@ -13,7 +13,6 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from finetune.train.batches import prefetched
 from finetune.train.evaluate import evaluate
 from finetune.train.guard import NonFiniteGradient, check_loss, stop as guard_stop
 from finetune.train.meter import StepMeter
@@ -28,9 +27,7 @@ def fit(run: Run) -> StepMeter:
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
     run.closers.append(bar.close)
     write = bar.write if rt.is_main else (lambda *a, **k: None)
-    # The next step's micro-batches are collated (and pinned, for a CUDA device) by a worker thread while this
-    # step runs, so the host-to-device copy of to_device is asynchronous and the GPU does not wait for collation.
-    batches = prefetched(run.stream.iterate(state.epoch, state.batch_offset), pin=rt.device.type == "cuda")
+    batches = run.stream.iterate(state.epoch, state.batch_offset)
     meter = StepMeter()
     rt.reset_peak_memory()
     while state.step < run.total_steps:

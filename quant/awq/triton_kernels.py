@@ -1,4 +1,4 @@
-"""Triton AWQ matrix-vector kernel for decode: x [M <= quant.packed.GEMV_MAX_ROWS, K] against an AWQ "gemm" layer, read straight
+"""Triton AWQ matrix-vector kernel for decode: x [a few rows, K] against an AWQ "gemm" layer, read straight
 from the checkpoint tensors (qweight int32 [K, N/8], qzeros int32 [G, N/8], scales [G, N]; docs/awq-format.md).
 
 Each program streams the packed words of BLOCK_N output columns once, unpacks the eight nibbles of every word

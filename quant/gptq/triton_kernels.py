@@ -1,9 +1,10 @@
 """Triton GPTQ kernels with the signatures of the torch reference in `quant.gptq.kernels`.
 
 `gptq_matmul` picks one of three paths by the number of rows of x:
-- up to GEMV_MAX_ROWS (decode: one token per sequence): `gptq_gemv`, a matrix-vector kernel that streams the
-  packed words once, unpacks them with shifts in registers and reduces over K with plain multiply-adds (no tensor
-  cores: at one row the work is bound by reading the 4-bit weight, a quarter of the bytes of a bf16 one). Where
+- up to quant.packed.GEMV_MAX_ROWS (decode: one token per sequence; 0 = off until timed on a GPU): `gptq_gemv`, a
+  matrix-vector kernel that streams the packed words once, unpacks them with shifts in registers and reduces over K
+  with plain multiply-adds (no tensor cores: at one row the work is bound by reading the 4-bit weight, a quarter of
+  the bytes of a bf16 one). Where
   the groups are contiguous (no act-order) the scale and zero point are applied once per block of a group:
   sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k). Act-order checkpoints read each row's group
   from g_idx instead. Programs split K when N alone gives too few of them to fill the GPU (fp32 atomics).
@@ -25,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.packed import GEMV_MAX_ROWS, gemv_block_k, gemv_split
+from quant import packed
+from quant.packed import gemv_block_k, gemv_split
 
 
 @triton.jit
@@ -210,7 +212,8 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, zero
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if M <= GEMV_MAX_ROWS and bits in GEMV_BITS and all(t.stride(-1) == 1 for t in (x2, qweight, qzeros, scales)):
+    contiguous = all(t.stride(-1) == 1 for t in (x2, qweight, qzeros, scales))
+    if 0 < M <= packed.GEMV_MAX_ROWS and bits in GEMV_BITS and contiguous:
         return gptq_gemv(x2, qweight, qzeros, scales, g_idx, bits, zero_offset).reshape(*lead, N)
     if M > FUSED_MAX_M:
         return x @ gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, out_dtype=x.dtype)

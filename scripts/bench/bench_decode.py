@@ -6,13 +6,14 @@
     python -m scripts.bench.bench_decode --projections down_proj --layers 4 --tokens 32   # one projection, short
 
 Layer table: x of one row (bf16) times each projection of the 8B shape: dense bf16 (F.linear), our GPTQ 4-bit g128
-layer (the matrix-vector kernel, and the fused tile kernel it replaced at one row), our AWQ 4-bit g128 layer, and
-NF4 through bitsandbytes' own batch-1 kernel. Timed with triton.testing.do_bench (median), each over enough copies
+layer's matrix-vector kernel and the fused tile kernel (its default path at one row), our AWQ 4-bit g128 layer's
+matrix-vector kernel and its default path (dequantize + cuBLAS), and NF4 through bitsandbytes' own batch-1 kernel. Timed with triton.testing.do_bench (median), each over enough copies
 of its weights that they do not fit in L2 (the 4-bit 14336 x 4096 weight alone would: 29 MB). `--sweep` also times
 every (BLOCK_N, BLOCK_K, SPLIT_K) of the matrix-vector kernels and prints the best per shape.
 Model table: a random-weight model of --shape (all layers, or --layers), in bf16, then quantized in place by
 round-to-nearest to GPTQ 4-bit g128 and to AWQ 4-bit g128 (the packed layers `finetune chat` loads): tokens/s of
-`model.generate` (greedy, a 32-token prompt, --tokens new tokens; what `finetune chat/generate` run), and of one
+`model.generate` (greedy, a 32-token prompt, --tokens new tokens; what `finetune chat/generate` run) on the default
+path and with the matrix-vector kernels on (quant.packed.GEMV_MAX_ROWS, off by default until measured), and of one
 decode step captured in a CUDA graph over a static KV cache and replayed (the launch overhead gone: what the
 weights' bytes allow). Prints every target as a ratio against bf16 in the same run.
 """
@@ -25,6 +26,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from quant import packed
 
 SHAPES_8B = [("down_proj 14336->4096", 14336, 4096), ("gate/up 4096->14336", 4096, 14336),
              ("q/o 4096->4096", 4096, 4096), ("k/v 4096->1024", 4096, 1024)]
@@ -89,14 +92,17 @@ def layer_rows(sweep: bool, names: str | None = None) -> list[dict]:
         g = [random_gptq(K, N, dev) for _ in range(_copies(K * N // 2))]
         a = [random_awq(K, N, dev) for _ in range(_copies(K * N // 2))]
         nf4 = [bnb.functional.quantize_4bit(w, quant_type="nf4") for w in dense]
+        gemv = {"gptq": lambda m: gptq_k.gptq_gemv(x, *m.packed(), 4, m.zero_offset),
+                "awq": lambda m: awq_k.awq_gemv(x, *m.packed(), m.group_size)}
         exact = {kind: x.double() @ m[0].dequantize(torch.float64).T for kind, m in (("gptq", g), ("awq", a))}
         r = {"layer": name, "K": K, "N": N,
-             "rel err": max(_rel(m[0](x), exact[kind]) for kind, m in (("gptq", g), ("awq", a))),
+             "rel err": max(_rel(gemv[kind](m[0]), exact[kind]) for kind, m in (("gptq", g), ("awq", a))),
              "bf16": _bench([lambda w=w: F.linear(x, w) for w in dense]),
-             "gptq": _bench([lambda m=m: m(x) for m in g]),
+             "gptq": _bench([lambda m=m: gemv["gptq"](m) for m in g]),
              "gptq fused tile kernel": _bench([lambda m=m: gptq_k.fused_matmul(x, *m.packed(), 4, m.zero_offset)
                                                for m in g]),
-             "awq": _bench([lambda m=m: m(x) for m in a]),
+             "awq": _bench([lambda m=m: gemv["awq"](m) for m in a]),
+             "awq dequantize + cuBLAS": _bench([lambda m=m: m(x) for m in a]),
              "nf4 (bitsandbytes)": _bench([lambda q=q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1]) for q in nf4])}
         if sweep:
             r["sweep"] = _sweep(x, g, a, K, N, gptq_k, awq_k)
@@ -188,6 +194,7 @@ def model_rows(shape: str, layers: int | None, tokens: int, group: int = 128) ->
     extra = {"num_hidden_layers": layers} if layers else {}
     rows = []
     for kind in ("bf16", "gptq", "awq"):
+        packed.GEMV_MAX_ROWS = 0
         model = random_model(shape, dtype=torch.bfloat16, device=DEVICE, **extra).eval()
         t = time.perf_counter()
         if kind == "gptq":
@@ -198,15 +205,19 @@ def model_rows(shape: str, layers: int | None, tokens: int, group: int = 128) ->
                                device=next(model.parameters()).device, progress=False)
         prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
         prompt = prompt.to(next(model.parameters()).device)
-        row = {"model": kind, "convert_s": time.perf_counter() - t,
-               "weights_gib": torch.cuda.memory_allocated() / 2**30,
-               "generate_tok_s": _generate_tok_s(model, prompt, tokens)}
-        try:
-            row["graph_tok_s"] = _graph_tok_s(model, prompt, tokens)
-        except Exception as e:  # a capture failure is a finding, not the end of the run
-            row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        print(f"  {kind}: {row}", flush=True)
-        rows.append(row)
+        convert_s, weights_gib = time.perf_counter() - t, torch.cuda.memory_allocated() / 2**30
+        # the quantized models twice: the default decode path, then with the matrix-vector kernels on
+        for gemv in (False, True) if kind != "bf16" else (False,):
+            packed.GEMV_MAX_ROWS = packed.GEMV_ROWS if gemv else 0
+            row = {"model": kind + (" + GEMV" if gemv else ""), "convert_s": convert_s, "weights_gib": weights_gib,
+                   "generate_tok_s": _generate_tok_s(model, prompt, tokens)}
+            try:
+                row["graph_tok_s"] = _graph_tok_s(model, prompt, tokens)
+            except Exception as e:  # a capture failure is a finding, not the end of the run
+                row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"  {row['model']}: {row}", flush=True)
+            rows.append(row)
+        packed.GEMV_MAX_ROWS = 0
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -216,7 +227,7 @@ def model_rows(shape: str, layers: int | None, tokens: int, group: int = 128) ->
 def tables(layer_table: list[dict], model_table: list[dict], title: str) -> str:
     out = [f"\n{title}"]
     if layer_table:
-        cols = ["bf16", "gptq", "gptq fused tile kernel", "awq", "nf4 (bitsandbytes)"]
+        cols = ["bf16", "gptq", "gptq fused tile kernel", "awq", "awq dequantize + cuBLAS", "nf4 (bitsandbytes)"]
         out += ["one row (decode), us per call (median); rel err: GPTQ / AWQ kernel against the dequantized weight",
                 "| layer | " + " | ".join(cols) + " | gptq vs bf16 | awq vs bf16 | rel err |",
                 "|---" * (len(cols) + 4) + "|"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from quant_helpers import calib_ids, char_tokenizer, run_in_triton_interpreter, tiny_llama
 
+from quant import packed
 from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
 from quant.awq.nn import AWQLinear
 from quant.awq.solver import AWQConfig, quantize_weight
@@ -107,8 +108,9 @@ def test_cuda_matches_cpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N,gs", [(4096, 1024, 128), (576, 1536, 64), (320, 64, 128)])  # 320: a partial group
-def test_decode_kernel_matches_the_reference_on_gpu(K, N, gs):
-    """A few rows (decode) take the Triton matrix-vector kernel; its result is the dequantized weight's."""
+def test_decode_kernel_matches_the_reference_on_gpu(K, N, gs, monkeypatch):
+    """A few rows (decode) take the Triton matrix-vector kernel where it is on; it gives the dequantized weight's."""
+    monkeypatch.setattr(packed, "GEMV_MAX_ROWS", packed.GEMV_ROWS)
     layer, _ = make_layer(K=K, N=N, gs=gs, bias=False)
     layer = layer.to("cuda")
     W = layer.dequantize(torch.float64)

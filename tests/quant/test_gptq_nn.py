@@ -87,17 +87,19 @@ def test_peft_lora_wraps_quantlinear_and_trains():
 TRITON_CHECK = r"""
 import os, torch
 from quant.feedback import HessianAccumulator
+from quant import packed
 from quant.gptq import kernels as torch_ref, triton_kernels as triton_gptq
 from quant.gptq.nn import QuantLinear
 from quant.gptq.solver import GPTQConfig, gptq_quantize
 torch.manual_seed(0)
-for bits, gs, K, N, desc in [(4, 32, 128, 64, True), (3, 64, 96, 64, False), (2, 32, 64, 32, True), (8, -1, 64, 32, False)]:
-    W = torch.randn(N, K) * 0.05
+def layers(bits, gs, K, N, desc):  # (format, kernel arguments) of one quantized random layer in both formats
     acc = HessianAccumulator(K, "cpu"); acc.add(torch.randn(64, K))
-    res = gptq_quantize(W, acc.H, GPTQConfig(bits=bits, group_size=gs, desc_act=desc))
+    res = gptq_quantize(torch.randn(N, K) * 0.05, acc.H, GPTQConfig(bits=bits, group_size=gs, desc_act=desc))
     for fmt in ("gptq", "gptq_v2"):
         L = QuantLinear.from_result(res, checkpoint_format=fmt)
-        args = (L.qweight, L.qzeros, L.scales, L.g_idx, bits, L.zero_offset)
+        yield fmt, (L.qweight, L.qzeros, L.scales, L.g_idx, bits, L.zero_offset)
+for bits, gs, K, N, desc in [(4, 32, 128, 64, True), (3, 64, 96, 64, False), (2, 32, 64, 32, True), (8, -1, 64, 32, False)]:
+    for fmt, args in layers(bits, gs, K, N, desc):
         Wr = torch_ref.gptq_dequantize(*args)
         Wt = triton_gptq.gptq_dequantize(*args)
         assert torch.equal(Wr, Wt), (bits, fmt)
@@ -107,13 +109,8 @@ for bits, gs, K, N, desc in [(4, 32, 128, 64, True), (3, 64, 96, 64, False), (2,
 for bits, gs, K, N, desc, ordered in [(4, 32, 256, 64, False, True), (4, 64, 192, 96, True, False),
                                       (2, 32, 128, 64, True, False), (8, -1, 64, 32, False, True),
                                       (4, 128, 320, 72, False, True)]:  # 320: a partial last group
-    W = torch.randn(N, K) * 0.05
-    acc = HessianAccumulator(K, "cpu"); acc.add(torch.randn(64, K))
-    res = gptq_quantize(W, acc.H, GPTQConfig(bits=bits, group_size=gs, desc_act=desc))
-    for fmt in ("gptq", "gptq_v2"):
-        L = QuantLinear.from_result(res, checkpoint_format=fmt)
-        args = (L.qweight, L.qzeros, L.scales, L.g_idx, bits, L.zero_offset)
-        assert (triton_gptq.group_len(L.g_idx) > 0) == ordered, (bits, gs, desc)
+    for fmt, args in layers(bits, gs, K, N, desc):
+        assert (triton_gptq.group_len(args[3]) > 0) == ordered, (bits, gs, desc)
         exact = torch_ref.gptq_dequantize(*args).double()
         for M in (1, 3):
             for config in (None, (32, 32, 2)):
@@ -122,8 +119,11 @@ for bits, gs, K, N, desc, ordered in [(4, 32, 256, 64, False, True), (4, 64, 192
                 assert got.shape == (M, N) and got.dtype == x.dtype
                 err = float((got.double() - x.double() @ exact).norm() / (x.double() @ exact).norm())
                 assert err < 1e-5, (bits, gs, desc, fmt, M, config, err)
-        x = torch.randn(1, K)
-        assert torch.equal(triton_gptq.gptq_matmul(x, *args), triton_gptq.gptq_gemv(x, *args))  # decode dispatch
+        x = torch.randn(1, K)  # decode: the tile kernel by default (GEMV off until timed); GEMV_ROWS turns it on
+        assert torch.equal(triton_gptq.gptq_matmul(x, *args), triton_gptq.fused_matmul(x, *args))
+        packed.GEMV_MAX_ROWS = packed.GEMV_ROWS
+        assert torch.equal(triton_gptq.gptq_matmul(x, *args), triton_gptq.gptq_gemv(x, *args))
+        packed.GEMV_MAX_ROWS = 0
 print("TRITON-INTERPRETER-OK")
 """
 
