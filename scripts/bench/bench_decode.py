@@ -26,8 +26,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers import StaticCache
 
+from finetune.synthetic import random_model
 from quant import packed
+from quant.awq.model import quantize_model_awq
+from quant.awq.nn import AWQLinear
+from quant.awq.solver import AWQConfig
+from quant.gptq.model import quantize_model
+from quant.gptq.nn import GPTQLinear
+from quant.gptq.solver import GPTQConfig
 
 SHAPES_8B = [("down_proj 14336->4096", 14336, 4096), ("gate/up 4096->14336", 4096, 14336),
              ("q/o 4096->4096", 4096, 4096), ("k/v 4096->1024", 4096, 1024)]
@@ -56,8 +64,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def random_gptq(K: int, N: int, device, group: int = 128):
-    from quant.gptq.nn import GPTQLinear
-
     layer = GPTQLinear(K, N, 4, group, bias=False, device=device)
     layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=device))
     layer.qzeros.copy_(torch.randint(-2**31, 2**31 - 1, layer.qzeros.shape, dtype=torch.int32, device=device))
@@ -67,8 +73,6 @@ def random_gptq(K: int, N: int, device, group: int = 128):
 
 
 def random_awq(K: int, N: int, device, group: int = 128):
-    from quant.awq.nn import AWQLinear
-
     layer = AWQLinear(K, N, group, bias=False, device=device)
     layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=device))
     layer.qzeros.copy_(torch.randint(-2**31, 2**31 - 1, layer.qzeros.shape, dtype=torch.int32, device=device))
@@ -77,7 +81,7 @@ def random_awq(K: int, N: int, device, group: int = 128):
 
 
 def layer_rows(sweep: bool, names: str | None = None) -> list[dict]:
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional packages (bitsandbytes, Triton): imported where they run
 
     from quant.awq import triton_kernels as awq_k
     from quant.gptq import triton_kernels as gptq_k
@@ -151,8 +155,6 @@ def _generate_tok_s(model, prompt, tokens: int) -> float:
 @torch.no_grad()
 def _graph_tok_s(model, prompt, tokens: int) -> float:
     """One decode step over a static KV cache captured in a CUDA graph, replayed `tokens` times (greedy)."""
-    from transformers import StaticCache
-
     P = prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=P + tokens + 8)
     out = model(input_ids=prompt, cache_position=torch.arange(P, device=prompt.device), past_key_values=cache,
@@ -185,12 +187,6 @@ def _graph_tok_s(model, prompt, tokens: int) -> float:
 
 
 def model_rows(shape: str, layers: int | None, tokens: int, group: int = 128) -> list[dict]:
-    from finetune.synthetic import random_model
-    from quant.awq.model import quantize_model_awq
-    from quant.awq.solver import AWQConfig
-    from quant.gptq.model import quantize_model
-    from quant.gptq.solver import GPTQConfig
-
     extra = {"num_hidden_layers": layers} if layers else {}
     rows = []
     for kind in ("bf16", "gptq", "awq"):

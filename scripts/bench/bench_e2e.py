@@ -22,6 +22,8 @@ each, leaving out every interval that held a log line, an evaluation or a checkp
 max_memory_allocated over the whole run. `--profile N` profiles our run's last 2N steps (torch.profiler, then
 cProfile): GPU busy and idle time, kernels and host syncs per step, the CPU ops and Python functions that cost
 most; the log windows holding them are left out of tokens/s.
+finetune, transformers and TRL are imported inside the functions: the unsloth worker runs this module and must
+import unsloth before transformers (unsloth patches it on import).
 """
 
 from __future__ import annotations

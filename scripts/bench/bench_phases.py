@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch.autograd import DeviceType
 
+from finetune.train.setup import Run
 from scripts.bench.bench_profile import kernel_buckets
 
 # (module, function the phases call through that module's globals, phase)
@@ -71,8 +72,6 @@ class PhaseMemory:
 
     @contextmanager
     def installed(self):
-        from finetune.train.setup import Run
-
         saved = []
         for module_name, attr, phase in WRAPPED:
             module = importlib.import_module(module_name)

@@ -113,6 +113,8 @@ def long_table(rows, title: str, total_gib: float) -> str:
 def e2e_table(rows, title: str) -> str:
     """bench_e2e.py's tables: each regime's stacks against our bare step and unsloth, our run's peak memory by
     phase, the issue's end-to-end targets as ratios, and the profile of our steps where one was taken."""
+    # here, not at the top: bench_train imports this module, so bench_e2e's unsloth worker does, and unsloth must be
+    # imported before transformers (bench_phases brings in the training run)
     from scripts.bench.bench_phases import profile_text
 
     out = [f"\n{title}", "| regime | stack | tok/s | peak GiB | vs bare step (packed) | vs bare step (plain rows) | "
