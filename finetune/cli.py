@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 
+from finetune.cli_train import TRAINING, cmd_train, train_parsers
 from quant.errors import UserError
-
-SFT_HELP = """\
-Fine-tune LoRA adapters on a quantized base, as described by a recipe YAML file.
-
-The recipe has sections base, lora, data, train, output, tracking, samples (see recipes/quickstart.yaml
-and README.md for every key). Any key can be overridden on the command line with --set, whose value is
-parsed as YAML:
-
-  finetune sft recipes/quickstart.yaml --set train.max_steps=10 --set lora.r=8
-  finetune sft recipes/quickstart.yaml --set base.quantization=int8 --set output.dir=runs/int8
-  finetune sft recipes/quickstart.yaml --set "lora.target_modules=[q_proj, v_proj]"
-
-Output (output.dir): metrics.jsonl (one JSON object per logged step), data_report.json (rows kept/dropped,
-truncated examples, tokens trained on), checkpoint-<step>/ (adapter, optimizer, scheduler, RNG and data
-position; newest train.save_total_limit kept), adapter/ (final peft adapter with tokenizer and resolved
-recipe; load with peft.PeftModel.from_pretrained), recipe.yaml. See them with `finetune report`.
-
-An interrupted run continues from its newest complete checkpoint with --resume and ends with the same
-adapter as an uninterrupted run. Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml
--m finetune sft RECIPE. Bad input prints one line naming the key or file and exits with status 2.
-"""
 
 MERGE_HELP = """\
 Merge a LoRA adapter into its base and write a model directory that standard tools load as is
@@ -80,18 +59,7 @@ exits with status 2.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="QLoRA fine-tuning on quantized bases.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sft = sub.add_parser("sft", help="train LoRA adapters from a recipe", description=SFT_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sft.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
-    sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe key (dotted path; value parsed as YAML); repeatable")
-    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir "
-                     "(one that fails its manifest check is moved aside, with a warning, and the one before used)")
-    sft.add_argument("--force", action="store_true", help="with --resume: accept recipe changes that alter the rest "
-                     "of the run (learning rate, schedule, max_steps, ...); changes of the seed, data, LoRA shape "
-                     "or batch geometry are refused even so")
-    sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+    train_parsers(sub)
     _merge_parser(sub)
     _report_parser(sub)
     _chat_parser(sub)
@@ -330,37 +298,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
-    from finetune.recipe import dump_recipe, load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.print_recipe:
-        print(dump_recipe(recipe), end="")
-        return 0
-    from finetune.train.loop import train
-
-    if args.force and not args.resume:
-        raise UserError("--force only applies with --resume")
-    with _sigterm_interrupts():
-        train(recipe, resume=args.resume, force=args.force)
-    return 0
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM unwinds like Ctrl-C, so temporary directories are removed on the way out."""
-    import signal
-
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def cmd_merge(args) -> int:
     import signal
 
@@ -388,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # text from users' files may not be encodable
     try:
-        commands = {"sft": cmd_sft, "merge": cmd_merge, "report": cmd_report, "chat": cmd_chat,
-                    "generate": cmd_generate, "eval": cmd_eval}
+        commands = {**{name: cmd_train for name in TRAINING}, "merge": cmd_merge, "report": cmd_report,
+                    "chat": cmd_chat, "generate": cmd_generate, "eval": cmd_eval}
         return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -403,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command == "sft"
+        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command in TRAINING
               else "interrupted", file=sys.stderr)
         return 130
 

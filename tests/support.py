@@ -34,6 +34,18 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """chat_rows' task as preference pairs (TRL's conversational layout): the reversed words chosen, the words as
+    given rejected."""
+    rows = []
+    for row in chat_rows(n, seed):
+        user, answer = row["messages"]
+        words = user["content"].removeprefix("reverse: ")
+        rows.append({"prompt": [user], "chosen": [answer],
+                     "rejected": [{"role": "assistant", "content": words + " #no"}]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -61,6 +73,57 @@ def quiet_merge(adapter, out, fmt: str, echo=lambda *a: None, **fields):
     from finetune.merge import MergeConfig, merge
 
     return merge(MergeConfig(adapter=adapter, out=out, format=fmt, progress=False, **fields), echo=echo)
+
+
+def gptq_base(path: Path, tokenizer) -> Path:
+    """The tiny random Llama quantized by our GPTQ (4-bit, g32, act-order) on random-token calibration."""
+    from quant.gptq.model import quantize_model, save_quantized
+    from quant.gptq.solver import GPTQConfig
+
+    model = make_tiny_model(len(tokenizer))
+    calib = [torch.randint(0, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    quantize_model(model, calib, GPTQConfig(bits=4, group_size=32, desc_act=True).validate(), device="cpu",
+                   progress=False)
+    save_quantized(model, path, tokenizer=tokenizer)
+    return path
+
+
+def awq_base(path: Path, tokenizer) -> Path:
+    """The tiny random Llama quantized by our AWQ (4-bit g32, scale and clipping search) on random tokens."""
+    from quant.awq.model import quantize_model_awq, save_awq
+    from quant.awq.solver import AWQConfig
+
+    model = make_tiny_model(len(tokenizer))
+    calib = [torch.randint(0, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with single_thread():
+        quantize_model_awq(model, calib, AWQConfig(group_size=32, search_tokens=128).validate(), device="cpu",
+                           progress=False)
+    save_awq(model, path, tokenizer=tokenizer)
+    return path
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing_optimizer(build, at_step: int):
+    """`build` (setup.build_optimizer) whose optimizer raises Crash inside its `at_step`-th step."""
+    import types
+
+    def crashing(*args, **kwargs):
+        opt = build(*args, **kwargs)
+        real_step, calls = opt.step, {"n": 0}
+
+        def step(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == at_step:
+                raise Crash()
+            return real_step(*a, **k)
+
+        opt.step = types.MethodType(step, opt)  # a bound method, as the LR scheduler expects
+        return opt
+
+    return crashing
 
 
 @contextmanager

@@ -12,9 +12,10 @@ import time
 
 from tqdm.auto import tqdm
 
-from finetune.train.evaluate import evaluate
+from finetune.train.evaluate import describe, evaluate
 from finetune.train.guard import NonFiniteGradient, check_loss, stop as guard_stop
 from finetune.train.meter import StepMeter
+from finetune.train.objectives.base import add_stats, reduce_stats
 from finetune.train.setup import Run
 from finetune.train.tracking import format_metrics
 
@@ -48,7 +49,7 @@ def _step(run: Run, micro: list[dict]) -> tuple[float, int, dict[str, float], fl
     first three reduced over ranks. A non-finite loss or gradient stops the run before the update."""
     rt, model, objective = run.rt, run.model, run.objective
     units = rt.sum_across(0.0, sum(objective.units(b) for b in micro))[1]
-    loss_sum, tokens, sums = 0.0, 0, {}
+    loss_sum, tokens, totals = 0.0, 0, {}
     for i, batch in enumerate(micro):
         batch = rt.to_device(batch)
         with rt.no_sync(model, last=i == len(micro) - 1):
@@ -57,11 +58,10 @@ def _step(run: Run, micro: list[dict]) -> tuple[float, int, dict[str, float], fl
             rt.backward(loss * rt.world_size / max(units, 1))
         loss_sum += float(loss.detach())
         tokens += batch["num_tokens"]
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+        add_stats(totals, metrics)
     loss_sum, tokens = rt.sum_across(loss_sum, tokens)
     step_loss = loss_sum / max(units, 1)
-    metrics = {name: rt.sum_across(value, 0)[0] / max(units, 1) for name, value in sums.items()}
+    metrics = objective.summarize(reduce_stats(totals, objective.metric_names, rt.sum_floats))
     step = run.state.step + 1
     check_loss(run.recipe, run.out_dir, step, step_loss)  # the same on every rank: all stop together
     try:
@@ -87,6 +87,6 @@ def _after_step(run: Run, meter: StepMeter, grad_norm: float, write) -> None:
         after = evaluate(run)
         if after is not None:
             run.tracker.log(state.step, after)
-            write(f"step {state.step}: eval loss {after['eval_loss']:.4f}")
+            write(f"step {state.step}: eval {describe(after)}")
     if cfg.save_every and state.step % cfg.save_every == 0 and not last:
         run.save_checkpoint()

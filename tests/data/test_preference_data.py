@@ -151,14 +151,39 @@ def test_a_pair_batch_is_one_forward_with_answers_labelled(data_cfg, write_jsonl
     assert len(collate_preferences(bundle.train, 0, True, 256)["input_ids"]) == 1  # all four in one packed row
 
 
-def test_kto_batches_carry_mismatched_pairs_for_the_kl_estimate(data_cfg, write_jsonl, tiny_tok):
-    rows = [{"prompt": f"q{k}", "completion": f"answer {k}", "label": k % 2 == 0} for k in range(3)]
+def test_kto_batches_carry_mismatched_pairs_fixed_when_the_data_is_built(data_cfg, write_jsonl, tiny_tok):
+    """Each example's mismatched completion (for KTO's KL estimate) is chosen once, when the data is built (as TRL
+    builds its KL dataset, and so that a reference pass before training can score it): another row's completion,
+    never the other half of its own pair, the same for the same seed."""
+    rows = [{"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}"} for k in range(4)]
     bundle = build(data_cfg, write_jsonl, tiny_tok, rows, paired=False)
+    again = build(data_cfg, write_jsonl, tiny_tok, rows, paired=False)
+    assert [tiny_tok.decode(e["kl_answer"]) for e in bundle.train] == \
+        [tiny_tok.decode(e["kl_answer"]) for e in again.train]
+    for e in bundle.train:  # pairs split for KTO: examples 2k and 2k + 1 share row k's prompt
+        assert not tiny_tok.decode(e["kl_answer"]).endswith(f" {e['row']}<|im_end|>"), e
     batch = collate_preferences(bundle.train, bundle.pad_token_id, False, bundle.max_length)
-    assert batch["desirable"].tolist() == [True, False, True] and batch["num_desirable"] == 2
+    assert batch["desirable"].tolist() == [True, False] * 4 and batch["num_desirable"] == 4
     kl = batch["kl"]
-    for i, j in [(0, 2), (1, 0), (2, 1)]:  # prompt i with completion i - 1 (strings: no template, EOS appended)
-        assert tiny_tok.decode(kl["input_ids"][i][kl["attention_mask"][i] == 1]) == f"q{i}answer {j}<|im_end|>"
+    for i, e in enumerate(bundle.train):
+        text = tiny_tok.decode(kl["input_ids"][i][kl["attention_mask"][i] == 1])
+        assert text == f"q{e['row']}" + tiny_tok.decode(e["kl_answer"]), text
+
+
+def test_precomputed_reference_log_probs_travel_with_the_batch(data_cfg, write_jsonl, tiny_tok):
+    """Per example [chosen, rejected] (KTO: [completion, mismatched]) become the batch's per-sequence order."""
+    rows = [{"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}"} for k in range(3)]
+    for paired in (True, False):
+        bundle = build(data_cfg, write_jsonl, tiny_tok, rows, paired=paired)
+        for k, e in enumerate(bundle.train):
+            e["reference_logps"] = np.array([-k, -10 - k], dtype=np.float32)
+        batch = collate_preferences(bundle.train, bundle.pad_token_id, True, bundle.max_length)
+        n = len(bundle.train)
+        if paired:
+            assert batch["reference_logps"].tolist() == [-k for k in range(n)] + [-10 - k for k in range(n)]
+        else:
+            assert batch["reference_logps"].tolist() == [-k for k in range(n)]
+            assert batch["kl"]["reference_logps"].tolist() == [-10 - k for k in range(n)]
 
 
 def test_wrong_columns_are_one_line_naming_file_columns_and_layouts(data_cfg, write_jsonl, tiny_tok):
