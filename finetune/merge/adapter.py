@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
+from finetune.recipe import BaseConfig, DataConfig, PreferenceConfig, TrackingConfig, TrainConfig, build_section
 from quant.errors import UserError
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
@@ -68,6 +68,7 @@ class AdapterSource:
     train: TrainConfig | None
     tracking: TrackingConfig | None
     tokenizer_dir: Path
+    preference: PreferenceConfig | None = None  # the run's preference section: a DPO/ORPO/KTO-trained adapter
 
     @property
     def rank(self) -> int:
@@ -224,4 +225,5 @@ def read_adapter(path: str | Path, base: str | None = None, device: torch.device
         train=train,
         tracking=tracking,
         tokenizer_dir=adapter_dir if has_tokenizer else Path(base_info.model_dir),
+        preference=section(PreferenceConfig, "preference"),
     )

@@ -21,10 +21,14 @@ def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seq
                     seed: int = 0) -> list[torch.Tensor]:
     """Calibration windows from plain text (quant's sources: .txt/.md, directories, pkg:..., hub datasets) or
     from record files in any training format (chat, sharegpt, alpaca, completion, text), which are rendered
-    through the training data pipeline, chat template included: what the merged model will be fed."""
+    through the training data pipeline, chat template included: what the merged model will be fed; preference
+    data (pairs or KTO rows) as its prompts with their chosen answers."""
     from dataclasses import replace
 
     from finetune.data import build_datasets
+    from finetune.data.preference import is_preference
+    from finetune.data.preference_data import build_preference_data
+    from finetune.data.sources import read_rows
     from quant.calibration import load_texts, token_stream, token_windows
 
     if n_samples < 1 or seqlen < 2:
@@ -34,8 +38,12 @@ def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seq
         if Path(src).suffix in _RECORD_SUFFIXES and Path(src).is_file():
             cfg = replace(data_cfg, train=str(src), eval=None, eval_fraction=0.0, packing=False,
                           train_on_prompt=True, max_examples=None, max_length=max(seqlen, 8))
-            bundle = build_datasets(cfg, tokenizer, seed)
-            streams.append(torch.cat([torch.as_tensor(ex["input_ids"], dtype=torch.long) for ex in bundle.train]))
+            if is_preference(read_rows(cfg.train, cfg.split, 1, what="--calib").columns):
+                # Preference data: each prompt with its chosen answer, what the merged model is meant to say.
+                pieces = [p for pair in build_preference_data(cfg, tokenizer, seed).preferred() for p in pair]
+            else:
+                pieces = [ex["input_ids"] for ex in build_datasets(cfg, tokenizer, seed).train]
+            streams.append(torch.cat([torch.as_tensor(p, dtype=torch.long) for p in pieces]))
         else:
             streams.append(token_stream(load_texts(src, what="--calib"), tokenizer))
     ids = torch.cat(streams)

@@ -8,7 +8,8 @@ the share of the fine-tune's improvement the merged model keeps (1 = all of it, 
 Loss is computed the way training computes it: examples rendered by the training data pipeline with the
 run's data settings (chat template, answer-only labels), next-token cross-entropy over label tokens only.
 KL is averaged over the same label tokens. (a) and (b) are one model: peft with its adapter disabled.
-This is evaluation, not the streaming merge, so it loads whole models.
+This is evaluation, not the streaming merge, so it loads whole models. A preference-trained adapter is measured on
+the chosen answers of held-out pairs, plus the reward accuracy of (b) and (c) on them (preference_report.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from finetune.data import build_datasets, collate
 from finetune.merge.adapter import AdapterSource
+from finetune.merge.preference_report import holds_preferences, preference_eval, reward_accuracy
 from finetune.recipe import DataConfig
 from finetune.train.loss import IGNORE, model_inputs
 from quant.errors import UserError
@@ -43,8 +45,10 @@ def locate(path: str, run_dir: Path | None) -> str:
     return path
 
 
-def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tuple[list[dict], str]:
-    """Tokenized, unpacked eval examples and where they came from."""
+def eval_examples(source: AdapterSource, tokenizer,
+                  eval_data: str | None) -> tuple[list[dict], str, list[dict] | None]:
+    """Tokenized, unpacked eval examples, where they came from, and the held-out preference pairs of a
+    preference-trained adapter (whose eval examples are then the pairs' chosen answers), else None."""
     data = source.data or DataConfig()
     seed = source.train.seed if source.train else 42
     if eval_data:
@@ -55,14 +59,18 @@ def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tu
         if not Path(path).exists() and Path(path).suffix:  # a file that moved (hub dataset ids have no suffix)
             raise UserError(f"the run's data.eval '{data.eval}' was not found; pass --eval FILE or --no-report")
     elif data.eval_fraction and data.train:
-        cfg = replace(data, train=locate(data.train, source.run_dir), packing=False)
-        bundle = build_datasets(cfg, tokenizer, seed)
-        return bundle.eval, f"the run's eval_fraction {data.eval_fraction:g} of {cfg.train}"
+        train, origin = locate(data.train, source.run_dir), f"the run's eval_fraction {data.eval_fraction:g}"
+        if source.preference is not None:
+            return preference_eval(source, tokenizer, train, f"{origin} of {train}", split_off=True)
+        cfg = replace(data, train=train, packing=False)
+        return build_datasets(cfg, tokenizer, seed).eval, f"{origin} of {cfg.train}", None
     else:
         raise UserError("no eval data for the fidelity report: the run's recipe has no data.eval; pass --eval FILE "
                         "or --no-report")
+    if source.preference is not None and holds_preferences(path, data.split):
+        return preference_eval(source, tokenizer, path, origin)
     cfg = replace(data, train=path, eval=None, eval_fraction=0.0, packing=False, max_examples=None)
-    return build_datasets(cfg, tokenizer, seed).train, origin
+    return build_datasets(cfg, tokenizer, seed).train, origin, None
 
 
 def load_adapter_model(source: AdapterSource, device: torch.device):
@@ -127,7 +135,7 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
 
     model_b, dtype = load_adapter_model(source, device)
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
-    examples, origin = eval_examples(source, tokenizer, eval_data)
+    examples, origin, pairs = eval_examples(source, tokenizer, eval_data)
     merged = {label: load_merged(Path(d), fmt, device, dtype) for label, (d, fmt) in outputs.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batch = source.train.micro_batch_size if source.train else 4
@@ -137,6 +145,9 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
     int8_log.setLevel(logging.ERROR)
     try:
         s = measure(model_b, merged, examples, pad, batch, device, max_batches)
+        max_length = (source.data or DataConfig()).max_length
+        rewards = reward_accuracy(model_b, merged, pairs, pad, max_length, batch, device, max_batches) \
+            if pairs else None
     finally:
         int8_log.setLevel(level)
     del model_b, merged
@@ -158,6 +169,11 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
             # With no improvement to keep (gain ~ 0) the ratio is meaningless.
             "retention": (la - lc) / gain if abs(gain) > 1e-6 else None,
         }
+        if rewards is not None:
+            results[label].update({
+                "eval_pairs": rewards["pairs"],
+                "reward_accuracy_adapter": rewards["adapter"][0], "reward_accuracy_merged": rewards[label][0],
+                "reward_margin_adapter": rewards["adapter"][1], "reward_margin_merged": rewards[label][1]})
     return results
 
 
@@ -179,6 +195,10 @@ def table(report: dict, fmt: str, base_quantization: str) -> str:
     lines.append(f"retention (a-c)/(a-b): {ret:.4f}" if ret is not None else "retention: n/a (the adapter did not "
                  "change the eval loss)")
     lines.append(f"on {f['label_tokens']} label tokens of {f['eval_examples']} examples from {f['eval_data']}")
+    if "reward_accuracy_adapter" in f:
+        lines.append(f"reward accuracy on {f['eval_pairs']} held-out pairs: (b) {f['reward_accuracy_adapter']:.4f} "
+                     f"(margin {f['reward_margin_adapter']:.3f} nats), (c) {f['reward_accuracy_merged']:.4f} "
+                     f"(margin {f['reward_margin_merged']:.3f} nats)")
     return "\n".join(lines)
 
 
