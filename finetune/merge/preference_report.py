@@ -11,8 +11,6 @@ a negative one.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from finetune.data import read_rows
@@ -29,20 +27,16 @@ def holds_preferences(path: str, split: str) -> bool:
     return is_preference(read_rows(path, split, 1, what="the eval data").columns)
 
 
-def preference_eval(source, tokenizer, path: str, origin: str,
-                    split_off: bool = False) -> tuple[list[dict], str, list[dict]]:
+def preference_eval(source, tokenizer, cfg: DataConfig, origin: str) -> tuple[list[dict], str, list[dict]]:
     """(the chosen answers as SFT examples, where they came from, the held-out pairs / KTO examples), rendered as
-    training rendered them (unpacked). `split_off`: `path` is the run's train file, whose seeded eval_fraction
-    training held out."""
-    data = replace(source.data or DataConfig(), train=path, eval=None, packing=False,
-                   **({} if split_off else {"eval_fraction": 0.0, "max_examples": None}))
-    bundle = build_preference_data(data, tokenizer, source.train.seed if source.train else 42)
-    split = "eval" if split_off else "train"
+    training rendered them (unpacked). `cfg`: report.eval_plan's, an eval file, or the run's train file whose
+    seeded eval_fraction training held out."""
+    bundle = build_preference_data(cfg, tokenizer, source.train.seed if source.train else 42)
+    split = "eval" if cfg.eval_fraction else "train"
     chosen = [sequence_example(prompt, answer, k) for k, (prompt, answer) in enumerate(bundle.preferred(split))]
-    examples = bundle.eval if split_off else bundle.train
     if not chosen:
         raise UserError(f"{origin}: no chosen or desirable answers to score")
-    return chosen, f"{origin}, chosen answers", examples
+    return chosen, f"{origin}, chosen answers", bundle.eval if cfg.eval_fraction else bundle.train
 
 
 @torch.no_grad()
