@@ -15,7 +15,8 @@ reference = the same base with the adapter switched off (no second model):
            bf16 autocast), TRL's own chunked log-prob head and its reference pass with the adapter disabled
   unsloth  unsloth's FastLanguageModel QLoRA model under the DPOTrainer unsloth patches on import (its own
            kernels and offloaded checkpointing); imported before transformers, in a process of its own
-Each stack runs in a fresh process (unsloth patches transformers and TRL for the whole process). Printed: tokens/s
+Each stack runs in a fresh process (unsloth patches transformers and TRL for the whole process, so each stack's
+imports are inside its own function: nothing imports transformers before unsloth). Printed: tokens/s
 (all 2 x pairs x seq tokens of a step; the first `--warmup` steps not timed), peak GPU memory allocated by the
 process (the NF4 weights included, the same for every stack), the first and last loss, and ours as ratios of each
 other stack measured in the same run. The issue's target: >= 1.25x unsloth's tokens/s at <= its peak memory.
