@@ -153,7 +153,7 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
 
 
-def all_linear(model: torch.nn.Module, arch: Architecture) -> list[str]:
+def all_linear(model: torch.nn.Module, arch: Architecture) -> list[str] | str:
     """`all-linear` resolved from the family's description: the projections of the decoder blocks (whatever layer
     type holds them: nn.Linear, 4-bit, GPTQ, AWQ), never the LM head, the router or 3-D expert parameters.
 
@@ -161,8 +161,13 @@ def all_linear(model: torch.nn.Module, arch: Architecture) -> list[str]:
     target it resolves to `gate_proj`/`up_proj`/`down_proj` (or w1/w2/w3) in a Qwen3-MoE or Mixtral model into LoRA
     on the fused expert parameters, even a regex naming only a dense layer's MLP. So in a family with experts the
     dense MLP layers some configs have (Qwen3-MoE's mlp_only_layers) take no LoRA here; the experts are adapted
-    by our own per-expert LoRA."""
+    by our own per-expert LoRA. In a multimodal class (Gemma 3's) the vision tower has projections of the same
+    names: there the targets are one regex over the language model's blocks."""
     leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if arch.wrapper is not None:
+        att, mlp = arch.family.attention, arch.family.mlp
+        return (rf"(.*\.)?{re.escape(arch.blocks)}\.\d+\.({re.escape(att.path)}\.({'|'.join(att.projections)})|"
+                rf"{re.escape(mlp.path)}\.({'|'.join(mlp.projections)}))")
     if arch.family.experts is not None:
         names = arch.family.attention.projections
         if not all(arch.moe_layers):
