@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from finetune.recipe import BaseConfig, LoraConfig
 from quant.arch import Architecture, describe
 from quant.errors import UserError
-from quant.files import read_json_object
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
 from quant.loading import load_tokenizer, materialize
+from quant.model_checks import read_json_object
 from quant.peft_support import register_lora_layers
 
 log = logging.getLogger(__name__)

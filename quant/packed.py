@@ -30,8 +30,9 @@ from torch import nn
 from quant.arch import describe
 from quant.calibration import calibration_chunks, load_texts
 from quant.errors import UserError
-from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, claim_output, disk_needed, safetensors_files, staged
-from quant.loading import load_float_model, materialize, resolve_model_path
+from quant.files import claim_output, disk_needed, staged
+from quant.tensorfiles import DEFAULT_SHARD_BYTES, ShardWriter, safetensors_files
+from quant.loading import load_float_model, materialize, resolve_model_path, source_inputs
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def quantize_to_dir(model_spec: str, out_dir, cfg, quantize_model: Callable, sav
     if cfg.calibrated and not calib:
         raise UserError(f"--calib is required for --method {cfg.method} (a text/jsonl/parquet file, directory or "
                         "hub dataset)")
-    with claim_output(out_dir, overwrite, action="quantization"):
+    with claim_output(out_dir, overwrite, action="quantization", inputs=source_inputs(model_spec, calib)):
         model, tokenizer, chunks, device = _prepare(model_spec, out_dir, calib if cfg.calibrated else None,
                                                     calib_samples, calib_seqlen, text_field, calib_split, device,
                                                     dtype, seed)

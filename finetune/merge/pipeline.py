@@ -18,17 +18,20 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.merge import report as fidelity_report
-from finetune.merge.adapter import AdapterSource, read_adapter
+from finetune.merge.adapter import MERGES_DIR, AdapterSource, RunFiles, locate, read_adapter
 from finetune.merge.config import MergeConfig
 from finetune.merge.source import block_prefix, plan_units, skeleton
 from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
 from finetune.merge.writers import write_config, write_extras
+from finetune.recipe import DataConfig
 from quant.arch import describe
 from quant.arch.layout import MemoryNamed
 from quant.errors import UserError
-from quant.files import Checkpoint, claim_output, disk_needed, staged
+from quant.files import claim_output, disk_needed, staged
 from quant.formats import registry as formats
 from quant.formats.base import EncodeRequest, Format, Rebuilder, dtype_name
+from quant.loading import local_path
+from quant.tensorfiles import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +97,14 @@ def resolve_merge_into(merge_into: str, fmt: Format, base_fmt: Format) -> tuple[
     return "dequantized", "auto: the weights the adapter was trained against"
 
 
-def _check_out(out: Path, source: AdapterSource) -> None:
-    for other in (source.adapter_dir, source.run_dir, Path(source.base.model_dir)):
-        if other is not None and out.resolve() == Path(other).resolve():
-            raise UserError(f"--out {out} is the adapter, run or base directory; choose a new directory")
+def _inputs(cfg: MergeConfig, run: RunFiles) -> list[tuple]:
+    """Everything the merge reads, for the output rule (quant.files.check_target)."""
+    calib = [(c, "--calib data") for c in cfg.calib or [] if not torch.is_tensor(c)]
+    calib = [(local_path(str(c)), role) for c, role in calib]
+    return [(run.adapter_dir, "the adapter"), (run.run_dir, "the run"), (cfg.adapter, "the adapter"),
+            *[(p, "the base model") for p in run.base_paths()], (cfg.base and local_path(cfg.base), "--base"),
+            (cfg.base_original and local_path(cfg.base_original), "--base-original"), *calib,
+            (cfg.eval_data, "--eval data")]
 
 
 def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] | None:
@@ -109,7 +116,6 @@ def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] 
     from transformers import AutoTokenizer
 
     from finetune.merge.calibration import calibration_ids
-    from finetune.recipe import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     return calibration_ids([str(c) for c in cfg.calib], tokenizer, source.data or DataConfig(), cfg.calib_samples,
@@ -142,17 +148,23 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     run's data.eval) and print the table.
     """
     cfg = cfg.validate()
-    with claim_output(cfg.out, cfg.overwrite, action="merge"):
-        return _merge(cfg, echo)
+    run = locate(cfg.adapter)
+    if cfg.report:  # before any model loads: a merge without eval data once failed after ~50 s of loading
+        fidelity_report.eval_plan(run.section(DataConfig, "data"), run.run_dir, cfg.eval_data)
+    for spec in (str(c) for c in cfg.calib or [] if not torch.is_tensor(c)):
+        if Path(spec).suffix and not Path(local_path(spec)).exists():
+            raise UserError(f"--calib {spec}: no such file")
+    inside_ok = [run.run_dir / MERGES_DIR] if run.run_dir else []
+    with claim_output(cfg.out, cfg.overwrite, action="merge", inputs=_inputs(cfg, run), inside_ok=inside_ok):
+        return _merge(cfg, run, echo)
 
 
-def _merge(cfg: MergeConfig, echo) -> MergeResult:
+def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     started = time.perf_counter()
     fmt, device = cfg.fmt, cfg.torch_device
-    source = read_adapter(cfg.adapter, cfg.base, device)
+    source = read_adapter(run, cfg.base, device)
     base_fmt = formats.format_of(source.base)
     out = cfg.out
-    _check_out(out, source)
     merge_into, merge_into_reason = resolve_merge_into(cfg.merge_into, fmt, base_fmt)
     ckpt = _source_checkpoint(source, merge_into, cfg.base_original)
     arch = describe(ckpt.config)
@@ -163,7 +175,7 @@ def _merge(cfg: MergeConfig, echo) -> MergeResult:
     prefix, n_layers = block_prefix(model)
     weights = base_fmt.rebuilder(source.base, ckpt, model, device) if merge_into == "dequantized" \
         else Rebuilder(ckpt, device)
-    check_adapter_fits(source.loras, weights, n_layers)
+    check_adapter_fits(source.loras, weights.weight_shape, f"{weights.ckpt.path} ({n_layers} layers)")
     units = plan_units(ckpt.keys(), prefix, n_layers)
     calib = _calibration(cfg, source)
     encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib,
@@ -177,7 +189,7 @@ def _merge(cfg: MergeConfig, echo) -> MergeResult:
                           "calib_samples": len(calib) if calib else 0, "calib_seqlen": cfg.calib_seqlen}
 
     size = _OutputSize(len(units), cfg.max_shard_bytes)
-    with staged(out, need=size) as tmp:
+    with staged(out, need=size, kind="merge") as tmp:
         writer = size.writer = encoder.sink(tmp, cfg.max_shard_bytes)
         try:
             bar = tqdm(total=len(units), desc=f"merge -> {fmt.name}", unit="layer", disable=not cfg.progress)

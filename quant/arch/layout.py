@@ -19,7 +19,7 @@ from quant.errors import UserError
 
 
 class MemoryNamed:
-    """A checkpoint (quant.files.Checkpoint: keys, get, shape, file_of, config, path) read by the model's own
+    """A checkpoint (quant.tensorfiles.Checkpoint: keys, get, shape, file_of, config, path) read by the model's own
     names: a multimodal class's text part as `model.language_model.*` where transformers wrote
     `language_model.model.*`. Writers turn names back with `Architecture.to_disk`."""
 

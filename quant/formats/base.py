@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from quant.errors import UserError
-from quant.files import ShardWriter, read_json_object
+from quant.model_checks import read_json_object
+from quant.tensorfiles import ShardWriter
 from quant.loading import load_tokenizer
 from quant.settings import setting
 
@@ -146,7 +147,7 @@ class Rebuilder:
     """A checkpoint's tensors, one unit (decoder layer) at a time, as training saw them. This base class passes
     every tensor through unchanged (an unquantized base, or the original weights); formats override `load`.
 
-    `ckpt` is a `quant.files.Checkpoint`.
+    `ckpt` is a `quant.tensorfiles.Checkpoint`.
     """
 
     def __init__(self, ckpt, device=None):
@@ -302,7 +303,7 @@ class Format:
         raise NotImplementedError(f"{self.name} is not a training base")
 
     def rebuilder(self, spec: BaseSpec, ckpt, model: torch.nn.Module, device) -> Rebuilder:
-        """Reads `ckpt` (a quant.files.Checkpoint of this format) unit by unit as training saw it; `model` is
+        """Reads `ckpt` (a quant.tensorfiles.Checkpoint of this format) unit by unit as training saw it; `model` is
         its skeleton."""
         return Rebuilder(ckpt, device)
 
