@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from finetune.synthetic import byte_tokenizer, random_model
+from quant import files
 
 
 def make_tokenizer():
@@ -93,3 +95,17 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+def assert_refused_while_taken(out: Path, command, monkeypatch, never_called: str, what: str) -> None:
+    """`command()` -> (exit code, stderr) run while another process holds `out`: one line, exit 2, and the function
+    named by `never_called` (the reader or loader that would come first) never called, `out` never created."""
+    def refuse(*a, **k):
+        raise AssertionError(f"the {what} was read although --out is taken")
+
+    monkeypatch.setattr(never_called, refuse)
+    with files.exclusive(out):
+        code, err = command()
+    assert code == 2 and error_line(err) == (f"error: --out {out} is being written by another process (pid "
+                                             f"{os.getpid()}); wait for it to finish or choose another --out")
+    assert not out.exists()

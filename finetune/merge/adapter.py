@@ -14,14 +14,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
 from finetune.recipe_checks import read_yaml, short
 from quant.errors import UserError
-from quant.model_checks import read_json_object
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
 from quant.loading import local_path, materialize
+from quant.model_checks import read_json_object
 
 PEFT_PREFIX = "base_model.model."
 MAX_RANK = 16384  # bound of r and lora_alpha (the recipe allows r <= 4096)
@@ -158,7 +161,8 @@ def _check_number(config: dict, key: str, where: Path, integer: bool, required: 
     if value is None or isinstance(value, bool) or not isinstance(value, kind) or \
             not (isinstance(value, int) or math.isfinite(value)) or not 0 < value <= MAX_RANK:
         what = f"an integer 1..{MAX_RANK}" if integer else f"a finite number > 0 and <= {MAX_RANK}"
-        raise UserError(f"{where}: {key} = {short(value) if key in config else 'missing'} is not valid (expected "
+        shown = key if key.isprintable() else repr(key)  # a rank_pattern key is the file's text: one line
+        raise UserError(f"{where}: {shown} = {short(value) if key in config else 'missing'} is not valid (expected "
                         f"{what})")
 
 
@@ -198,8 +202,6 @@ def _check_config(config: dict | None, adapter_dir: Path) -> None:
 
 def _scale(config: dict, module: str) -> tuple[int, float]:
     """peft's rank and alpha for `module`, with rank_pattern/alpha_pattern, and its scaling factor."""
-    from peft.utils.other import get_pattern_key
-
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     r = ranks.get(get_pattern_key(ranks.keys(), module), config["r"])
     alpha = alphas.get(get_pattern_key(alphas.keys(), module), config["lora_alpha"])
@@ -207,9 +209,6 @@ def _scale(config: dict, module: str) -> tuple[int, float]:
 
 
 def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.is_file():
         hint = " (only the legacy adapter_model.bin; re-save it with safetensors)" \

@@ -6,11 +6,15 @@ data pipeline, chat template included: what the merged model will be fed.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from finetune.data import build_datasets
+from quant.calibration import load_texts, token_stream, token_windows
 from quant.errors import UserError
+from quant.loading import PKG_PREFIX, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +26,12 @@ def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seq
     """Calibration windows from plain text (quant's sources: .txt/.md, directories, pkg:..., hub datasets) or
     from record files in any training format (chat, sharegpt, alpaca, completion, text), which are rendered
     through the training data pipeline, chat template included: what the merged model will be fed."""
-    from dataclasses import replace
-
-    from finetune.data import build_datasets
-    from quant.calibration import load_texts, token_stream, token_windows
-
     if n_samples < 1 or seqlen < 2:
         raise UserError(f"calibration needs at least 1 sample of >= 2 tokens (got {n_samples} x {seqlen})")
     streams = []
     for src in sources:
-        if Path(src).suffix in _RECORD_SUFFIXES and Path(src).is_file():
+        local = resolve_model_path(src, "--calib") if src.startswith(PKG_PREFIX) else src  # a data.train may be pkg:
+        if Path(local).suffix in _RECORD_SUFFIXES and Path(local).is_file():
             cfg = replace(data_cfg, train=str(src), eval=None, eval_fraction=0.0, packing=False,
                           train_on_prompt=True, max_examples=None, max_length=max(seqlen, 8))
             bundle = build_datasets(cfg, tokenizer, seed)

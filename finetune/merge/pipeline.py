@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from finetune.merge import report as fidelity_report
 from finetune.merge.adapter import MERGES_DIR, AdapterSource, RunFiles, locate, read_adapter
+from finetune.merge.calibration import calibration_ids
 from finetune.merge.config import MergeConfig
 from finetune.merge.source import block_prefix, plan_units, skeleton
 from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
@@ -27,13 +29,17 @@ from finetune.recipe import DataConfig
 from quant.arch import describe
 from quant.arch.layout import MemoryNamed
 from quant.errors import UserError
-from quant.files import claim_output, disk_needed, staged
+from quant.files import claim_output, disk_needed, staged, write_text
 from quant.formats import registry as formats
 from quant.formats.base import EncodeRequest, Format, Rebuilder, dtype_name
-from quant.loading import local_path
+from quant.loading import local_path, materialize
 from quant.tensorfiles import Checkpoint
 
 log = logging.getLogger(__name__)
+
+
+class ScoringInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during the fidelity scoring: the merged model is complete in --out already."""
 
 
 @dataclass
@@ -59,8 +65,6 @@ def _source_checkpoint(source: AdapterSource, merge_into: str, base_original: st
                             "the adapter's deltas are not in the original weights' coordinates; use --merge-into "
                             "dequantized (the default)")
         if base_original:
-            from quant.loading import materialize
-
             ckpt = Checkpoint(materialize(base_original, "--base-original"), "--base-original")
         elif base_fmt.stored_quantized:
             raise UserError(f"--merge-into original on a {base_fmt.title}-trained adapter needs --base-original "
@@ -113,10 +117,6 @@ def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] 
         return None
     if all(torch.is_tensor(c) for c in cfg.calib):  # Python API: token ids [1, T] already
         return [c.reshape(1, -1).long() for c in cfg.calib]
-    from transformers import AutoTokenizer
-
-    from finetune.merge.calibration import calibration_ids
-
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     return calibration_ids([str(c) for c in cfg.calib], tokenizer, source.data or DataConfig(), cfg.calib_samples,
                            cfg.calib_seqlen)
@@ -212,23 +212,43 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
         info.update(modules_merged=merged, merge_seconds=round(merge_seconds, 2),
                     stream_seconds=round(time.perf_counter() - stream_started, 2), memory=mem.as_dict(),
                     output_bytes=writer.total)
-        fidelity = None
-        if cfg.report:
-            fidelity = fidelity_report.fidelity(source, tmp, fmt.name, device, cfg.eval_data, cfg.eval_max_batches)
-            info["fidelity"] = fidelity
         fidelity_report.write_report(tmp / "merge_report.json", info)
+    # The model is complete and in place before the fidelity evaluation loads anything: a user who stops the
+    # scoring keeps it, and sees it at once.
     echo(f"merged {merged} modules of {source.adapter_dir} ({merge_into} weights, {merge_into_reason}) into "
          f"{fmt.name} in {merge_seconds:.1f}s "
          f"(peak RSS {mem.peak_rss / 2**20:.0f} MiB"
-         + (f", GPU {mem.peak_gpu / 2**20:.0f} MiB" if mem.peak_gpu is not None else "") + f") -> {out}")
-    if fidelity is not None:
-        echo(fidelity_report.table(fidelity, encoder.label or fmt.name, source.base.format))
-        try:
-            fidelity_report.log_to_wandb(source, info, fmt.name)
-        except Exception as e:  # the model and its report are already in place; tracking is best effort
-            log.warning("W&B logging of the merge report failed: %s", e)
+         + (f", GPU {mem.peak_gpu / 2**20:.0f} MiB" if mem.peak_gpu is not None else "") + f"); wrote {out}")
+    try:
+        fidelity = _score(cfg, source, out, info, encoder.label or fmt.name, echo) if cfg.report else None
+    except KeyboardInterrupt:
+        raise ScoringInterrupted from None
     return MergeResult(out, fmt.name, source.base.format, merge_into, merged, time.perf_counter() - started,
                        mem.as_dict(), info, fidelity)
+
+
+def _score(cfg: MergeConfig, source: AdapterSource, out: Path, info: dict, label: str, echo) -> dict:
+    """Fidelity of the merged model now in `out`, added to its merge_report.json; the table printed, a low
+    retention warned about with what else to try, the report logged to W&B where the run configures it."""
+    cap = fidelity_report.eval_cap(cfg.eval_max_batches, cfg.torch_device)
+    echo(f"scoring the merge's fidelity: base, base + adapter and merged model on "
+         f"{f'the first {cap} batches of ' if cap else ''}the held-out data"
+         + (" (the CPU default; --eval-max-batches N to change)" if cap and cfg.eval_max_batches is None else ""))
+    started = time.perf_counter()
+    fidelity = fidelity_report.fidelity(source, out, cfg.fmt.name, cfg.torch_device, cfg.eval_data, cap,
+                                        cfg.progress)
+    fidelity["seconds"] = round(time.perf_counter() - started, 1)
+    info["fidelity"] = fidelity
+    write_text(out / "merge_report.json", fidelity_report.report_text(info))
+    echo(fidelity_report.table(fidelity, label, source.base.format) + f"\nscored in {fidelity['seconds']:.0f} s")
+    warning = fidelity_report.retention_warning(fidelity, cfg.fmt.name)
+    if warning:
+        log.warning(warning)
+    try:
+        fidelity_report.log_to_wandb(source, info, cfg.fmt.name)
+    except Exception as e:  # the model and its report are already in place; tracking is best effort
+        log.warning("W&B logging of the merge report failed: %s", e)
+    return fidelity
 
 
 def _report_header(cfg: MergeConfig, source: AdapterSource, ckpt: Checkpoint, merge_into: str, reason: str,

@@ -70,7 +70,8 @@ def _env() -> dict:
 
 
 def start(recipe: Path, cwd: Path, resume: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "finetune", "sft", str(recipe), "-q", *(["--resume"] if resume else [])]
+    # --resume-if-present: a kill before the run marked its directory leaves nothing to resume, as a script meets it.
+    cmd = [sys.executable, "-m", "finetune", "sft", str(recipe), "-q", *(["--resume-if-present"] if resume else [])]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
