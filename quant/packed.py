@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from quant.arch import describe
 from quant.calibration import calibration_chunks, load_texts
 from quant.errors import UserError
 from quant.files import claim_output, disk_needed, staged
@@ -166,11 +167,14 @@ def load_packed_model(path: Path, raw_qconfig: dict, make_layer: Callable[[str, 
 
     device = torch.device(device) if device else torch.device("cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    config = AutoConfig.from_pretrained(path)
     state = read_state(path)
+    arch = describe(config)
+    if arch.wrapper is not None:  # a multimodal class's text part as transformers writes it: the model's names
+        state = {arch.to_memory(k): t for k, t in state.items()}
     qnames = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     if not qnames:
         raise UserError(f"{path}: no '*.qweight' tensors, so no {what} layers to load")
-    config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # otherwise transformers would hand the model to its own quantizer
     with init_empty_weights():

@@ -26,6 +26,8 @@ from finetune.merge.source import block_prefix, plan_units, skeleton
 from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
 from finetune.merge.writers import write_config, write_extras
 from finetune.recipe import DataConfig
+from quant.arch import describe
+from quant.arch.layout import MemoryNamed
 from quant.errors import UserError
 from quant.files import claim_output, disk_needed, staged, write_text
 from quant.formats import registry as formats
@@ -165,6 +167,9 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     out = cfg.out
     merge_into, merge_into_reason = resolve_merge_into(cfg.merge_into, fmt, base_fmt)
     ckpt = _source_checkpoint(source, merge_into, cfg.base_original)
+    arch = describe(ckpt.config)
+    if arch.wrapper is not None:  # a multimodal class: its text part by the names the adapter and model use
+        ckpt = MemoryNamed(ckpt, arch)
 
     model = skeleton(ckpt.config)
     prefix, n_layers = block_prefix(model)
@@ -190,7 +195,9 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
             bar = tqdm(total=len(units), desc=f"merge -> {fmt.name}", unit="layer", disable=not cfg.progress)
             stream_started = time.perf_counter()
             with PeakMemory(device) as mem:
-                merged = stream_units(weights, units, source.loras, encoder, writer.add,
+                add = writer.add if arch.wrapper is None or not encoder.hf_layout else \
+                    (lambda tensors: writer.add({arch.to_disk(k): v for k, v in tensors.items()}))
+                merged = stream_units(weights, units, source.loras, encoder, add,
                                       lambda u: (bar.update(1), size.unit_done()))
                 writer.close()
             bar.close()

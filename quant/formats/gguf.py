@@ -56,7 +56,7 @@ class GGUFEncoder(Encoder):
         self.importance: dict[str, torch.Tensor] | None = {} if self.calib else None
         self.prefix, self.blocks = find_blocks(self.model)
         self.run_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.hidden, self.kwargs, self.held, self.norm = [], [], {}, None
+        self.hidden, self.kwargs, self.held, self.norm = [], None, {}, None
 
     def sink(self, directory: Path, max_shard_bytes: int):
         return GGUFSink(directory / FILE, self.config, self.tokenizer_dir, self.ft.name, self.importance, self.name,
@@ -94,7 +94,7 @@ class GGUFEncoder(Encoder):
         layer = self.blocks[i]
         layer.load_state_dict({k[len(head):]: v.to(self.device, self.run_dtype) if v.is_floating_point() else v
                                for k, v in tensors.items()}, strict=True, assign=True)
-        walk = OneLayer(layer, self.hidden, self.kwargs, advance=True)
+        walk = OneLayer(layer, self.hidden, self.kwargs[i], advance=True)
         energy = collect_importance(walk, OneLayer.index_ids(len(self.hidden)), self.device, progress=False)
         self.importance.update({head + k.removeprefix("layers.0."): v for k, v in energy.items()})
         self.blocks[i] = nn.Module()  # drop the layer: its tensors go to the sink
@@ -102,7 +102,7 @@ class GGUFEncoder(Encoder):
             return tensors
         final = [self.norm(h).float().reshape(-1, h.shape[-1]) for h in self.hidden]
         self.importance["lm_head.weight"] = (sum(x.pow(2).sum(0) for x in final) / sum(len(x) for x in final)).cpu()
-        self.hidden, self.kwargs = [], []
+        self.hidden, self.kwargs = [], None
         held, self.held = self.held, {}
         return {**tensors, **held}
 
@@ -112,8 +112,8 @@ class GGUFFormat(Format):
     label = "GGUF"
     summary = ("one .gguf file for llama.cpp / Ollama (--out/model.gguf): our K-quant/legacy block quantizers "
                "under llama.cpp's per-tensor mixes (--gguf-type, default Q4_K_M); --calib weights the scale "
-               "searches by the merged model's activation energy (llama.cpp's importance matrix). Llama, Mistral "
-               "and Qwen2 architectures.")
+               "searches by the merged model's activation energy (llama.cpp's importance matrix). Every "
+               "architecture llama.cpp runs (docs/architectures.md).")
     output = True
     fixed_dtype = True  # each tensor's type comes from --gguf-type
     options = GGUFOptions

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.blocks import LayerLog, OneLayer, QuantReport, capture_inputs, find_blocks, run_block
+from quant.blocks import BlockKwargs, LayerLog, OneLayer, QuantReport, capture_inputs, find_blocks, run_block
 from quant.errors import UserError
 from quant.formats.base import Encoder
 
@@ -34,9 +34,10 @@ def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
 
 @torch.no_grad()
 def layer0_inputs(model, prefix: str, blocks, tensors: dict[str, torch.Tensor], calib: list[torch.Tensor], device,
-                  run_dtype) -> tuple[list, list]:
-    """The calibration inputs of decoder layer 0 (hidden states, keyword arguments per window): the tensors outside
-    the layers (embeddings, ...) are loaded into the skeleton `model`, run on `calib`, and dropped again."""
+                  run_dtype) -> tuple[list, BlockKwargs]:
+    """The calibration inputs of decoder layer 0 (hidden states per window) and every layer's keyword arguments
+    (quant.blocks.BlockKwargs): the tensors outside the layers (embeddings, ...) are loaded into the skeleton
+    `model`, run on `calib`, and dropped again."""
     state = {k: v.to(device, run_dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -69,7 +70,7 @@ class LayerwiseEncoder(Encoder):
         self.calib, self.device = calib, device
         self.run_dtype, self.out_dtype = run_dtype, out_dtype
         self.hidden: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
+        self.kwargs: BlockKwargs | None = None
         self.layers: list[LayerLog] = []
         self.calibrated = calibrated
         if self.calibrated and not calib:
@@ -109,7 +110,7 @@ class LayerwiseEncoder(Encoder):
         except RuntimeError as e:
             raise UserError(f"layer {i}: merged tensors do not fit the model: {str(e).splitlines()[-1].strip()}") \
                 from None
-        wrapper = OneLayer(layer, self.hidden, self.kwargs)
+        wrapper = OneLayer(layer, self.hidden, self.kwargs[i] if self.calibrated else [])
         index_ids = OneLayer.index_ids(len(self.hidden)) if self.calibrated else None
         report = self.quantize_layer(wrapper, index_ids, head)
         for entry in report.layers:
@@ -117,7 +118,7 @@ class LayerwiseEncoder(Encoder):
             self.layers.append(entry)
         if self.calibrated and i + 1 < len(self.blocks):
             for j in range(len(self.hidden)):  # the next layer sees this layer's quantized outputs
-                self.hidden[j] = run_block(layer, self.hidden[j], self.kwargs[j])
+                self.hidden[j] = run_block(layer, self.hidden[j], self.kwargs[i][j])
         quantized = {n for n, m in layer.named_modules() if isinstance(m, self.packed)}
         out = {}
         for k, v in layer.state_dict().items():
