@@ -21,8 +21,10 @@ from torch import nn
 
 from quant.errors import UserError
 from quant.formats.base import BaseSpec, EncodeRequest, Format, LinearEncoder, Rebuilder, dtype_name
+from quant.formats.bnb_experts import NF4Stack, StackWeight, nf4_experts
 from quant.formats.bnb_lib import (BLOCKSIZE, Bnb4Weight, keep_reference_layout, nn_types, quant_state_tensors,
                                    quantize_4bit, quantize_int8, rebuild_4bit, rebuild_int8)
+from quant.moe.convert import architecture, defuse
 
 
 def storage_dtype(quant_storage: str, compute: torch.dtype) -> torch.dtype:
@@ -127,9 +129,18 @@ class _BnbFormat(Format):
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, **kwargs)
         # Before any forward: an eval pass would otherwise convert 4-bit weights to a CPU bf16 layout for good.
         keep_reference_layout(model)
+        self._experts(model, spec)
         if torch.device(device).type == "cpu":
             _own_unquantized_tensors(model)
         return model
+
+    def _experts(self, model, spec: BaseSpec) -> None:
+        """A mixture of experts' fused expert parameters, which transformers' bitsandbytes path leaves in the compute
+        dtype: quantized here (Bnb4Format) or refused (int8)."""
+        arch = architecture(model)
+        if arch is not None:
+            raise UserError(f"base.quantization = '{self.name}': the {arch.family.title} experts cannot be stored in "
+                            f"{self.title} (bitsandbytes quantizes nn.Linear only); use nf4 or fp4")
 
     def same_grid(self, base):
         return base is self
@@ -175,6 +186,26 @@ class Bnb4Format(_BnbFormat):
     summary = f"bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize {BLOCKSIZE})"
     layer_class = "Linear4bit"
 
+    def layer_types(self):
+        return super().layer_types() + (NF4Stack,)
+
+    def storage(self, layer):
+        return layer.storage() if isinstance(layer, NF4Stack) else super().storage(layer)
+
+    def _experts(self, model, spec):
+        """Each expert of each MoE layer quantized on its own (quant.formats.bnb_experts), as an expert-by-expert
+        Linear4bit conversion would: transformers loaded the fused parameters in the compute dtype, and drops them
+        layer by layer here (the load's peak holds them all once)."""
+        storage = self._storage(spec)
+        arch = architecture(model)
+        if arch is None:
+            return
+        if storage != torch.uint8:
+            raise UserError(f"base.quant_storage = '{dtype_name(storage)}': the {arch.family.title} experts are "
+                            "stored as uint8 4-bit codes; set base.quant_storage: uint8 (expert storage is not sharded)")
+        nested = bool(spec.settings.get("double_quant", True))
+        defuse(model, lambda path, s, mats: nf4_experts(s, mats, self.name, nested, spec.dtype), arch)
+
     def __init__(self, quant_type: str):
         self.name = quant_type
 
@@ -196,6 +227,8 @@ class Bnb4Format(_BnbFormat):
         return self.bnb_config(spec.dtype, spec.settings.get("double_quant", True), self._storage(spec))
 
     def frozen_weight(self, layer):
+        if isinstance(layer, NF4Stack):
+            return StackWeight(layer)
         # bitsandbytes' dequantize op reads packed uint8 storage; a float quant_storage (for sharding) is refused
         w = layer.weight
         return Bnb4Weight(layer) if w.dtype == torch.uint8 and getattr(w, "quant_state", None) is not None else None
