@@ -58,11 +58,11 @@ def _identify(cfg: dict) -> tuple[Family, Wrapper | None, dict, str]:
     return family, wrapper, text, hf_class
 
 
-def _text_config(text: dict):
+def _text_config(text: dict, family: Family):
     from transformers import AutoConfig
 
     values = {k: v for k, v in text.items() if k != "model_type"}
-    return AutoConfig.for_model(text["model_type"], **values)
+    return AutoConfig.for_model(text.get("model_type") or family.model_types[0], **values)
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def describe(config: Any) -> Architecture:
     """The Architecture of a transformers config or a config.json dict; an architecture we do not know is refused
     in one line naming it and listing the supported ones."""
     family, wrapper, text, hf_class = _identify(_as_dict(config))
-    c = _text_config(text)
+    c = _text_config(text, family)
     n_layer, hidden, n_head = c.num_hidden_layers, c.hidden_size, c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or hidden // n_head
     window = getattr(c, "sliding_window", None)

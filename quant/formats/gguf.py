@@ -112,8 +112,8 @@ class GGUFFormat(Format):
     label = "GGUF"
     summary = ("one .gguf file for llama.cpp / Ollama (--out/model.gguf): our K-quant/legacy block quantizers "
                "under llama.cpp's per-tensor mixes (--gguf-type, default Q4_K_M); --calib weights the scale "
-               "searches by the merged model's activation energy (llama.cpp's importance matrix). Llama, Mistral "
-               "and Qwen2 architectures.")
+               "searches by the merged model's activation energy (llama.cpp's importance matrix). Every "
+               "architecture llama.cpp runs (docs/architectures.md).")
     output = True
     fixed_dtype = True  # each tensor's type comes from --gguf-type
     options = GGUFOptions
