@@ -34,9 +34,8 @@ from finetune.kernels.experts import grouped_experts, use_grouped
 from quant.arch.describe import Architecture
 from quant.errors import UserError
 from quant.moe.experts import Adapter, MoEExperts
-from quant.moe.layout import DOWN, GATE_UP
-
-PARAMETERS = (GATE_UP, DOWN)  # nesting order: gate_up inside, down outside (peft sorts and nests the same way)
+from quant.moe import layout
+from quant.moe.layout import DOWN, GATE_UP, PARAMETERS
 
 
 class ExpertLora(nn.Module, LoraLayer):
@@ -124,27 +123,15 @@ def attach(model: nn.Module, parameters: tuple[str, ...], r: int, alpha: float, 
 
 def target_parameters(arch: Architecture, parameters: tuple[str, ...]) -> list[str]:
     """adapter_config.json's `target_parameters` for the adapted expert parameters (peft's names)."""
-    part = arch.family.experts
-    names = {GATE_UP: part.gate_up, DOWN: part.down}
-    return [f"{part.path}.{names[p]}" for p in PARAMETERS if p in parameters]
+    return layout.target_parameters(arch.family.experts, parameters)
 
 
-def parameters_of(arch: Architecture, target_parameters: list[str] | None) -> tuple[str, ...]:
+def parameters_of(arch: Architecture, entries: list[str] | None) -> tuple[str, ...]:
     """The expert parameters an adapter_config.json's `target_parameters` adapt; anything else is refused."""
-    part = arch.family.experts
-    names = {part.gate_up: GATE_UP, part.down: DOWN}
-    found = []
-    for t in target_parameters or []:
-        leaf = t.rpartition(".")[2]
-        if leaf not in names:
-            raise UserError(f"adapter target_parameters {t!r} is not a {arch.family.title} expert parameter "
-                            f"({', '.join(target_parameters_names(arch))})")
-        found.append(names[leaf])
-    return tuple(p for p in PARAMETERS if p in found)
-
-
-def target_parameters_names(arch: Architecture) -> list[str]:
-    return target_parameters(arch, PARAMETERS)
+    try:
+        return layout.parameters_of(arch.family.experts, entries)
+    except ValueError as e:
+        raise UserError(f"adapter: {e}") from None
 
 
 def resolve_targets(model: nn.Module, arch: Architecture, targets) -> tuple[str | None, tuple[str, ...]]:

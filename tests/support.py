@@ -100,3 +100,16 @@ def run_in_triton_interpreter(script: Path, marker: str) -> None:
     if "only 0-dimensional arrays" in r.stderr:  # triton 3.6's interpreter vs numpy >= 2.4, not our kernels
         pytest.skip("this triton's interpreter does not work with the installed numpy (use numpy < 2.4)")
     assert marker in r.stdout, r.stderr[-3000:]
+
+
+def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's (llama-cpp-python's) logits of `ids` through the GGUF file at `path` (skipped without it)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=1, verbose=False)
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[: len(ids)]))
+    finally:
+        llm.close()

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from finetune.merge.experts import ExpertFactors, expert_factors
 from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
+from quant.arch import describe
 from quant.errors import UserError
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
@@ -30,7 +32,6 @@ _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) rescales the merged weight by a learned magnitude",
     "lora_bias": "lora_bias adds a trained bias",
     "layer_replication": "layer_replication changes the layer structure",
-    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
     "modules_to_save": "modules_to_save stores fully trained modules",
     "trainable_token_indices": "trainable_token_indices trains embedding rows",
     "alora_invocation_tokens": "aLoRA only activates after its invocation tokens, which a merged weight cannot do",
@@ -156,7 +157,9 @@ def _scale(config: dict, module: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
+def _load_factors(adapter_dir: Path, config: dict, arch=None) -> dict[str, LoraFactors | ExpertFactors]:
+    """{module: LoraFactors} of the Linear adapters and, for a mixture of experts' expert adapters
+    (`target_parameters`, described by `arch`), {fused parameter key: ExpertFactors} (finetune.merge.experts)."""
     from safetensors.torch import load_file
 
     weights_file = adapter_dir / "adapter_model.safetensors"
@@ -177,6 +180,8 @@ def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
                 raise UserError(f"{adapter_dir}: LoRA on embeddings ({name}) is not supported by merge")
             raise UserError(f"{adapter_dir}: unexpected tensor {key} in adapter_model.safetensors")
     loras = {}
+    if config.get("target_parameters"):
+        loras.update(expert_factors(pairs, config, arch, lambda key: _scale(config, key), adapter_dir))
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise UserError(f"{adapter_dir}: {module} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
@@ -189,6 +194,18 @@ def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
     if not loras:
         raise UserError(f"{adapter_dir}: adapter_model.safetensors holds no LoRA weights")
     return loras
+
+
+def _architecture(model_dir: str):
+    """The base's architecture description (None: no config.json to read, or a family the description does not
+    know)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return describe(json.loads(config.read_text()))
+    except (UserError, ValueError):
+        return None
 
 
 def read_adapter(path: str | Path, base: str | None = None, device: torch.device | None = None) -> AdapterSource:
@@ -219,7 +236,7 @@ def read_adapter(path: str | Path, base: str | None = None, device: torch.device
         else None,
         config=config,
         base=base_info,
-        loras=_load_factors(adapter_dir, config),
+        loras=_load_factors(adapter_dir, config, _architecture(base_info.model_dir)),
         data=data,
         train=train,
         tracking=tracking,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from finetune.merge import report as fidelity_report
 from finetune.merge.adapter import AdapterSource, read_adapter
 from finetune.merge.config import MergeConfig
-from finetune.merge.source import block_prefix, plan_units, skeleton
+from finetune.merge.source import block_prefix, disk_tensors, plan_units, skeleton
 from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
 from finetune.merge.writers import write_config, write_extras
 from quant.errors import UserError
@@ -158,8 +158,8 @@ def _merge(cfg: MergeConfig, echo) -> MergeResult:
     prefix, n_layers = block_prefix(model)
     weights = base_fmt.rebuilder(source.base, ckpt, model, device) if merge_into == "dequantized" \
         else Rebuilder(ckpt, device)
-    check_adapter_fits(source.loras, weights, n_layers)
-    units = plan_units(ckpt.keys(), prefix, n_layers)
+    check_adapter_fits(source.loras, weights, n_layers, model)
+    units = plan_units(ckpt.keys(), prefix, n_layers, weights.arch)
     calib = _calibration(cfg, source)
     encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib,
                                         source.tokenizer_dir))
@@ -174,11 +174,13 @@ def _merge(cfg: MergeConfig, echo) -> MergeResult:
     size = _OutputSize(len(units), cfg.max_shard_bytes)
     with staged(out, need=size) as tmp:
         writer = size.writer = encoder.sink(tmp, cfg.max_shard_bytes)
+        # Tensors travel under the model's own names; a Hugging Face directory gets transformers' disk names.
+        add = (lambda t: writer.add(disk_tensors(weights.arch, t))) if encoder.hf_layout else writer.add
         try:
             bar = tqdm(total=len(units), desc=f"merge -> {fmt.name}", unit="layer", disable=not cfg.progress)
             stream_started = time.perf_counter()
             with PeakMemory(device) as mem:
-                merged = stream_units(weights, units, source.loras, encoder, writer.add,
+                merged = stream_units(weights, units, source.loras, encoder, add,
                                       lambda u: (bar.update(1), size.unit_done()))
                 writer.close()
             bar.close()
@@ -194,7 +196,11 @@ def _merge(cfg: MergeConfig, echo) -> MergeResult:
                     stream_seconds=round(time.perf_counter() - stream_started, 2), memory=mem.as_dict(),
                     output_bytes=writer.total)
         fidelity = None
-        if cfg.report:
+        unreadable = fmt.unreadable(ckpt.config) if cfg.report else None
+        if unreadable:
+            echo(f"fidelity report skipped: {unreadable}")
+            info["fidelity_skipped"] = unreadable
+        elif cfg.report:
             fidelity = fidelity_report.fidelity(source, tmp, fmt.name, device, cfg.eval_data, cfg.eval_max_batches)
             info["fidelity"] = fidelity
         fidelity_report.write_report(tmp / "merge_report.json", info)

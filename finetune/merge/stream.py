@@ -13,15 +13,26 @@ from typing import Callable
 import torch
 
 from finetune.merge.adapter import LoraFactors
+from finetune.merge.experts import ExpertFactors
 from finetune.merge.source import Unit
 from quant.errors import UserError
 from quant.formats.base import Rebuilder
 
 
-def check_adapter_fits(loras: dict[str, LoraFactors], base: Rebuilder, n_layers: int) -> None:
-    """Every adapted module exists in the base with the weight shape the LoRA factors imply."""
+def check_adapter_fits(loras: dict[str, LoraFactors | ExpertFactors], base: Rebuilder, n_layers: int,
+                       model=None) -> None:
+    """Every adapted module exists in the base with the weight shape the LoRA factors imply (a fused expert
+    parameter with the shape of the model's (`model`, the skeleton) own)."""
     missing, wrong = [], []
+    params = dict(model.named_parameters()) if model is not None else {}
     for module, f in sorted(loras.items()):
+        if isinstance(f, ExpertFactors):
+            shape = tuple(params[module].shape) if module in params else None
+            if shape is None:
+                missing.append(module)
+            elif shape != f.shape:
+                wrong.append(f"{module} (adapter {'x'.join(map(str, f.shape))}, base {'x'.join(map(str, shape))})")
+            continue
         shape = base.weight_shape(module)
         if shape is None:
             missing.append(module)
@@ -42,10 +53,12 @@ def merge_unit(tensors: dict[str, torch.Tensor], loras: dict[str, LoraFactors], 
     merged = []
     for key in list(tensors):
         module, _, leaf = key.rpartition(".")
-        if leaf == "weight" and module in loras:
+        target = module if leaf == "weight" and isinstance(loras.get(module), LoraFactors) else \
+            key if isinstance(loras.get(key), ExpertFactors) else None
+        if target is not None:
             W = tensors[key].to(device=device, dtype=torch.float32)
-            tensors[key] = W.add_(loras[module].delta(W.device))
-            merged.append(module)
+            tensors[key] = W.add_(loras[target].delta(W.device))
+            merged.append(target)
     return merged
 
 

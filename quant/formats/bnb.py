@@ -14,6 +14,8 @@ says why).
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,10 +23,12 @@ from torch import nn
 
 from quant.errors import UserError
 from quant.formats.base import BaseSpec, EncodeRequest, Format, LinearEncoder, Rebuilder, dtype_name
-from quant.formats.bnb_experts import NF4Stack, StackWeight, nf4_experts
+from quant.formats.bnb_experts import (STORAGE, NF4Stack, StackWeight, encode_experts, load_experts, nf4_experts,
+                                      round_trip)
 from quant.formats.bnb_lib import (BLOCKSIZE, Bnb4Weight, keep_reference_layout, nn_types, quant_state_tensors,
                                    quantize_4bit, quantize_int8, rebuild_4bit, rebuild_int8)
 from quant.moe.convert import architecture, defuse
+from quant.moe.layout import map_fused
 
 
 def storage_dtype(quant_storage: str, compute: torch.dtype) -> torch.dtype:
@@ -50,17 +54,22 @@ def bnb_linear_names(model: nn.Module, skip_modules=None) -> set[str]:
 
 
 class _BnbRebuilder(Rebuilder):
-    def __init__(self, ckpt, device, names: set[str], rebuild):
+    """The Linears in `names` rebuilt by `rebuild(W)`, a mixture of experts' experts by `experts(W)` per expert
+    and projection (their NF4 storage, quant.formats.bnb_experts)."""
+
+    def __init__(self, ckpt, device, names: set[str], rebuild, experts=None):
         super().__init__(ckpt, device)
-        self.names, self.rebuild = names, rebuild
+        self.names, self.rebuild, self.experts = names, rebuild, experts
 
     @torch.no_grad()
     def load(self, keys):
         out = super().load(keys)
-        for key in keys:
+        for key in list(out):
             module, _, leaf = key.rpartition(".")
             if leaf == "weight" and module in self.names:
                 out[key] = self.rebuild(out[key])
+        if self.experts is not None and self.arch is not None and self.arch.is_moe:
+            map_fused(self.arch, out, lambda _projection, W: self.experts(W))
         return out
 
 
@@ -71,9 +80,16 @@ class Bnb4Encoder(LinearEncoder):
     `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` does to a `dtype`
     checkpoint, so the file equals the ecosystem's own conversion of the merged model."""
 
-    def __init__(self, names, dtype, fmt: "Bnb4Format"):
+    def __init__(self, names, dtype, fmt: "Bnb4Format", arch=None):
         super().__init__(names, dtype, fmt.name)
-        self.fmt = fmt
+        self.fmt, self.arch = fmt, arch
+
+    def __call__(self, layer, tensors):
+        if self.arch is None:
+            return super().__call__(layer, tensors)
+        tensors = dict(tensors)
+        experts = encode_experts(self.arch, tensors, self.fmt.name, self.dtype)
+        return {**super().__call__(layer, tensors), **experts}
 
     def encode_weight(self, module, weight):
         q, state = quantize_4bit(weight, self.fmt.name, True, self.dtype, torch.uint8)
@@ -81,7 +97,9 @@ class Bnb4Encoder(LinearEncoder):
         return {key: q, **{f"{key}.{part}": value for part, value in state.as_dict(packed=True).items()}}
 
     def quantization_config(self):
-        return self.fmt.bnb_config(self.dtype, double_quant=True, storage=torch.uint8).to_dict()
+        config = self.fmt.bnb_config(self.dtype, double_quant=True, storage=torch.uint8).to_dict()
+        # bitsandbytes has no layer for experts: ours load through finetune chat/generate/eval (load_merged)
+        return {**config, "experts_storage": STORAGE} if self.arch is not None else config
 
 
 class Int8Encoder(LinearEncoder):
@@ -236,7 +254,8 @@ class Bnb4Format(_BnbFormat):
     def rebuilder(self, spec, ckpt, model, device):
         double_quant, storage = spec.settings.get("double_quant", True), self._storage(spec)
         return _BnbRebuilder(ckpt, device, bnb_linear_names(model),
-                             lambda W: rebuild_4bit(W, self.name, double_quant, spec.dtype, storage))
+                             lambda W: rebuild_4bit(W, self.name, double_quant, spec.dtype, storage),
+                             lambda W: round_trip(W, self.name, double_quant, spec.dtype))
 
     def sharding_problem(self, spec, setup):
         storage = self._storage(spec)
@@ -249,7 +268,23 @@ class Bnb4Format(_BnbFormat):
         return None
 
     def encoder(self, request: EncodeRequest):
-        return Bnb4Encoder(bnb_linear_names(request.model), request.dtype, self)
+        return Bnb4Encoder(bnb_linear_names(request.model), request.dtype, self, architecture(request.model))
+
+    def load_merged(self, out_dir, device, dtype):
+        """A mixture of experts' output: transformers loads all but the experts (its load report, which lists them
+        as missing and the stacks as unexpected, is silenced), then the experts' stacks replace them."""
+        config = json.loads((Path(out_dir) / "config.json").read_text())
+        if (config.get("quantization_config") or {}).get("experts_storage") != STORAGE:
+            return super().load_merged(out_dir, device, dtype)
+        report = logging.getLogger("transformers.modeling_utils")
+        level = report.level
+        report.setLevel(logging.ERROR)
+        try:
+            model = super().load_merged(out_dir, device, dtype)
+        finally:
+            report.setLevel(level)
+        load_experts(model, out_dir, architecture(model), self.name, dtype, torch.device(device))
+        return model
 
 
 class Int8Format(_BnbFormat):

@@ -20,10 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant.errors import UserError
+from quant.files import Checkpoint
 from quant.formats.base import FrozenWeight
 from quant.formats.bnb_lib import BLOCKSIZE, quantize_4bit
+from quant.moe.convert import defuse
 from quant.moe.experts import ExpertSpec, MoEExperts
-from quant.moe.layout import PROJECTIONS
+from quant.moe.layout import PROJECTIONS, expert_matrices, fused_keys
 
 NESTED_BLOCK = 256  # bitsandbytes' block for the double-quantized block scales
 
@@ -153,3 +156,46 @@ def nf4_experts(spec: ExpertSpec, mats, quant_type: str, nested: bool, dtype: to
     """A layer's experts (quant.moe.layout.expert_matrices of the fused module) as NF4/FP4 stacks."""
     return MoEExperts(spec, stacks={p: NF4Stack.quantize(mats[p][0], mats[p][1], quant_type, nested, dtype)
                                     for p in PROJECTIONS})
+
+
+# ---- as a merge output (finetune merge --format nf4 of a mixture of experts)
+
+STORAGE = "qlora-finetune per-expert NF4 stacks (quant.formats.bnb_experts)"
+
+
+def encode_experts(arch, tensors: dict[str, torch.Tensor], quant_type: str, dtype: torch.dtype) -> dict:
+    """The fused expert parameters among `tensors` (memory names; taken out of it) as the stacks' tensors: what a
+    base loaded with MoEExperts(stacks) holds, `<experts>.<gate|up|down name>.{weight, absmax, ...}`."""
+    out = {}
+    spec = ExpertSpec.of(arch)
+    part = arch.family.experts
+    for path in sorted({p for p, _ in fused_keys(arch, tensors)}):
+        mats = expert_matrices(part, {n: tensors.pop(f"{path}.{n}") for n in part.parameters})
+        layer = nf4_experts(spec, mats, quant_type, True, dtype)
+        out.update({f"{path}.{k}": v for k, v in layer.state_dict().items()})
+    return out
+
+
+def load_experts(model: nn.Module, model_dir, arch, quant_type: str, dtype: torch.dtype, device) -> None:
+    """Replace `model`'s experts (transformers initialized them: bitsandbytes has no layer for them) by the NF4
+    stacks stored in `model_dir` (encode_experts' tensors)."""
+    ckpt = Checkpoint(model_dir, "model")
+    keys = {arch.to_memory(k): k for k in ckpt.keys()}
+
+    def build(path, spec, _mats):
+        stacks = {}
+        for p, name in zip(PROJECTIONS, spec.names):
+            prefix = f"{path}.{name}."
+            state = {k[len(prefix):]: ckpt.get(disk, device) for k, disk in keys.items() if k.startswith(prefix)}
+            if "weight" not in state:
+                raise UserError(f"{model_dir}: no NF4 expert tensors {prefix}weight; not a merge output of ours")
+            out_f, in_f = spec.shape(p)
+            stack = NF4Stack(spec.num_experts, out_f, in_f, quant_type, "absmax2" in state, dtype, device=device)
+            if "bias" in state:
+                stack.bias = nn.Parameter(torch.empty(spec.num_experts, out_f, dtype=dtype, device=device),
+                                          requires_grad=False)
+            stack.load_state_dict(state, strict=True)
+            stacks[p] = stack
+        return MoEExperts(spec, stacks=stacks)
+
+    defuse(model, build, arch)

@@ -22,9 +22,8 @@ from torch import nn
 from quant.arch.describe import Architecture, describe
 from quant.blocks import find_blocks, set_submodule
 from quant.errors import UserError
-from quant.moe.experts import Expert, ExpertSpec, MoEExperts
+from quant.moe.experts import Expert, ExpertSpec, MoEExperts, is_packed
 from quant.moe.layout import PROJECTIONS, expert_matrices
-from quant.packed import PackedLinear
 
 Matrices = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -113,7 +112,7 @@ def unquantizable(model: nn.Module) -> list[str]:
     found = []
     for i, block in enumerate(blocks):
         for mname, module in block.named_modules():
-            if isinstance(module, (nn.Linear, PackedLinear)):
+            if isinstance(module, nn.Linear) or is_packed(module):
                 continue
             for pname, p in module.named_parameters(recurse=False):
                 full = f"{prefix}.{i}.{mname}.{pname}" if mname else f"{prefix}.{i}.{pname}"
@@ -122,10 +121,16 @@ def unquantizable(model: nn.Module) -> list[str]:
     return found
 
 
-def refuse_unquantizable(model: nn.Module, method: str) -> None:
-    """One line naming what a `method` output would leave unquantized, before any work."""
+def prepare_quantization(model: nn.Module, method: str, skeleton: bool = False) -> None:
+    """Before `method` (GPTQ, AWQ) quantizes `model`: its experts as per-expert nn.Linear layers (each quantized on
+    the tokens routed to it; empty ones on the meta device for a `skeleton` whose layers are loaded one at a time),
+    and a refusal, in one line, of any weight the quantizer would leave in 16 bits."""
+    if skeleton:
+        defuse(model, lambda _path, spec, _mats: linear_experts(spec, None, device="meta"))
+    else:
+        defuse_linear(model)
     left = unquantizable(model)
     if left:
-        raise UserError(f"{type(model).__name__}: {method.upper()} cannot quantize {len(left)} weight tensors of the "
-                        f"decoder blocks (e.g. {left[0]}), which would be written in 16 bits under a 4-bit name; this "
+        raise UserError(f"{type(model).__name__}: {method} cannot quantize {len(left)} weight tensors of the decoder "
+                        f"blocks (e.g. {left[0]}), which would be written in 16 bits under a 4-bit name; this "
                         "architecture is not supported by quant gptq/awq")

@@ -31,7 +31,6 @@ from torch import nn
 from quant.arch.describe import Architecture
 from quant.arch.parts import CLAMPED_SWIGLU
 from quant.moe.layout import DOWN, GATE, GATE_UP, PROJECTIONS, UP, leaf_names, split_pair
-from quant.packed import PackedLinear
 
 Adapter = tuple[torch.Tensor, torch.Tensor, float]  # A [E, r, in], B [E, out, r], scale
 
@@ -66,10 +65,17 @@ class ExpertSpec:
 
 
 def dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """A per-expert layer's weight [out, in] as a dense tensor: an nn.Linear's own, a packed layer dequantized."""
-    if isinstance(layer, PackedLinear):
+    """A per-expert layer's weight [out, in] as a dense tensor: an nn.Linear's own, a packed layer (quant.packed,
+    which holds no `weight`) dequantized."""
+    if is_packed(layer):
         return layer.dequantize(dtype)
     return layer.weight.to(dtype)
+
+
+def is_packed(layer: nn.Module) -> bool:
+    """A packed layer (quant.packed.PackedLinear: it names its packed buffers), told apart without importing
+    quant.packed, which imports this package."""
+    return bool(getattr(layer, "PACKED", ()))
 
 
 def route(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf_helpers import save_tiny, sentencepiece_tokenizer, token_ids, trained_tokenizer
+from support import llama_cpp_logits
 
 from quant.ggml.writer import write_gguf
 
@@ -26,15 +27,6 @@ def load_source(path):
 
 def export(model, src, out, gguf_type):
     return write_gguf(model.state_dict().items(), model.config, src, out, gguf_type, progress=False)
-
-
-def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=1, verbose=False)
-    try:
-        llm.eval(ids)
-        return torch.tensor(np.array(llm.scores[: len(ids)]))
-    finally:
-        llm.close()
 
 
 # |llama.cpp logits - source logits| / max |source logit|. llama.cpp quantizes activations to 8 bits for quantized
