@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TextIO
 
 from finetune.generation import GenConfig, chat_prompt_ids, generate, raw_prompt_ids
-from finetune.inference import Loaded, load, resolve_device
+from finetune.inference import Loaded, input_paths, load, resolve_device
 from quant.errors import UserError
-
+from quant.files import check_output, write_output
 CHAT_COMMANDS = "/reset clears the conversation, /quit (or end of input) leaves"
 
 
@@ -111,12 +111,18 @@ def read_prompts(path: str) -> list[dict]:
 
 def generate_prompts(model: str, prompts: list[dict], cfg: GenConfig, raw: bool = False, out: str | None = None,
                      device: str | None = None, dtype: str | None = None, stdout: TextIO | None = None,
-                     stderr: TextIO | None = None) -> list[dict]:
+                     stderr: TextIO | None = None, overwrite: bool = False,
+                     read: tuple[str | None, str] = (None, "")) -> list[dict]:
     """Complete each prompt ({"text"} or {"messages"}); text prompts get the chat template unless `raw`.
-    Returns (and with `out` writes as JSONL) {prompt, completion, new_tokens, tokens_per_s} per prompt."""
+    Returns (and with `out` writes as JSONL) {prompt, completion, new_tokens, tokens_per_s} per prompt. `out`
+    follows the output rule (quant.files.claim_output: an existing file only with `overwrite`, never an input;
+    `read` names the prompts file as one), checked before the model loads."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT or --prompts FILE")
+    inputs = [*input_paths(model), read] if out else []
+    if out:
+        check_output(out, overwrite, inputs=inputs, file=True)
     m = load(model, resolve_device(device), dtype)
     print(f"generating with {describe(m)}", file=stderr)
     streamer = _streamer(m.tokenizer, stdout)
@@ -134,7 +140,5 @@ def generate_prompts(model: str, prompts: list[dict], cfg: GenConfig, raw: bool 
         records.append({"prompt": prompt.get("text", prompt.get("messages")), "completion": gen.text,
                         "new_tokens": gen.new_tokens, "tokens_per_s": round(gen.tokens_per_s, 2)})
     if out:
-        from quant.files import write_text
-
-        write_text(Path(out), "".join(json.dumps(r) + "\n" for r in records))
+        write_output(out, "".join(json.dumps(r) + "\n" for r in records), overwrite, inputs=inputs)
     return records

@@ -125,7 +125,9 @@ def _merge_parser(sub) -> None:
                        description=MERGE_HELP.replace("{formats}", _formats_help()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapter", metavar="ADAPTER_OR_RUN_DIR", help="run directory, its adapter/, or checkpoint-N/")
-    m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite)")
+    m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite; never "
+                   "the run, its adapter or base, nor a folder holding one; RUN/merges/NAME is the run's place for "
+                   "merges: docs/outputs.md)")
     m.add_argument("--format", required=True, choices=output_names())
     m.add_argument("--base", help="base model to use instead of the one named in the adapter (HF dir, GPTQ dir, "
                    ".gguf, pkg:...); must be the same model the adapter was trained on")
@@ -220,7 +222,9 @@ def _report_parser(sub) -> None:
     r = sub.add_parser("report", help="HTML report with charts of one or more runs", description=REPORT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("runs", nargs="+", metavar="RUN", help="`finetune sft` output directories")
-    r.add_argument("--out", help="output directory (default: the first RUN's report/); replaced when complete")
+    r.add_argument("--out", help="output directory (default: the first RUN's report/); an earlier report there is "
+                   "replaced when the new one is complete, anything else only with --overwrite")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a report")
     r.add_argument("--merges", action="append", default=[], metavar="DIR",
                    help="a merge output, or a folder of them, to include (matched to the runs by adapter); repeatable")
     r.add_argument("--smooth", type=float, default=0.6, help="EMA weight of the smoothed loss, 0 to <1 (default 0.6)")
@@ -251,7 +255,9 @@ def _generate_parser(sub) -> None:
                      "assistant turn is dropped), or a text file with one prompt per line")
     g.add_argument("--raw", action="store_true", help="text prompts as plain text, without the chat template "
                    "(for completion-format runs)")
-    g.add_argument("--out", help="also write JSONL: prompt, completion, new_tokens, tokens_per_s")
+    g.add_argument("--out", help="also write JSONL: prompt, completion, new_tokens, tokens_per_s (a new file, "
+                   "or with --overwrite an existing one; never an input)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_sampling_args(g)
 
 
@@ -274,7 +280,9 @@ def _eval_parser(sub) -> None:
     e.add_argument("--max-new-tokens", type=int, help="generation cap (default: longest reference + 32 tokens)")
     e.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (names or task YAML "
                    "files, comma-separated; needs the lmeval extra and the task data available)")
-    e.add_argument("--out", help="also write the rows as JSON")
+    e.add_argument("--out", help="also write the rows as JSON (a new file, or with --overwrite an existing one; "
+                   "never an input)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype of model directories")
     e.add_argument("-q", "--quiet", action="store_true", help="less library logging")
@@ -298,7 +306,7 @@ def _gen_config(args):
 def cmd_report(args) -> int:
     from finetune.report import report
 
-    report(args.runs, args.out, args.merges, args.smooth, args.wandb)
+    report(args.runs, args.out, args.merges, args.smooth, args.wandb, overwrite=args.overwrite)
     return 0
 
 
@@ -314,7 +322,8 @@ def cmd_generate(args) -> int:
 
     cfg = _gen_config(args)
     prompts = read_prompts(args.prompts) if args.prompts else [{"text": t} for t in args.prompt]
-    generate_prompts(args.model, prompts, cfg, args.raw, args.out, args.device, args.dtype)
+    generate_prompts(args.model, prompts, cfg, args.raw, args.out, args.device, args.dtype, overwrite=args.overwrite,
+                     read=(args.prompts, "--prompts"))
     return 0
 
 
@@ -326,7 +335,7 @@ def cmd_eval(args) -> int:
     _positive(args.batch_size, "--batch-size")
     _positive(args.max_new_tokens, "--max-new-tokens")
     evaluate(args.models, args.data, metrics, args.include_base, args.batch_size, args.max_new_tokens, args.limit,
-             args.lm_eval, args.device, args.dtype, args.out)
+             args.lm_eval, args.device, args.dtype, args.out, overwrite=args.overwrite)
     return 0
 
 

@@ -29,11 +29,11 @@ from finetune.data import Chat, build_datasets, collate, convert, read_rows
 from finetune.data.formats import resolve_format
 from finetune.data.report import SourceStats
 from finetune.generation import GenConfig, chat_prompt_ids, generate_batch, raw_prompt_ids
-from finetune.inference import Loaded, is_adapter_path, load, resolve_device
+from finetune.inference import Loaded, input_paths, is_adapter_path, load, resolve_device
 from finetune.recipe import DataConfig
 from finetune.train.loss import model_inputs, token_loss_sum
 from quant.errors import UserError
-
+from quant.files import check_output, write_output
 log = logging.getLogger(__name__)
 METRICS = ("loss", "exact_match", "json_valid")
 GENERATION_METRICS = ("exact_match", "json_valid")
@@ -178,8 +178,9 @@ def lm_eval_available() -> bool:
 def evaluate(models: list[str], data: str | None = None, metrics: list[str] = METRICS, include_base: bool = True,
              batch_size: int = 8, max_new_tokens: int | None = None, limit: int | None = None,
              lm_eval_tasks: str | None = None, device: str | None = None, dtype: str | None = None,
-             out: str | None = None, echo=print) -> list[dict]:
-    """Score every model (see the module docstring); returns the table's rows and prints the table."""
+             out: str | None = None, echo=print, overwrite: bool = False) -> list[dict]:
+    """Score every model (see the module docstring); returns the table's rows and prints the table. `out`
+    follows the output rule (quant.files.claim_output), checked before any model loads."""
     if lm_eval_tasks and not lm_eval_available():
         raise UserError("--lm-eval needs EleutherAI's lm-evaluation-harness: pip install 'qlora-finetune[lmeval]' "
                         "(and its task data available locally)")
@@ -189,6 +190,9 @@ def evaluate(models: list[str], data: str | None = None, metrics: list[str] = ME
     path, cfg, seed = data_settings(models, data)
     if not Path(path).exists() and Path(path).suffix:
         raise UserError(f"--data {path}: no such file")
+    inputs = [*(p for m in models for p in input_paths(m)), (path, "the eval data")] if out else []
+    if out:
+        check_output(out, overwrite, inputs=inputs, file=True)  # before any model loads
     refs = references(path, cfg, limit) if any(m in GENERATION_METRICS for m in metrics) else None
     plan = Plan(list(metrics), path, cfg, seed, refs, batch_size, max_new_tokens, limit)
     dev = resolve_device(device)
@@ -210,9 +214,7 @@ def evaluate(models: list[str], data: str | None = None, metrics: list[str] = ME
         if r.get("samples"):
             echo(f"first answer of {r['model']}: {r['samples'][0]['answer'][:160]!r}")
     if out:
-        from quant.files import write_text
-
-        write_text(Path(out), json.dumps({"data": path, "rows": rows}, indent=2) + "\n")
+        write_output(out, json.dumps({"data": path, "rows": rows}, indent=2) + "\n", overwrite, inputs=inputs)
     return rows
 
 

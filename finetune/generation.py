@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.data.template import render
 from finetune.data.tokenize import make_renderer
 
 
@@ -42,8 +43,7 @@ class Generation:
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt, rendered as training renders."""
     renderer = make_renderer(tokenizer, "chat")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         chat_template=renderer.template)
+    text = render(tokenizer, messages, True, renderer.template)  # bounded: a template is data (finetune.data.template)
     leading = renderer.leading_ids if renderer.template else []
     return leading + tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -19,6 +19,7 @@ import torch
 
 from quant.errors import UserError
 from quant.formats.registry import FORMATS, stored_output
+from quant.model_checks import check_model_dir
 
 # What `model_format` recognises, for the one-line error on anything else.
 SUPPORTED = ("run directories and adapters (the adapter on its quantized base), and model directories stored as "
@@ -46,6 +47,20 @@ class Loaded:
 
 def is_adapter_path(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file()
+
+
+def input_paths(path: str | Path) -> list[tuple[Path | str | None, str]]:
+    """What RUN_OR_MODEL reads: the directory, and for a run or adapter its adapter, run and base directories
+    (for the output rule: `--out` never replaces or sits inside any of them)."""
+    from finetune.merge.adapter import locate
+
+    path = Path(path)
+    found: list[tuple[Path | str | None, str]] = [(path, "RUN_OR_MODEL")]
+    if path.is_dir() and is_adapter_path(path):
+        run = locate(path)
+        found += [(run.adapter_dir, "the adapter"), (run.run_dir, "the run"),
+                  *[(b, "the adapter's base model") for b in run.base_paths()]]
+    return found
 
 
 def model_format(model_dir: Path) -> str:
@@ -96,13 +111,16 @@ def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Lo
     if path.is_dir() and is_adapter_path(path):
         from finetune.merge.adapter import read_adapter
         from finetune.merge.report import load_adapter_model
+        from finetune.merge.stream import check_fits_model
 
-        source = read_adapter(path)
+        source = read_adapter(path)  # adapter_config.json, base.json and finite factors checked
+        check_fits_model(source)  # every module there, with its shape, before any weight loads
         model, compute_dtype = load_adapter_model(source, device)
         tokenizer = load_tokenizer(str(source.tokenizer_dir), str(path))
         return Loaded(model, tokenizer, str(path), "adapter", device, compute_dtype, source)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; supported: {SUPPORTED}")
+    check_model_dir(path, "RUN_OR_MODEL")  # config.json and GGUF headers as data, before a loader reads them
     fmt, _ = _stored(path)
     compute = _DTYPES[dtype] if dtype else default_dtype(device, fmt)
     model = fmt.load_merged(path, device, compute)

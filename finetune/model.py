@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from finetune.recipe import BaseConfig, LoraConfig
 from quant.arch import Architecture, describe
 from quant.errors import UserError
-from quant.files import read_json_object
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
 from quant.loading import load_tokenizer, materialize
+from quant.model_checks import read_json_object
 from quant.moe.convert import architecture
 from quant.peft_support import register_lora_layers
 
@@ -177,7 +177,7 @@ def _expert_targets(model: torch.nn.Module, lora: LoraConfig, arch: Architecture
     return linear or DUMMY_TARGET_MODULES, lora_experts.target_parameters(arch, params)
 
 
-def all_linear(model: torch.nn.Module, arch: Architecture) -> list[str]:
+def all_linear(model: torch.nn.Module, arch: Architecture) -> list[str] | str:
     """`all-linear` resolved from the family's description: the projections of the decoder blocks (whatever layer
     type holds them: nn.Linear, 4-bit, GPTQ, AWQ), never the LM head, the router or 3-D expert parameters.
 
@@ -185,8 +185,13 @@ def all_linear(model: torch.nn.Module, arch: Architecture) -> list[str]:
     target it resolves to `gate_proj`/`up_proj`/`down_proj` (or w1/w2/w3) in a Qwen3-MoE or Mixtral model into LoRA
     on the fused expert parameters, even a regex naming only a dense layer's MLP. So in a family with experts the
     dense MLP layers some configs have (Qwen3-MoE's mlp_only_layers) take no LoRA here; the experts are adapted
-    by our own per-expert LoRA."""
+    by our own per-expert LoRA. In a multimodal class (Gemma 3's) the vision tower has projections of the same
+    names: there the targets are one regex over the language model's blocks."""
     leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if arch.wrapper is not None:
+        att, mlp = arch.family.attention, arch.family.mlp
+        return (rf"(.*\.)?{re.escape(arch.blocks)}\.\d+\.({re.escape(att.path)}\.({'|'.join(att.projections)})|"
+                rf"{re.escape(mlp.path)}\.({'|'.join(mlp.projections)}))")
     if arch.family.experts is not None:
         names = arch.family.attention.projections
         if not all(arch.moe_layers):

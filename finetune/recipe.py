@@ -25,8 +25,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # RecipeError lives with the checks that raise it and is imported from here by the rest of the code.
-from finetune.recipe_checks import (DuplicateKey, RecipeError, encodable, parse_yaml, path_or_id, short,  # noqa: F401
-                                    target_modules)
+from finetune.recipe_checks import (DuplicateKey, RecipeError, TooLarge, encodable, parse_yaml,  # noqa: F401
+                                    path_or_id, read_yaml, short, target_modules)
 from quant.formats.registry import AUTO, base_names
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -320,7 +320,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set '{text}': expected KEY=VALUE, e.g. --set train.max_steps=10")
     try:
         value = parse_yaml(raw) if raw.strip() else ""
-    except DuplicateKey as e:
+    except (DuplicateKey, TooLarge) as e:
         raise RecipeError(f"--set {short(text)}: {e}") from None
     except (yaml.YAMLError, RecursionError):
         value = raw
@@ -358,23 +358,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     source = str(path)
     if not path.is_file():
         raise RecipeError(f"{source}: recipe file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{source}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
-    except OSError as e:
-        raise RecipeError(f"{source}: cannot read the recipe ({e.strerror or e})") from None
-    try:
-        data = parse_yaml(text) or {}
-    except DuplicateKey as e:
-        raise RecipeError(f"{source}: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever PyYAML says
-        raise RecipeError(f"{source}: not valid YAML{where}: {problem}") from None
-    except RecursionError:
-        raise RecipeError(f"{source}: nested too deeply to be a recipe (sections hold keys and values)") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the recipe must be a mapping with sections base, lora, data, train, output")
     data = apply_overrides(data, overrides or [])

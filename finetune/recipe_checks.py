@@ -1,6 +1,13 @@
 """The checks of recipe values that a type annotation and a range cannot state, and the strict YAML loader.
 
 Used from field metadata in finetune/recipe.py (`check=`); each raises RecipeError naming the file and key.
+
+Every YAML file the tool reads (a recipe, a run's recipe.yaml in `report`, `merge`, `--resume`) goes through
+`read_yaml` / `parse_yaml`: a SafeLoader that refuses duplicate keys, and documents whose aliases expand to
+more than `MAX_NODES` nodes. YAML aliases share one node, so a 300-byte "billion laughs" recipe loads at once
+into shared Python lists, and only hangs later, in whatever walks it (`finetune report A B` flattened one to
+compare recipes and never finished); the composed node graph is measured, expansion counted, before any object
+is built. Anchors and merge keys (`<<: *defaults`) within that bound keep working.
 """
 
 from __future__ import annotations
@@ -66,13 +73,59 @@ def encodable(text: str) -> bool:
 
 
 
+MAX_NODES = 100_000  # nodes after alias expansion; a full recipe has ~100
+MAX_BYTES = 16 * 2**20  # a recipe is a few KB
+
+
 class DuplicateKey(Exception):
     pass
 
 
+class TooLarge(Exception):
+    """Aliases that expand without bound (or refer to themselves)."""
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root) -> None:
+    """Count the nodes of `root` with every alias expanded (memoised per shared node, iteratively: no recursion
+    limit); refuse more than MAX_NODES, and an alias inside its own anchor."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_NODES:
+                raise TooLarge(f"its aliases expand to more than {MAX_NODES:,} values (an alias bomb?)")
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise TooLarge(f"an alias refers to itself (line {node.start_mark.line + 1})")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last one: a
-    second `train:` section would replace the first)."""
+    second `train:` section would replace the first), and aliases that expand without bound."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -90,4 +143,35 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str):
+    """The document in `text`; raises DuplicateKey, TooLarge, yaml.YAMLError or RecursionError."""
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_text(text: str, source: str, what: str = "a recipe"):
+    """`parse_yaml` with every failure one RecipeError line naming `source`."""
+    try:
+        return parse_yaml(text)
+    except (DuplicateKey, TooLarge) as e:
+        raise RecipeError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever PyYAML says
+        raise RecipeError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be {what} (sections hold keys and values)") from None
+
+
+def read_yaml(path: str | Path, what: str = "a recipe"):
+    """The YAML file at `path` (a recipe, a run's recipe.yaml), read as `parse_text` reads it: bounded in size
+    and expansion, one RecipeError line for anything else."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size:,} bytes; {what} is a few KB of YAML")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    return parse_text(text, str(path), what)

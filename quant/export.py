@@ -25,12 +25,13 @@ from safetensors import safe_open
 
 from quant.calibration import calibration_chunks, load_texts
 from quant.errors import UserError
-from quant.files import Checkpoint, claim_output, safetensors_files
+from quant.files import claim_output
+from quant.tensorfiles import Checkpoint, safetensors_files
 from quant.formats.registry import UNQUANTIZED, format_of, linear_types, resolve_base
 from quant.ggml.imatrix import collect_importance
 from quant.ggml.mix import file_type
 from quant.ggml.writer import GGUFReport, write_gguf
-from quant.loading import is_gguf, materialize, resolve_model_path
+from quant.loading import is_gguf, materialize, resolve_model_path, source_inputs
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -110,7 +111,7 @@ def export_gguf(model_spec: str, out: str | Path, gguf_type: str = "q4_k_m", cal
     out = Path(out)
     if out.suffix != ".gguf" or out.is_dir():
         raise UserError(f"--out {out}: name a .gguf file")
-    with claim_output(out, overwrite, action="export"):
+    with claim_output(out, overwrite, action="export", inputs=source_inputs(model_spec, calib), file=True):
         local, tokenizer_src = resolve_source(model_spec)
         config = json.loads((local / "config.json").read_text())
         device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,26 +1,27 @@
-"""Every file and directory the program writes, and the safetensors model directories it reads.
+"""Every file and directory the program writes (safetensors checkpoints themselves: quant.tensorfiles).
 
-Writing an output so that nothing is ever lost:
-- `claim_output(final, overwrite)`: what a command that writes a model holds for its whole run (`finetune merge`,
-  `quant gptq`; every command that writes a model should use it): `exclusive(final)`, then `recover(final)`,
-  then the refusal of an existing non-empty `final` without `overwrite`.
+Writing an output so that nothing is ever lost (docs/outputs.md is the rule as users read it):
+- `claim_output(final, overwrite, inputs=...)`: what every command that writes holds for its whole run
+  (`finetune sft`'s output.dir aside, finetune.train.rundir, which applies the same rule), in this order:
+  `check_target` (never an input, inside one, or above one: refused even with --overwrite), `exclusive(final)`,
+  `recover(final)`, then the refusal of an existing `final` that is not empty unless `overwrite` (or unless it is
+  ours and of the kind the command `replaces`: `finetune report` regenerates its own folder).
+- "Ours": every output directory `staged` writes carries the marker file `MARKER` naming its kind (merge,
+  report, run, output); `output_kind` reads it. Never a file name a user might also have (config.json,
+  metrics.jsonl): that is how an unrelated folder once lost its files. Single-file outputs (a .gguf, a JSONL)
+  carry none and are replaced only with --overwrite; temporaries carry the marker in their name (quant.replace).
 - `exclusive(path, what)`: one writer per output: an flock (filelock) on the sibling file `.<name>.lock`, which
   records the holder's pid. Another process is refused at once with one line naming that pid. The kernel drops
   the lock when its holder exits, however it dies, so a killed run never blocks the next one. The lock file stays
   after release (filelock's Unix design: unlinking it would let two processes lock two different inodes).
 - `staged(final)`: the one temp-then-rename helper. Work happens under a hidden temporary name next to `final`
-  (`.tmp-<name>-<pid>-<8 hex>`), put in place when the block completes and removed when it fails. An existing
-  `final` is replaced only then, and atomically: at every instant `final` holds the old or the new version (a
-  swap by renameat2 RENAME_EXCHANGE; quant.replace says how, why, and the fallback where the system lacks it).
+  (`.tmp-<name>-<pid>-<8 hex>.<check>`), put in place when the block completes and removed when it fails. An
+  existing `final` is replaced only then, and atomically: at every instant `final` holds the old or the new version
+  (a swap by renameat2 RENAME_EXCHANGE; quant.replace says how, why, and the fallback where the system lacks it).
   A full disk becomes one UserError line, "no space left writing PATH; N MiB free, about M needed", with nothing
   left behind.
 - `recover(final)` (quant.replace): undoes what killed writers of `final` left, never touching an entry of a
-  live process.
-
-Reading and streaming safetensors:
-- `ShardWriter`: the one streaming safetensors writer (tensor bytes go to disk as they are added; the header,
-  which safetensors puts first, is written when a shard closes), sharded and indexed like `save_pretrained`.
-- `Checkpoint`: a safetensors model directory read one tensor at a time (memory-mapped).
+  live process, nor one without our marker.
 """
 
 from __future__ import annotations
@@ -31,20 +32,20 @@ import json
 import math
 import os
 import shutil
-import struct
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-import torch
 
 from quant.errors import UserError
 from quant.replace import TMP_PREFIX, exists, new_tmp, plain, put_in_place, recover, remove, tmp_name
+from quant.tensorfiles import DEFAULT_SHARD_BYTES
 
-__all__ = ["TMP_PREFIX", "DEFAULT_SHARD_BYTES", "staged", "write_text", "exclusive", "claim_output", "recover",
-           "disk_needed", "ShardWriter", "safetensors_files", "Checkpoint"]
+__all__ = ["TMP_PREFIX", "MARKER", "staged", "write_text", "exclusive", "check_target", "check_output",
+           "claim_output", "write_output", "output_kind", "write_marker", "recover", "disk_needed"]
 
-DEFAULT_SHARD_BYTES = 4 * 2**30
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+MARKER = ".qlora-finetune.json"  # in every output directory this project writes; its content names the kind
+_WRITTEN_BY = "qlora-finetune"
 
 
 # ------------------------------------------------------------------------------------------ staged writes
@@ -84,10 +85,11 @@ def disk_needed(total_bytes: int, max_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
 @contextlib.contextmanager
 def staged(final: str | os.PathLike, directory: bool = True,
            shared: tuple[bool, Callable[[], None]] | None = None,
-           need: int | Callable[[], int | None] | None = None) -> Iterator[Path]:
+           need: int | Callable[[], int | None] | None = None, kind: str = "output") -> Iterator[Path]:
     """Yield a temporary directory (or, with `directory=False`, a file path) next to `final`; put it in place
     when the block completes, replacing an existing `final` only then; remove it if the block fails. A full disk
     raises UserError; `need` (bytes, or a function estimating them when asked) is the size it reports needed.
+    A directory carries our marker of `kind` from the start (`output_kind`).
 
     `shared=(is_main, barrier)`: several processes write into one directory of a fixed temporary name; the main
     process creates it, every rank writes, and the main process renames it once all ranks left the block (every
@@ -102,6 +104,7 @@ def staged(final: str | os.PathLike, directory: bool = True,
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+            write_marker(tmp, kind)
         barrier()
         yield tmp
         barrier()
@@ -111,6 +114,8 @@ def staged(final: str | os.PathLike, directory: bool = True,
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_tmp(final, directory)
     try:
+        if directory:
+            write_marker(tmp, kind)
         yield tmp
     except BaseException as e:
         full = _no_space(e)
@@ -130,6 +135,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a whole text file through `staged`: readers see the old file or the new one, never a part."""
     with staged(path, directory=False) as tmp:
         tmp.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------ ours
+
+
+def write_marker(directory: str | os.PathLike, kind: str) -> None:
+    """Mark `directory` as an output of this project of `kind` (merge, report, run, output)."""
+    (Path(directory) / MARKER).write_text(json.dumps({"written_by": _WRITTEN_BY, "kind": kind}) + "\n")
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """The kind our marker records in directory `path`; None for anything that is not ours (a file, a directory
+    without the marker, a marker that does not read as ours)."""
+    marker = Path(path) / MARKER
+    try:
+        if not marker.is_file() or marker.stat().st_size > 4096:
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("written_by") == _WRITTEN_BY and isinstance(data.get("kind"), str):
+        return data["kind"]
+    return None
 
 
 # ------------------------------------------------------------------------------------------ one writer
@@ -168,155 +196,85 @@ def exclusive(path: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
         lock.release()
 
 
+_HERE = ("the current directory", "your home directory")  # never replaced; outputs inside them are fine
+
+
+def _real(path: str | os.PathLike) -> Path:
+    """`path` with `~`, `..` and every symlink of its existing part resolved: where a write would really go."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_target(final: str | os.PathLike, inputs: Iterable[tuple[str | os.PathLike | None, str]] = (),
+                 what: str = "--out", inside_ok: Iterable[str | os.PathLike] = (), shown: str | None = None) -> Path:
+    """Refuse, even with --overwrite, a target whose replacement would touch what the command reads or where the
+    user stands: equal to an input, inside one, or above one (its parent: replacing it deletes the input and its
+    siblings); also the current directory, the home directory and their ancestors. `inputs`: (path, role) pairs,
+    role as the message names it ("the base model"); those not on this machine (hub ids) are skipped. Symlinks
+    are resolved on both sides. `inside_ok`: places inside an input meant for outputs (a run's merges/ and
+    report/ folders), where the target may be. `shown`: how the message names the target (default
+    "`what` `final`"). Returns `final` as a Path."""
+    shown = shown or f"{what} {final}"
+    target = _real(final)
+    if target == Path(target.anchor):
+        raise UserError(f"{shown} is the root of the filesystem; choose another {what}")
+    allowed = [_real(p) for p in inside_ok]
+    here = [(Path.cwd(), _HERE[0])]
+    with contextlib.suppress(RuntimeError):  # no home directory to protect
+        here.append((Path.home(), _HERE[1]))
+    found = [(_real(Path(spec).expanduser()), role, spec) for spec, role in [*inputs, *here]
+             if spec is not None and str(spec).strip() and exists(Path(spec).expanduser())]
+    for src, role, spec in found:  # the most direct statement first: equal, then above, then inside
+        if target == src:
+            raise UserError(f"{shown} is {_named(role, spec, final)}; writing there would replace it; choose "
+                            f"another {what}")
+    for src, role, spec in sorted(found, key=lambda f: len(f[0].parts)):  # the outermost input it holds
+        if target in src.parents:
+            raise UserError(f"{shown} contains {_named(role, spec, final)}; replacing it would delete that too; "
+                            f"choose another {what}, outside it")
+    for src, role, spec in sorted(found, key=lambda f: -len(f[0].parts)):  # the innermost input it is in
+        if role not in _HERE and src in target.parents and not any(target == a or a in target.parents for a in allowed):
+            raise UserError(f"{shown} is inside {_named(role, spec, final)}; outputs never go into what a "
+                            f"command reads; choose another {what}, outside it")
+    return Path(final)
+
+
+def _named(role: str, spec, final) -> str:
+    return role if str(spec) == str(final) else f"{role} ({spec})"
+
+
+def check_output(final: str | os.PathLike, overwrite: bool, what: str = "--out", action: str = "write",
+                 inputs: Iterable[tuple[str | os.PathLike | None, str]] = (), inside_ok: Iterable = (),
+                 replaces: str | None = None, file: bool = False) -> Path:
+    """The refusals of `claim_output` without taking the lock: for a command to check its output before it
+    loads anything, then claim it when it writes. Returns `final` as a Path."""
+    check_target(final, inputs, what, inside_ok)
+    path = plain(final)
+    if file and path.is_dir():
+        raise UserError(f"{what} {path} is a directory; {what} names the file to write")
+    taken = exists(path) and (not path.is_dir() or any(path.iterdir()))
+    if taken and not overwrite and not (replaces and output_kind(path) == replaces):
+        raise UserError(f"{what} {path} already exists; pass --overwrite to replace it (only after a "
+                        f"successful {action})")
+    return path
+
+
 @contextlib.contextmanager
-def claim_output(final: str | os.PathLike, overwrite: bool, what: str = "--out",
-                 action: str = "write") -> Iterator[Path]:
-    """Hold `final` for a command that writes it (module docstring): lock, recover, and refuse an existing file
-    or non-empty directory unless `overwrite`, which `staged` honours by replacing it only once complete."""
+def claim_output(final: str | os.PathLike, overwrite: bool, what: str = "--out", action: str = "write",
+                 inputs: Iterable[tuple[str | os.PathLike | None, str]] = (), inside_ok: Iterable = (),
+                 replaces: str | None = None, file: bool = False) -> Iterator[Path]:
+    """Hold `final` for a command that writes it (module docstring): `check_target`, lock, recover, and refuse an
+    existing file or non-empty directory unless `overwrite` (which `staged` honours by replacing it only once
+    complete) or unless it is our output of kind `replaces`. `file`: the output is one file, so an existing
+    directory there is refused even with `overwrite`."""
+    check_target(final, inputs, what, inside_ok)
     with exclusive(final, what) as path:
         recover(path)
-        if not overwrite and exists(path) and (not path.is_dir() or any(path.iterdir())):
-            raise UserError(f"{what} {path} already exists; pass --overwrite to replace it (only after a "
-                            f"successful {action})")
+        check_output(path, overwrite, what, action, replaces=replaces, file=file)
         yield path
 
 
-# ------------------------------------------------------------------------------------------ safetensors
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-              torch.bool: "BOOL"}
-
-
-class _Shard:
-    def __init__(self, data_path: Path):
-        self.data_path = data_path
-        self.file = open(data_path, "wb")
-        self.entries: dict[str, dict] = {}
-        self.size = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        self.file.write(memoryview(raw))
-        n = t.numel() * t.element_size()
-        self.entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self.size, self.size + n]}
-        self.size += n
-
-    def finish(self, final: Path) -> None:
-        """Header first, then the data written so far (safetensors pads the header with spaces to 8 bytes)."""
-        self.file.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        with open(final, "wb") as out, open(self.data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(data, out, 64 * 2**20)
-        self.data_path.unlink()
-
-
-class ShardWriter:
-    """safetensors shards of at most `max_shard_bytes` (a larger single tensor gets a shard of its own) in
-    `directory` (a `staged` one), named like save_pretrained's, plus model.safetensors.index.json when there is
-    more than one. Tensors are added a few at a time and never accumulate in memory."""
-
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.dir = Path(directory)
-        self.max = max_shard_bytes
-        self.done: list[_Shard] = []
-        self.current: _Shard | None = None
-        self.names: set[str] = set()
-        self.total = 0
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, t in tensors.items():
-            if name in self.names:
-                raise ValueError(f"tensor {name} written twice")
-            self.names.add(name)
-            n = t.numel() * t.element_size()
-            if self.current is not None and self.current.size and self.current.size + n > self.max:
-                self.done.append(self.current)
-                self.current = None
-            if self.current is None:
-                self.current = _Shard(self.dir / f".shard-{len(self.done):05d}.data")
-            self.current.add(name, t)
-            self.total += n
-
-    def close(self) -> list[Path]:
-        if self.current is not None:
-            self.done.append(self.current)
-            self.current = None
-        n = len(self.done)
-        if n == 0:
-            raise ValueError("no tensors were written")
-        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        weight_map = {}
-        for shard, name in zip(self.done, names):
-            shard.finish(self.dir / name)
-            weight_map.update({k: name for k in shard.entries})
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return [self.dir / name for name in names]
-
-    def abort(self) -> None:
-        for shard in self.done + ([self.current] if self.current else []):
-            shard.file.close()
-
-
-def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    """The weight files of a model directory, through its index when it has one."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no .safetensors weights found")
-    return files
-
-
-class Checkpoint:
-    """Tensors of a safetensors model directory by name; each `get` reads one tensor (memory-mapped files)."""
-
-    def __init__(self, path: str | os.PathLike, what: str = "base model"):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise UserError(f"{what} {self.path}: no config.json; expected a Hugging Face model directory")
-        if not any(self.path.glob("*.safetensors")):
-            raise UserError(f"{what} {self.path}: no .safetensors weights (only safetensors checkpoints can be "
-                            "streamed)")
-        self.config = json.loads((self.path / "config.json").read_text())
-        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in safetensors_files(self.path)}
-        self.file_of = {k: f for f, h in self._handles.items() for k in h.keys()}
-
-    def keys(self) -> list[str]:
-        return list(self.file_of)
-
-    def get(self, key: str, device=None) -> torch.Tensor:
-        t = self._handles[self.file_of[key]].get_tensor(key)
-        return t.to(device) if device is not None else t
-
-    def shape(self, key: str) -> list[int]:
-        return list(self._handles[self.file_of[key]].get_slice(key).get_shape())
-
-    def quantization_config(self) -> dict | None:
-        return self.config.get("quantization_config")
-
-
-def read_json_object(path: str | os.PathLike) -> dict | None:
-    """The JSON object in `path`, None when there is no such file; a file that is not one is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
+def write_output(final: str | os.PathLike, text: str, overwrite: bool, what: str = "--out",
+                 inputs: Iterable[tuple[str | os.PathLike | None, str]] = ()) -> None:
+    """A whole text file written as a command's output: claimed (`claim_output`), then `write_text`."""
+    with claim_output(final, overwrite, what, inputs=inputs, file=True) as path:
+        write_text(path, text)

@@ -6,14 +6,16 @@ dequantized once by transformers and cached as a safetensors directory next to t
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib.util
+import importlib.metadata
 import logging
 import os
 import re
 from pathlib import Path
 
 from quant.errors import UserError
+from quant.model_checks import check_gguf, check_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,7 @@ def resolve_model_path(spec: str, what: str = "model") -> str:
     """
     if spec.startswith(PKG_PREFIX):
         module, _, rel = spec[len(PKG_PREFIX):].partition("/")
-        found = importlib.util.find_spec(module) if module else None
-        if found is None or not found.submodule_search_locations:
-            raise UserError(f"{what}: Python package '{module}' from '{spec}' is not installed (pip install it)")
-        path = Path(list(found.submodule_search_locations)[0]) / rel
+        path = _package_dir(module, spec, what) / rel
         if not path.exists():
             raise UserError(f"{what}: '{rel}' not found inside package '{module}' ({path.parent})")
         return str(path)
@@ -46,6 +45,41 @@ def resolve_model_path(spec: str, what: str = "model") -> str:
     if _HUB_ID.match(spec) and not spec.endswith((".gguf", ".json", ".safetensors")):
         return spec  # a hub id; transformers resolves it from its cache (HF_HUB_OFFLINE is honoured there)
     raise UserError(f"{what}: '{spec}' is neither an existing path nor a hub id like 'org/name'")
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()  # ~0.6 s: every installed distribution's file list
+
+
+def _package_dir(module: str, spec: str, what: str) -> Path:
+    """Where the installed package `module` (dotted for a subpackage) lies, found through the distributions'
+    metadata (their file lists), never by importing it: importlib's find_spec on `a.b` imports `a`, which runs
+    its __init__.py, and under `python -m` a directory named `a` in the current directory is found first."""
+    parts = module.split(".")
+    if not module or not all(p.isidentifier() for p in parts):
+        raise UserError(f"{what}: '{spec}': '{module}' is not a Python package name (pkg:PACKAGE/PATH)")
+    for name in _distributions().get(parts[0], []):
+        dist = importlib.metadata.distribution(name)
+        if any(f.parts[:len(parts)] == tuple(parts) and len(f.parts) > len(parts) for f in dist.files or []):
+            return Path(dist.locate_file(Path(*parts)))
+    raise UserError(f"{what}: Python package '{module}' from '{spec}' is not installed (pip install it)")
+
+
+def local_path(spec: str) -> str:
+    """A model or data spec as the local path it names (a pkg: spec resolved), else as given (a hub id, a path
+    that does not exist): what the output rule compares outputs with."""
+    try:
+        return resolve_model_path(spec) if spec.startswith(PKG_PREFIX) else spec
+    except UserError:
+        return spec
+
+
+def source_inputs(model_spec: str, calib=None) -> list[tuple[str, str]]:
+    """The inputs of a `quant` command as the output rule names them (quant.files.check_target): the model and
+    every calibration source (`calib`: one spec or a list)."""
+    calib = [calib] if isinstance(calib, (str, Path)) else list(calib or [])
+    return [(local_path(str(model_spec)), "the model"), *[(local_path(str(c)), "--calib data") for c in calib]]
 
 
 def is_gguf(path: str) -> bool:
@@ -77,17 +111,20 @@ def materialize(spec: str, what: str = "model") -> str:
 
 
 def _check_model_source(spec: str, path: str, what: str) -> None:
-    """A local model is a directory with a config.json or a .gguf file; a hub id offline must be cached."""
+    """A local model is a directory with a config.json or a .gguf file, either valid as data (quant.model_checks);
+    a hub id offline must be cached."""
     local = Path(path)
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"{what}: '{spec}' is a directory without config.json, not a Hugging Face model "
                             "directory (name the directory that holds config.json and the weights, or a .gguf file)")
+        check_model_dir(local, what)
         return
     if local.exists():
         if not is_gguf(path):
             raise UserError(f"{what}: '{spec}' is a file but not a .gguf model; name a model directory "
                             "(with config.json), a .gguf file, or a hub id")
+        check_gguf(local)
         return
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         from huggingface_hub import try_to_load_from_cache
@@ -102,7 +139,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from quant.files import staged
-
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config and move the weights.

@@ -27,12 +27,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from quant.arch import describe
 from quant.arch.layout import to_disk_tensors
 from quant.calibration import calibration_chunks, load_texts
 from quant.errors import UserError
-from quant.files import DEFAULT_SHARD_BYTES, ShardWriter, claim_output, disk_needed, safetensors_files, staged
-from quant.loading import load_float_model, materialize, resolve_model_path
+from quant.files import claim_output, disk_needed, staged
+from quant.loading import load_float_model, materialize, resolve_model_path, source_inputs
 from quant.moe.convert import architecture, defuse, linear_experts
+from quant.tensorfiles import DEFAULT_SHARD_BYTES, ShardWriter, safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -167,20 +169,20 @@ def load_packed_model(path: Path, raw_qconfig: dict, make_layer: Callable[[str, 
 
     device = torch.device(device) if device else torch.device("cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    config = AutoConfig.from_pretrained(path)
     state = read_state(path)
+    arch = describe(config)
+    # The model's own names: a multimodal class's text part, Mixtral's v4 names (per-expert layers stay per expert)
+    state = {arch.to_memory(k): t for k, t in state.items()}
     qnames = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     if not qnames:
         raise UserError(f"{path}: no '*.qweight' tensors, so no {what} layers to load")
-    config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # otherwise transformers would hand the model to its own quantizer
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    arch = architecture(model)
-    if arch is not None:  # a mixture of experts: per-expert layers under the model's own (memory) names
+    if arch.is_moe:  # per-expert Linears to take the per-expert packed layers
         defuse(model, lambda _path, spec, _mats: linear_experts(spec, None, device="meta"), arch)
-        state = {arch.to_memory(k): v for k, v in state.items()}
-        qnames = sorted(arch.to_memory(k) for k in qnames)
     for name in qnames:
         try:
             old = model.get_submodule(name)
@@ -347,7 +349,7 @@ def quantize_to_dir(model_spec: str, out_dir, cfg, quantize_model: Callable, sav
     if cfg.calibrated and not calib:
         raise UserError(f"--calib is required for --method {cfg.method} (a text/jsonl/parquet file, directory or "
                         "hub dataset)")
-    with claim_output(out_dir, overwrite, action="quantization"):
+    with claim_output(out_dir, overwrite, action="quantization", inputs=source_inputs(model_spec, calib)):
         model, tokenizer, chunks, device = _prepare(model_spec, out_dir, calib if cfg.calibrated else None,
                                                     calib_samples, calib_seqlen, text_field, calib_split, device,
                                                     dtype, seed)

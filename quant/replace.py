@@ -1,7 +1,13 @@
 """Putting a finished output in place, and undoing what a killed writer left (used by quant.files.staged).
 
-Temporary names are `.tmp-<name>-<pid>-<8 hex>` next to the final path: the pid says whose an entry is, so that
-`recover` removes the entries of processes that no longer run and never one of a live process.
+Temporary names are `.tmp-<name>-<pid>-<8 hex>.<check>` next to the final path. The pid says whose an entry is, so
+that `recover` removes the entries of processes that no longer run and never one of a live process. `<check>` is
+our marker: 8 hex digits of a hash of the rest of the name under this project's key, so `recover` touches only
+entries this project named, never a user's file that happens to look like a temporary (`.tmp-out-12-old` is not
+ours; a prefix or a pattern alone would say it is). Output directories carry a marker file instead
+(quant.files.MARKER), but a temporary file cannot hold one and a moved-aside old version is the user's directory,
+so temporaries, files and directories alike, carry the marker in their name. Unmarked temporaries of earlier
+versions are left alone (at worst a stale hidden directory to delete by hand).
 
 Replacing an existing directory (`--overwrite`): `renameat2(RENAME_EXCHANGE)` swaps the complete new directory
 and the old one in one atomic step, so at every instant the final name holds the old or the new version, never
@@ -12,7 +18,7 @@ has no window at all: recovery only helps readers that go through this package, 
 loading the directory meanwhile do not.
 
 Where the exchange is unavailable (not Linux, glibc < 2.28, or a filesystem that lacks it, e.g. NFS, where it
-fails with EINVAL and changes nothing) the old directory is renamed to `.tmp-<name>-<pid>-old` and the new one
+fails with EINVAL and changes nothing) the old directory is renamed to `.tmp-<name>-<pid>-old.<check>` and the new one
 renamed in. A kill between those two renames leaves no final name; the next `recover` (every
 `quant.files.claim_output` starts with one) renames the old version back. A file is replaced by a single
 rename, atomic everywhere.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -37,6 +44,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"  # every temporary name starts with `.tmp-<final name>-` (checkpoint pruning relies on it)
+_KEY = b"qlora-finetune temporary\0"
 
 
 def plain(path: str | os.PathLike) -> Path:
@@ -49,8 +57,19 @@ def exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
+def marked(name: str) -> str:
+    """`name` with our marker appended (see the module docstring)."""
+    return f"{name}.{hashlib.sha256(_KEY + os.fsencode(name)).hexdigest()[:8]}"
+
+
+def is_marked(name: str) -> bool:
+    """Whether `name` carries the marker `marked` gives: an entry this project created."""
+    stem, dot, check = name.rpartition(".")
+    return bool(dot) and marked(stem) == name
+
+
 def tmp_name(final: Path, tag: str) -> Path:
-    return final.with_name(f"{TMP_PREFIX}{final.name}-{tag}")
+    return final.with_name(marked(f"{TMP_PREFIX}{final.name}-{tag}"))
 
 
 def new_tmp(final: Path, directory: bool) -> Path:
@@ -135,22 +154,20 @@ def put_in_place(tmp: Path, final: Path) -> None:
     remove(old)
 
 
-def temporaries(final: Path) -> list[tuple[Path, int | None, str]]:
-    """The temporary entries of `final`: (path, owner pid, tag 'old' or random). The pid is None for the names
-    of versions that recorded none (`.tmp-<name>-<8 chars>`, `.tmp-<name>-old`), which took no output lock."""
-    pattern = re.compile(re.escape(f"{TMP_PREFIX}{final.name}-") + r"(?:(\d+)-([0-9a-f]{8}|old)|(old|[a-z0-9_]{8}))")
+def temporaries(final: Path) -> list[tuple[Path, int, str]]:
+    """The temporary entries of `final` that carry our marker: (path, owner pid, tag 'old' or random). Unmarked
+    look-alikes (a user's files, or the unmarked names of versions before the marker) are never listed."""
+    pattern = re.compile(re.escape(f"{TMP_PREFIX}{final.name}-") + r"(\d+)-([0-9a-f]{8}|old)\.[0-9a-f]{8}")
     try:
         entries = list(final.parent.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return [(p, int(m[1]) if m[1] else None, m[2] or m[3]) for p in entries if (m := pattern.fullmatch(p.name))]
+    return [(p, int(m[1]), m[2]) for p in entries if (m := pattern.fullmatch(p.name)) and is_marked(p.name)]
 
 
-def alive(pid: int | None) -> bool:
+def alive(pid: int) -> bool:
     """Whether process `pid` may still run (a reused pid reads as alive: its entry is kept, never wrongly
-    removed). None, a name that recorded no owner: not alive."""
-    if pid is None:
-        return False
+    removed)."""
     if pid == os.getpid() or os.name != "posix":  # os.kill(pid, 0) is no probe on Windows
         return True
     try:

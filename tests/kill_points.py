@@ -23,6 +23,7 @@ def arm(n: int, aside: bool = False) -> None:
     second tensor a ShardWriter adds). `aside`: behave like a filesystem without RENAME_EXCHANGE (the fallback)."""
     import quant.files as files
     import quant.replace as replace
+    import quant.tensorfiles as tensorfiles
 
     state = {"active": False, "count": 0}
 
@@ -39,7 +40,7 @@ def arm(n: int, aside: bool = False) -> None:
         return wrapped
 
     if n < 0:
-        real_add, added = files._Shard.add, []
+        real_add, added = tensorfiles._Shard.add, []
 
         def add(self, name, t):
             added.append(name)
@@ -47,7 +48,7 @@ def arm(n: int, aside: bool = False) -> None:
                 die()
             return real_add(self, name, t)
 
-        files._Shard.add = add
+        tensorfiles._Shard.add = add
         return
     os.replace, os.unlink, os.rmdir = step(os.replace), step(os.unlink), step(os.rmdir)
     replace.exchange = (lambda a, b: False) if aside else step(replace.exchange)

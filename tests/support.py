@@ -79,6 +79,19 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def llama_cpp_logits(path, ids: list[int], n_ctx: int = 128) -> torch.Tensor:
+    """llama.cpp's (llama-cpp-python's) logits of every position of `ids` for the .gguf file at `path`."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=1, verbose=False)
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[: len(ids)]))
+    finally:
+        llm.close()
+
+
 def error_line(stderr: str) -> str:
     """The one `error: ...` line a CLI printed for bad input (and no traceback)."""
     lines = [line for line in stderr.splitlines() if line.startswith("error")]

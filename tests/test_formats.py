@@ -15,7 +15,7 @@ from torch import nn
 
 from finetune.merge.source import skeleton
 from quant.errors import UserError
-from quant.files import Checkpoint
+from quant.tensorfiles import Checkpoint
 from quant.formats.base import REQUIRED, BaseSpec, ShardingSetup
 from quant.formats.registry import (FORMATS, base_format, base_names, output_format, output_names, resolve_base,
                                     sharding_problem)

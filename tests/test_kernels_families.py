@@ -10,6 +10,7 @@ from arch_models import save_tiny
 from test_kernels_model import _errors, build, compare, step
 
 from finetune.kernels import KernelOptions
+from support import single_thread
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,6 +20,13 @@ CASES = {"qwen3": ("qwen3", {}), "gemma3": ("gemma3", {}), "phi3": ("phi3", {}),
          "ministral3": ("ministral3", {}), "mistral-window": ("mistral", {"sliding_window": 16}),
          "qwen3_moe": ("qwen3_moe", {}), "mixtral": ("mixtral", {})}
 MOE = ("qwen3_moe", "mixtral")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core box run far faster on one thread."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

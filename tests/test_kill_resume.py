@@ -30,7 +30,7 @@ def test_killed_runs_resume_to_the_uninterrupted_adapter(tmp_path):
         problems, newest = kr.damage_after_kill(run, newest)
         assert problems == [], problems
         points.append(during)
-    assert points[0] == "checkpoint write"
+    assert points[0] in ("checkpoint write", "prune")  # the harness stops the run before looking: never a guess
     kr.finish(kr.start(recipe, cwd, resume=True))
     assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
     assert kr.max_delta(tmp_path / "reference" / "run" / "adapter", run / "adapter") == 0.0

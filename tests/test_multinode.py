@@ -102,9 +102,10 @@ def test_two_machines_train_as_one_two_process_run(tmp_path, tiny_model_dir, cha
     assert sorted(p.name for p in (out / "checkpoint-4").glob("rng*")) == ["rng-0.safetensors", "rng-1.safetensors"]
     assert "distributed: " in logs[0][1] and "2 processes" in logs[0][1]
     # One set of outputs, written by the main process (machine 0) alone: each step logged once, and
-    # machine 1 printed no training log. (.lock: the run lock, finetune/train/rundir.py.)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "adapter", "checkpoint-4", "data_report.json",
-                                                     "metrics.jsonl", "recipe.yaml"]
+    # machine 1 printed no training log. (.lock: the run lock, .qlora-finetune.json: the run's marker,
+    # finetune/train/rundir.py.)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".qlora-finetune.json", "adapter", "checkpoint-4",
+                                                     "data_report.json", "metrics.jsonl", "recipe.yaml"]
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4]
     assert "step 1/4" in logs[0][2] + logs[0][1] and "step 1/4" not in logs[1][2] + logs[1][1]
 

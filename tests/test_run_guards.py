@@ -47,15 +47,17 @@ def finished(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
 
 def test_a_second_run_on_a_locked_output_dir_is_refused_with_the_holders_pid(tmp_path, tiny_model_dir, chat_files):
     out = tmp_path / "run"
+    out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from finetune.train.rundir import RunLock
+        from quant.files import write_marker
+        write_marker({str(out)!r}, "run")  # as a run marks its output.dir before it locks it
         lock = RunLock({str(out)!r}).acquire()  # kept: a dropped lock object releases itself
         print("held", flush=True)
         time.sleep(600)
     """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        out.mkdir()
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=rf"output.dir = '{out}' is in use by another run \(pid {holder.pid} on "):
             train(_recipe(tiny_model_dir, chat_files, out), echo=quiet)
@@ -192,8 +194,8 @@ def no_model_load(monkeypatch):
 
 @pytest.mark.parametrize("where, expected", [
     (lambda tmp, model: "/dev/null", "output.dir = '/dev/null' exists and is not a directory"),
-    (lambda tmp, model: str(model), "is inside the base model's directory"),
-    (lambda tmp, model: str(Path(model) / "runs" / "a"), "is inside the base model's directory"),
+    (lambda tmp, model: str(model), "is the base model"),
+    (lambda tmp, model: str(Path(model) / "runs" / "a"), "is inside the base model"),
     (lambda tmp, model: (tmp / "f").write_text("x") and str(tmp / "f" / "run"), "is not a writable directory"),
     (lambda tmp, model: "/proc/no/such/run", "is not a writable directory"),
 ])

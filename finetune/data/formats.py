@@ -16,27 +16,13 @@ import math
 from dataclasses import dataclass
 from typing import Union
 
+from quant import records
 from quant.errors import UserError
+from quant.records import FORMATS, NEEDS, ROLE_MAP
 
 from .report import SourceStats
 from .sources import Rows
 
-FORMATS = ("chat", "sharegpt", "alpaca", "completion", "text")
-NEEDS = {
-    "chat": "'messages': a list of {'role', 'content'} turns",
-    "sharegpt": "'conversations': a list of {'from', 'value'} turns",
-    "alpaca": "'instruction' and 'output' ('input' optional)",
-    "completion": "'prompt' and 'completion'",
-    "text": "'text'",
-}
-
-# ShareGPT dumps name the assistant after whichever product produced the turn.
-ROLE_MAP = {
-    "system": "system", "developer": "system",
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
-    "bing": "assistant", "model": "assistant",
-}
 # Roles each format names natively; any other mapped role counts as "unusual" in the report.
 NATIVE_ROLES = {"chat": {"system", "user", "assistant"}, "sharegpt": {"system", "human", "gpt"}}
 
@@ -61,40 +47,7 @@ Item = Union[Chat, Plain]
 
 def detect_format(rows: Rows) -> tuple[str, str]:
     """Pick a format from the column names (and the shape of the turns); return it and the reason, for the report."""
-    cols = set(rows.columns)
-    for col in ("messages", "conversations"):
-        if col in cols:
-            keys = _turn_keys(rows, col)
-            if {"from", "value"} <= keys:
-                return "sharegpt", f"auto: column '{col}' holds turns with 'from'/'value'"
-            if {"role", "content"} <= keys:
-                return "chat", f"auto: column '{col}' holds turns with 'role'/'content'"
-            if not keys:
-                raise UserError(f"{rows.source}: cannot detect the format: column '{col}' has no turns in the "
-                                f"first rows; set data.format")
-            raise UserError(f"{rows.source}: cannot detect the format: turns in '{col}' have keys "
-                            f"{sorted(keys)}, expected 'role'/'content' (chat) or 'from'/'value' (sharegpt)")
-    if {"instruction", "output"} <= cols:
-        return "alpaca", "auto: columns 'instruction' and 'output'"
-    if {"prompt", "completion"} <= cols:
-        return "completion", "auto: columns 'prompt' and 'completion'"
-    if "text" in cols:
-        return "text", "auto: column 'text'"
-    raise UserError(f"{rows.source}: cannot detect the data format from columns {sorted(cols)}; expected "
-                    f"'messages' (chat), 'conversations' (sharegpt), 'instruction'+'output' (alpaca), "
-                    f"'prompt'+'completion' (completion) or 'text'; or set data.format")
-
-
-def _turn_keys(rows: Rows, col: str, probe: int = 100) -> set[str]:
-    for i, row in enumerate(rows):
-        if i >= probe:
-            break
-        turns = row.get(col)
-        if isinstance(turns, list):
-            for turn in turns:
-                if isinstance(turn, dict):
-                    return {k for k, v in turn.items() if v is not None}
-    return set()
+    return records.detect_format(rows.columns, rows, rows.source)
 
 
 def resolve_format(requested: str, rows: Rows) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from quant.errors import UserError
 
 from .formats import Chat, Item, Plain
 from .report import SplitStats
+from .template import render
 
 IGNORE = -100
 _CHUNK = 512  # items per batched tokenizer call: large enough for the Rust tokenizer's batching, small in memory
@@ -106,14 +107,8 @@ def chat_segments(turns: list[tuple[str, str]], renderer: Renderer, where: str,
 
 
 def _render(renderer: Renderer, messages: list[dict], generation_prompt: bool, where: str) -> str:
-    import jinja2
-
-    try:
-        return renderer.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=renderer.template)
-    except (jinja2.TemplateError, ValueError, TypeError) as e:
-        message = " ".join(str(e).split())
-        raise UserError(f"{where}: the chat template refused this conversation: {message}") from None
+    """The chat template applied within a bound on steps, time and size (finetune.data.template)."""
+    return render(renderer.tokenizer, messages, generation_prompt, renderer.template, where)
 
 
 def _segments(item: Item, renderer: Renderer, where: str, train_on_prompt: bool,

@@ -36,12 +36,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype=None):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
-        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
         y, rstd = _tk().rms_norm_fwd(x2d, weight, eps, out_dtype)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.shape, ctx.eps = shape, eps
@@ -58,7 +58,7 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # a trained norm weight (LoRA leaves norms frozen): the eager formula
             h = (x2d.float() * rstd[:, None]).to(x2d.dtype)
             dw = (dy2d.float() * h.float()).sum(0).to(weight.dtype)
-        return (dx.view(ctx.shape) if dx is not None else None), dw, None
+        return (dx.view(ctx.shape) if dx is not None else None), dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: bool = True) -> torch.Tensor:
@@ -74,37 +74,13 @@ def rms_norm_offset_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return (h * (offset + weight.float())).to(x.dtype)
 
 
-class _RMSNormOffset(torch.autograd.Function):
-    """The RMSNorm kernels with the effective weight (offset + w) in fp32 and x's dtype out; the norm's own weight
-    takes no gradient here (the caller takes the reference when it must)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        if x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
-        y, rstd = _tk().rms_norm_fwd(x2d, weight, eps, x.dtype)
-        ctx.save_for_backward(x2d, weight, rstd)
-        ctx.shape = shape
-        return y.view(shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, rstd = ctx.saved_tensors
-        dy2d = dy.reshape(x2d.shape)
-        if dy2d.stride(-1) != 1:
-            dy2d = dy2d.contiguous()
-        return _tk().rms_norm_bwd(dy2d, x2d, weight, rstd).view(ctx.shape), None, None
-
-
 def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                     kernels: bool = True) -> torch.Tensor:
     """RMSNorm multiplying by (offset + weight): Gemma's norms (offset 1.0, also its q/k norms). The Triton path
     rounds the normalised x to x's dtype before the weight, as the plain RMSNorm kernel does (the eager module
     does not: one more rounding in bf16, none in fp32)."""
-    if kernels and use_triton(x) and not weight.requires_grad:
-        return _RMSNormOffset.apply(x, weight.float() + offset, eps)
+    if kernels and use_triton(x) and not weight.requires_grad:  # the effective weight: fp32, x's dtype out
+        return _RMSNorm.apply(x, weight.float() + offset, eps, x.dtype)
     return rms_norm_offset_reference(x, weight, eps, offset)
 
 

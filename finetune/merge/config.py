@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from quant.errors import UserError
-from quant.files import DEFAULT_SHARD_BYTES
+from quant.tensorfiles import DEFAULT_SHARD_BYTES
 from quant.formats.base import DTYPES, REQUIRED, Format
 from quant.formats.registry import FORMATS, output_format
 

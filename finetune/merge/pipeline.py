@@ -18,15 +18,20 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.merge import report as fidelity_report
-from finetune.merge.adapter import AdapterSource, read_adapter
+from finetune.merge.adapter import MERGES_DIR, AdapterSource, RunFiles, locate, read_adapter
 from finetune.merge.config import MergeConfig
 from finetune.merge.source import block_prefix, disk_tensors, plan_units, skeleton
-from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
+from finetune.merge.stream import PeakMemory, check_adapter_fits, expert_shapes, stream_units
 from finetune.merge.writers import write_config, write_extras
+from finetune.recipe import DataConfig
+from quant.arch import describe
 from quant.errors import UserError
-from quant.files import Checkpoint, claim_output, disk_needed, staged
+from quant.files import claim_output, disk_needed, staged
 from quant.formats import registry as formats
 from quant.formats.base import EncodeRequest, Format, Rebuilder, dtype_name
+from quant.loading import local_path
+from quant.model_checks import read_json_object
+from quant.tensorfiles import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +97,14 @@ def resolve_merge_into(merge_into: str, fmt: Format, base_fmt: Format) -> tuple[
     return "dequantized", "auto: the weights the adapter was trained against"
 
 
-def _check_out(out: Path, source: AdapterSource) -> None:
-    for other in (source.adapter_dir, source.run_dir, Path(source.base.model_dir)):
-        if other is not None and out.resolve() == Path(other).resolve():
-            raise UserError(f"--out {out} is the adapter, run or base directory; choose a new directory")
+def _inputs(cfg: MergeConfig, run: RunFiles) -> list[tuple]:
+    """Everything the merge reads, for the output rule (quant.files.check_target)."""
+    calib = [(c, "--calib data") for c in cfg.calib or [] if not torch.is_tensor(c)]
+    calib = [(local_path(str(c)), role) for c, role in calib]
+    return [(run.adapter_dir, "the adapter"), (run.run_dir, "the run"), (cfg.adapter, "the adapter"),
+            *[(p, "the base model") for p in run.base_paths()], (cfg.base and local_path(cfg.base), "--base"),
+            (cfg.base_original and local_path(cfg.base_original), "--base-original"), *calib,
+            (cfg.eval_data, "--eval data")]
 
 
 def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] | None:
@@ -107,7 +116,6 @@ def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] 
     from transformers import AutoTokenizer
 
     from finetune.merge.calibration import calibration_ids
-    from finetune.recipe import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     return calibration_ids([str(c) for c in cfg.calib], tokenizer, source.data or DataConfig(), cfg.calib_samples,
@@ -131,6 +139,16 @@ class _OutputSize:
         return disk_needed(int(self.written[0] + per_layer * (self.n_units - 1)), self.max_shard)
 
 
+def _unreadable(fmt: Format, run: RunFiles) -> str | None:
+    """Why the fidelity report will be skipped for this output (fmt.unreadable of the base's config.json, where a
+    local base has one), else None."""
+    for path in run.base_paths():
+        config = read_json_object(Path(path) / "config.json")
+        if config is not None:
+            return fmt.unreadable(config)
+    return None
+
+
 def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     """Merge the LoRA adapter `cfg.adapter` into its base and write a `cfg.format` model directory at `cfg.out`.
 
@@ -140,26 +158,37 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     run's data.eval) and print the table.
     """
     cfg = cfg.validate()
-    with claim_output(cfg.out, cfg.overwrite, action="merge"):
-        return _merge(cfg, echo)
+    run = locate(cfg.adapter)
+    if cfg.report and not _unreadable(cfg.fmt, run):  # before any model loads: a merge without eval data once
+        fidelity_report.eval_plan(run.section(DataConfig, "data"), run.run_dir, cfg.eval_data)  # failed after ~50 s
+    for spec in (str(c) for c in cfg.calib or [] if not torch.is_tensor(c)):
+        if Path(spec).suffix and not Path(local_path(spec)).exists():
+            raise UserError(f"--calib {spec}: no such file")
+    inside_ok = [run.run_dir / MERGES_DIR] if run.run_dir else []
+    with claim_output(cfg.out, cfg.overwrite, action="merge", inputs=_inputs(cfg, run), inside_ok=inside_ok):
+        return _merge(cfg, run, echo)
 
 
-def _merge(cfg: MergeConfig, echo) -> MergeResult:
+def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     started = time.perf_counter()
     fmt, device = cfg.fmt, cfg.torch_device
-    source = read_adapter(cfg.adapter, cfg.base, device)
+    source = read_adapter(run, cfg.base, device)
     base_fmt = formats.format_of(source.base)
     out = cfg.out
-    _check_out(out, source)
     merge_into, merge_into_reason = resolve_merge_into(cfg.merge_into, fmt, base_fmt)
     ckpt = _source_checkpoint(source, merge_into, cfg.base_original)
+    # Refuses an architecture without a description; the base reader (Rebuilder) gives the tensors under the
+    # model's own names (a multimodal class's text part, Mixtral's v4 names, per-expert tensors stacked).
+    arch = describe(ckpt.config)
 
     model = skeleton(ckpt.config)
     prefix, n_layers = block_prefix(model)
+    fused = expert_shapes(model)
     weights = base_fmt.rebuilder(source.base, ckpt, model, device) if merge_into == "dequantized" \
         else Rebuilder(ckpt, device)
-    check_adapter_fits(source.loras, weights, n_layers, model)
-    units = plan_units(ckpt.keys(), prefix, n_layers, weights.arch)
+    check_adapter_fits(source.loras, lambda m: weights.weight_shape(m) or fused.get(m),
+                       f"{weights.ckpt.path} ({n_layers} layers)")
+    units = plan_units(ckpt.keys(), prefix, n_layers, arch)
     calib = _calibration(cfg, source)
     encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib,
                                         source.tokenizer_dir))
@@ -172,10 +201,10 @@ def _merge(cfg: MergeConfig, echo) -> MergeResult:
                           "calib_samples": len(calib) if calib else 0, "calib_seqlen": cfg.calib_seqlen}
 
     size = _OutputSize(len(units), cfg.max_shard_bytes)
-    with staged(out, need=size) as tmp:
+    with staged(out, need=size, kind="merge") as tmp:
         writer = size.writer = encoder.sink(tmp, cfg.max_shard_bytes)
         # Tensors travel under the model's own names; a Hugging Face directory gets transformers' disk names.
-        add = (lambda t: writer.add(disk_tensors(weights.arch, t))) if encoder.hf_layout else writer.add
+        add = (lambda t: writer.add(disk_tensors(arch, t))) if encoder.hf_layout else writer.add
         try:
             bar = tqdm(total=len(units), desc=f"merge -> {fmt.name}", unit="layer", disable=not cfg.progress)
             stream_started = time.perf_counter()

@@ -43,26 +43,37 @@ def locate(path: str, run_dir: Path | None) -> str:
     return path
 
 
-def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tuple[list[dict], str]:
-    """Tokenized, unpacked eval examples and where they came from."""
-    data = source.data or DataConfig()
-    seed = source.train.seed if source.train else 42
+def eval_plan(data: DataConfig | None, run_dir: Path | None, eval_data: str | None) -> tuple[DataConfig, str]:
+    """The data settings the eval examples are built from and where they come from, decided without loading
+    anything: the merge calls it before any model loads, so that a merge without eval data fails at once."""
+    data = data or DataConfig()
     if eval_data:
+        if not Path(eval_data).exists() and Path(eval_data).suffix:
+            raise UserError(f"--eval {eval_data}: no such file")
         path, origin = eval_data, f"--eval {eval_data}"
     elif data.eval:
-        path = locate(data.eval, source.run_dir)
+        path = locate(data.eval, run_dir)
         origin = f"the run's data.eval ({path})"
         if not Path(path).exists() and Path(path).suffix:  # a file that moved (hub dataset ids have no suffix)
             raise UserError(f"the run's data.eval '{data.eval}' was not found; pass --eval FILE or --no-report")
     elif data.eval_fraction and data.train:
-        cfg = replace(data, train=locate(data.train, source.run_dir), packing=False)
-        bundle = build_datasets(cfg, tokenizer, seed)
-        return bundle.eval, f"the run's eval_fraction {data.eval_fraction:g} of {cfg.train}"
+        train = locate(data.train, run_dir)
+        if not Path(train).exists() and Path(train).suffix:
+            raise UserError(f"the run's data.train '{data.train}', whose eval_fraction {data.eval_fraction:g} is "
+                            "the eval data, was not found; pass --eval FILE or --no-report")
+        return replace(data, train=train, packing=False), \
+            f"the run's eval_fraction {data.eval_fraction:g} of {train}"
     else:
         raise UserError("no eval data for the fidelity report: the run's recipe has no data.eval; pass --eval FILE "
                         "or --no-report")
-    cfg = replace(data, train=path, eval=None, eval_fraction=0.0, packing=False, max_examples=None)
-    return build_datasets(cfg, tokenizer, seed).train, origin
+    return replace(data, train=path, eval=None, eval_fraction=0.0, packing=False, max_examples=None), origin
+
+
+def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tuple[list[dict], str]:
+    """Tokenized, unpacked eval examples and where they came from."""
+    cfg, origin = eval_plan(source.data, source.run_dir, eval_data)
+    bundle = build_datasets(cfg, tokenizer, source.train.seed if source.train else 42)
+    return (bundle.eval if cfg.eval_fraction else bundle.train), origin
 
 
 def load_adapter_model(source: AdapterSource, device: torch.device):

@@ -1,6 +1,7 @@
-"""Walk the base one unit (decoder layer) at a time: read it, add the LoRA deltas, hand it to an encoder and
-the shard writer, forget it. Also: the adapter/base compatibility check done before any work, and the
-peak-memory probe the merge reports.
+"""Walk the base one unit (decoder layer) at a time: read it, add the LoRA deltas, check every merged and encoded
+tensor is finite, hand it to an encoder and the shard writer, forget it. Also: the adapter/base compatibility
+check done before any work (by the merge, and before generation and evaluation), and the peak-memory probe the
+merge reports.
 """
 
 from __future__ import annotations
@@ -8,43 +9,70 @@ from __future__ import annotations
 import resource
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from finetune.merge.adapter import LoraFactors
+from finetune.merge.adapter import AdapterSource, LoraFactors
 from finetune.merge.experts import ExpertFactors
-from finetune.merge.source import Unit
+from finetune.merge.source import Unit, block_prefix, skeleton
 from quant.errors import UserError
 from quant.formats.base import Rebuilder
 
 
-def check_adapter_fits(loras: dict[str, LoraFactors | ExpertFactors], base: Rebuilder, n_layers: int,
-                       model=None) -> None:
-    """Every adapted module exists in the base with the weight shape the LoRA factors imply (a fused expert
-    parameter with the shape of the model's (`model`, the skeleton) own)."""
+def check_adapter_fits(loras: dict[str, LoraFactors | ExpertFactors], shape_of: Callable[[str], tuple | None],
+                       base: str, hint: str = "is --base the model the adapter was trained on?") -> None:
+    """Every adapted module exists in the base with the weight shape the LoRA factors imply. `shape_of(module)`:
+    the base's (out, in) for a Linear module, a fused expert parameter's own shape (its key: ExpertFactors), None
+    when it has none; `base` names it in the message."""
     missing, wrong = [], []
-    params = dict(model.named_parameters()) if model is not None else {}
     for module, f in sorted(loras.items()):
-        if isinstance(f, ExpertFactors):
-            shape = tuple(params[module].shape) if module in params else None
-            if shape is None:
-                missing.append(module)
-            elif shape != f.shape:
-                wrong.append(f"{module} (adapter {'x'.join(map(str, f.shape))}, base {'x'.join(map(str, shape))})")
-            continue
-        shape = base.weight_shape(module)
+        shape = shape_of(module)
         if shape is None:
             missing.append(module)
         elif tuple(shape) != f.shape:
-            wrong.append(f"{module} (adapter {f.shape[0]}x{f.shape[1]}, base {shape[0]}x{shape[1]})")
+            wrong.append(f"{module} (adapter {'x'.join(map(str, f.shape))}, base {'x'.join(map(str, shape))})")
     if missing:
-        raise UserError(f"adapter/base mismatch: the base {base.ckpt.path} ({n_layers} layers) has no Linear weight "
-                        f"for {len(missing)} adapted modules, e.g. {sorted(missing)[:2]}; is --base the model the "
-                        "adapter was trained on?")
+        raise UserError(f"adapter/base mismatch: the base {base} has no Linear weight for {len(missing)} adapted "
+                        f"modules, e.g. {sorted(missing)[:2]}; {hint}")
     if wrong:
         raise UserError(f"adapter/base mismatch: weight shapes (out x in) differ for {len(wrong)} modules, e.g. "
-                        f"{wrong[0]}; is --base the model the adapter was trained on?")
+                        f"{wrong[0]}; {hint}")
+
+
+def expert_shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    """{key: shape} of a skeleton's fused (3-D) expert parameters, what expert adapters (ExpertFactors) adapt."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.dim() == 3}
+
+
+def check_fits_model(source: AdapterSource) -> None:
+    """`check_adapter_fits` against the base's config.json (a skeleton on the meta device: no weights read), for
+    generation and evaluation, where peft would otherwise load a partial adapter with a warning."""
+    from quant.model_checks import read_json_object
+    config = read_json_object(Path(source.base.model_dir) / "config.json")
+    if config is None:
+        return  # not a Hugging Face directory: the format's loader says what it is
+    model = skeleton(config)
+    shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear)} | expert_shapes(model)
+    _, n_layers = block_prefix(model)
+    check_adapter_fits(source.loras, shapes.get, f"{source.base.model} ({n_layers} layers)",
+                       f"is {source.adapter_dir / 'base.json'} naming the model the adapter was trained on?")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN/inf. min and max are NaN or infinite exactly when some value is, and need no tensor-sized
+    temporary (isfinite's boolean copy of the 108 MiB SmolLM2 embedding raised the merge's peak by ~90 MiB)."""
+    for key, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+            if bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+                continue
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise UserError(f"{key}: {bad} of {t.numel()} {what} values are NaN or infinite; nothing was "
+                                "written (the adapter's factors are finite: is the base checkpoint damaged, or out "
+                                "of the output format's range?)")
 
 
 @torch.no_grad()
@@ -70,8 +98,11 @@ def stream_units(base: Rebuilder, units: list[Unit], loras: dict[str, LoraFactor
     for unit in units:
         tensors = base.load(unit.keys)
         done += len(merge_unit(tensors, loras, base.device))
-        write(encode(unit.index, tensors))
-        del tensors
+        _check_finite(tensors, "merged")
+        encoded = encode(unit.index, tensors)
+        _check_finite(encoded, "encoded")
+        write(encoded)
+        del tensors, encoded
         if progress is not None:
             progress(unit)
     if done != len(loras):

@@ -1,6 +1,6 @@
 """The Hugging Face files of a merged model next to its weights: config.json (with the output format's
 quantization_config), the tokenizer and the base's generation config. The weights themselves are encoded by the
-output format (quant.formats) and streamed by quant.files.ShardWriter.
+output format (quant.formats) and streamed by quant.tensorfiles.ShardWriter.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from finetune.report.runs import Run, attach_merges, read_run, unique_names
 from quant.errors import UserError
-from quant.files import staged
-
+from quant.files import claim_output, staged
 log = logging.getLogger(__name__)
 PAGE = "report.html"
+REPORT_DIR = "report"  # RUN/report: the default output, the one place inside a run a report may go
+REPORT_KIND = "report"  # our marker's kind: a report folder is replaced by the next report without --overwrite
 
 
 @dataclass
@@ -25,10 +26,12 @@ class ReportResult:
 
 
 def report(runs: list[str], out: str | None = None, merges: list[str] = (), smooth: float = 0.6,
-           wandb: bool = True, echo=print) -> ReportResult:
+           wandb: bool = True, echo=print, overwrite: bool = False) -> ReportResult:
     """Write `out`/report.html and the charts' PNGs (default `out`: the first run's report/ folder).
 
-    The output folder is written under a temporary name and renamed into place when complete."""
+    The output folder is written under a temporary name and renamed into place when complete. It replaces an
+    earlier report (our marker says so), anything else only with `overwrite`, and never a run, a merge, or a
+    folder holding one (quant.files.claim_output)."""
     from finetune.report.page import render
     from finetune.report.plots import render_all
 
@@ -38,9 +41,12 @@ def report(runs: list[str], out: str | None = None, merges: list[str] = (), smoo
         raise UserError(f"--smooth {smooth}: must be in [0, 1) (0 = no smoothing)")
     records = [read_run(r) for r in runs]
     unique_names(records)
-    notes = attach_merges(records, list(merges))
-    out_dir = Path(out) if out else records[0].path / "report"
-    with staged(out_dir) as tmp:  # the page and its charts appear together, or the old report stays
+    notes = [n for r in records for n in r.notes] + attach_merges(records, list(merges))
+    out_dir = Path(out) if out else records[0].path / REPORT_DIR
+    inputs = [(r.path, "a run") for r in records] + [(m.path, "a merge") for r in records for m in r.merges]
+    with claim_output(out_dir, overwrite, action="report", inputs=inputs + [(d, "--merges") for d in merges],
+                      inside_ok=[r.path / REPORT_DIR for r in records], replaces=REPORT_KIND), \
+            staged(out_dir, kind=REPORT_KIND) as tmp:  # the page and its charts appear together, or the old stays
         plots = render_all(records, tmp, smooth)
         (tmp / PAGE).write_text(render(records, plots, notes))
     for note in notes:

@@ -15,13 +15,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from finetune.merge.adapter import MERGES_DIR
+from finetune.recipe_checks import read_yaml
+from finetune.report.validate import check_data_report, check_merge_report, check_recipe, read_metrics
 from finetune.train.resume import flatten
 from quant.errors import UserError
-from quant.files import read_json_object
-
-MERGES_DIR = "merges"
+from quant.model_checks import read_json_object
 DATA_REPORT = "data_report.json"  # written by finetune.train.loop
 
 
@@ -52,6 +51,7 @@ class Run:
     recipe: dict
     data_report: dict | None
     merges: list[Merge] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what reading the run's files skipped
 
     @property
     def has_tokens(self) -> bool:
@@ -67,25 +67,6 @@ class Run:
         return None
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    rows = []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # A crash can leave a half-written last line; anything earlier is damage worth naming.
-            if n == len(lines):
-                continue
-            raise UserError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise UserError(f"{path}:{n}: expected a JSON object with an integer 'step'")
-        rows.append(row)
-    return rows
-
-
 def read_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -93,21 +74,20 @@ def read_run(path: str | Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{path}: no metrics.jsonl; pass a `finetune sft` output directory (output.dir)")
-    rows = _read_metrics(metrics)
-    train = sorted((r for r in rows if isinstance(r.get("loss"), (int, float))), key=lambda r: r["step"])
-    evals = sorted((r for r in rows if isinstance(r.get("eval_loss"), (int, float))), key=lambda r: r["step"])
+    rows, skipped = read_metrics(metrics)
+    train = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
+    evals = sorted((r for r in rows if "eval_loss" in r), key=lambda r: r["step"])
     if not train and not evals:
         raise UserError(f"{metrics}: no logged metrics (no row has 'loss' or 'eval_loss')")
-    recipe = {}
-    if (path / "recipe.yaml").is_file():
-        try:
-            recipe = yaml.safe_load((path / "recipe.yaml").read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path / 'recipe.yaml'}: not valid YAML ({e})") from None
+    recipe = read_yaml(path / "recipe.yaml", "a run's recipe") if (path / "recipe.yaml").is_file() else None
     merges = [Merge(p.parent, rep) for p in sorted((path / MERGES_DIR).glob("*/merge_report.json"))
-              if (rep := read_json_object(p)) is not None]
-    return Run(path, path.name, train, evals, recipe if isinstance(recipe, dict) else {},
-               read_json_object(path / DATA_REPORT), merges)
+              if (rep := check_merge_report(read_json_object(p), p)) is not None]
+    run = Run(path, path.name, train, evals, check_recipe(recipe, path / "recipe.yaml"),
+              check_data_report(read_json_object(path / DATA_REPORT), path / DATA_REPORT), merges)
+    if skipped:
+        run.notes.append(f"{metrics}: {skipped} lines or values skipped (not a JSON object with an integer step, "
+                         "or a metric that is not a finite number)")
+    return run
 
 
 def attach_merges(runs: list[Run], dirs: list[str]) -> list[str]:
@@ -123,7 +103,7 @@ def attach_merges(runs: list[Run], dirs: list[str]) -> list[str]:
         if not reports:
             raise UserError(f"--merges {d}: no merge_report.json in it or its subdirectories")
         for p in reports:
-            report = read_json_object(p)
+            report = check_merge_report(read_json_object(p), p)
             owner = _owner(runs, report.get("adapter"))
             if owner is None:
                 notes.append(f"{p.parent}: made from {report.get('adapter')}, which is none of the runs; left out")

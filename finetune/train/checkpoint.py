@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +36,7 @@ from safetensors.torch import load_file
 
 from finetune.train.state_io import (StateFormatError, load_json_tree, load_tree, save_json_tree, save_tree)
 from quant.errors import UserError
+from quant.replace import is_marked, marked, new_tmp, tmp_name
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -89,7 +89,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if _exchange(tmp, final):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
         return
-    trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+    trash = final.with_name(marked(f".trash-{final.name}-{os.getpid()}"))
     os.replace(final, trash)
     os.replace(tmp, final)
     shutil.rmtree(trash, ignore_errors=True)
@@ -99,7 +99,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 def atomic_dir(final: Path):
     """Yield a temporary directory next to `final`; it replaces `final` only if the block completes."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
+    tmp = new_tmp(final, directory=True)
     try:
         yield tmp
         tmp.chmod(0o755)
@@ -115,7 +115,7 @@ def shared_atomic_dir(final: Path, is_main: bool, barrier, seal=None):
     directory of a fixed name (the run lock makes it this run's own), every rank writes its files there, and
     once all ranks are done the main process calls `seal(tmp)` (the manifest) and renames it. Every rank must
     enter and leave the block."""
-    tmp = final.parent / f".tmp-{final.name}-shared"
+    tmp = tmp_name(final, "shared")
     if is_main:
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,7 +137,7 @@ def shared_atomic_dir(final: Path, is_main: bool, barrier, seal=None):
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small file whole: written next to it, then renamed over it."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp = tmp_name(path, str(os.getpid()))
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -154,18 +154,19 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints; each is renamed away from its final name first, so a kill
     mid-delete leaves only a `.trash-` directory, never a half-deleted checkpoint under its own name."""
     for old in list_checkpoints(out_dir)[:-keep]:
-        trash = old.with_name(f".trash-{old.name}-{os.getpid()}")
+        trash = old.with_name(marked(f".trash-{old.name}-{os.getpid()}"))
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
 
 def remove_stale(out_dir: Path) -> list[str]:
-    """Remove temporary and half-deleted directories left by killed runs. Only call this holding the run lock:
-    then no live process owns any of them."""
+    """Remove temporary and half-deleted directories left by killed runs: entries named with our marker
+    (quant.replace.marked), never a look-alike of the user's. Only call this holding the run lock: then no live
+    process owns any of them."""
     removed = []
     if Path(out_dir).is_dir():
         for p in Path(out_dir).iterdir():
-            if p.name.startswith(TEMP_PREFIXES):
+            if p.name.startswith(TEMP_PREFIXES) and is_marked(p.name):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p.name)
     return sorted(removed)

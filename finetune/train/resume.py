@@ -17,9 +17,9 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from finetune.recipe import Recipe, TrainConfig
+from finetune.recipe_checks import read_yaml
 from finetune.train.optim import lr_lambda
 from quant.errors import UserError
 
@@ -95,10 +95,7 @@ def stored_recipe(checkpoint: Path) -> dict | None:
     path = Path(checkpoint) / "recipe.yaml"
     if not path.is_file():
         return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({type(e).__name__})") from None
+    data = read_yaml(path, "a checkpoint's recipe")  # bounded in size and alias expansion
     return data if isinstance(data, dict) else None
 
 

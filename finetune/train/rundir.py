@@ -1,6 +1,9 @@
 """The output directory of one run, settled before any model loads.
 
-- refused if it cannot be right: a file or device, not creatable, or inside the base model's directory;
+- refused if it cannot be right: a file or device, not creatable, equal to, inside or above an input (the base
+  model, the data files; quant.files.check_target), or an existing folder that is not a run (docs/outputs.md);
+- marked as ours (quant.files.MARKER, kind "run"), so that a later command recognises it by the marker, never by
+  file names a user's folder may also hold;
 - locked for the whole run (`.lock`, held by the main process with filelock; the holder's pid is in
   `.lock.owner`), so a second run on the same directory is refused at once instead of mixing checkpoints;
 - cleaned of the temporary and half-deleted directories killed runs left (safe: the lock says none is live);
@@ -22,33 +25,49 @@ from finetune.train import checkpoint as ckpt
 from finetune.train.diskspace import disk_space_guard
 from finetune.train.resume import check_changes
 from quant.errors import UserError
+from quant.files import check_target, output_kind, write_marker
+from quant.loading import local_path
 
 LOCK = ".lock"
+RUN_KIND = "run"
 OWNER = ".lock.owner"
 
 
 def check_output_dir(recipe: Recipe) -> Path:
-    """Create output.dir, or say in one line why it cannot be the run's directory."""
+    """Create output.dir and mark it ours, or say in one line why it cannot be the run's directory."""
     spec = recipe.output.dir
     if not spec.strip():
         raise UserError("output.dir is empty; name the run's directory, e.g. runs/my-run")
     out = Path(spec).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir = '{spec}' exists and is not a directory")
-    base = Path(recipe.base.model).expanduser()
-    if base.is_dir():
-        inside = out.resolve() == base.resolve() or base.resolve() in out.resolve().parents
-        if inside:
-            raise UserError(f"output.dir = '{spec}' is inside the base model's directory ({recipe.base.model}); "
-                            "choose a directory outside it, e.g. runs/my-run")
+    inputs = [(local_path(recipe.base.model), "the base model"), (recipe.data.train, "data.train"),
+              (recipe.data.eval, "data.eval")]
+    check_target(out, inputs, "output.dir", shown=f"output.dir = '{spec}'")
+    if out.is_dir() and not is_run_dir(out) and any(out.iterdir()):
+        names = sorted(p.name for p in out.iterdir())
+        raise UserError(f"output.dir = '{spec}' holds files that are not a finetune run ({', '.join(names[:3])}"
+                        f"{', ...' if len(names) > 3 else ''}); choose a new or empty directory: a run never "
+                        "writes into another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".tmp-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        if output_kind(out) != RUN_KIND:
+            write_marker(out, RUN_KIND)
     except OSError as e:
         raise UserError(f"output.dir = '{spec}' is not a writable directory ({e.strerror or e})") from None
     return out
+
+
+def is_run_dir(path: Path) -> bool:
+    """A `finetune sft` output directory: our marker, or (runs of versions before it) a checkpoint with its
+    manifest or a final adapter."""
+    if output_kind(path) == RUN_KIND:
+        return True
+    return (path / "adapter" / "adapter_config.json").is_file() or \
+        any((p / ckpt.MANIFEST).is_file() for p in ckpt.list_checkpoints(path))
 
 
 class RunLock:

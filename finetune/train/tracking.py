@@ -14,8 +14,6 @@ from finetune.recipe import Recipe
 from finetune.train.diskspace import disk_space_guard
 from finetune.train.optional import wandb
 from quant.files import write_text
-
-
 class Tracker:
     def __init__(self, recipe: Recipe, out_dir: Path, resume_step: int | None, enabled: bool = True):
         self.enabled = enabled

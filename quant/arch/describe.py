@@ -206,8 +206,9 @@ def describe(config: Any) -> Architecture:
         intermediate=c.intermediate_size, vocab=c.vocab_size, layer_types=layer_types, sliding_window=window,
         rotary_dim=int(head_dim * partial), tied=bool(getattr(c, "tie_word_embeddings", False)),
         softmax_scale=scale, embed_scale=math.sqrt(hidden) if family.embed_scale else 1.0,
-        final_softcap=getattr(c, "final_logit_softcapping", None), attn_softcap=getattr(c, "attn_logit_softcapping",
-                                                                                        None),
+        # the multimodal classes apply no final soft-cap to their logits (transformers 5.24), whatever text_config says
+        final_softcap=None if wrapper else getattr(c, "final_logit_softcapping", None),
+        attn_softcap=getattr(c, "attn_logit_softcapping", None),
         n_experts=n_experts, top_k=getattr(c, "num_experts_per_tok", 0) if experts else 0,
         expert_intermediate=(getattr(c, "moe_intermediate_size", None) or c.intermediate_size) if experts else 0,
         renormalize=renormalize, moe_layers=_moe_layers(family, c, n_layer))

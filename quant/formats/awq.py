@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from quant.arch import describe
 from quant.awq.blocks import quantize_blocks_awq
 from quant.awq.kernels import dequantize_layer
 from quant.awq.model import check_layers_fit_awq, checkpoint_config, load_awq_model, recorded_settings
@@ -66,7 +67,8 @@ class AWQEncoder(LayerwiseEncoder):
         self.label = f"awq, {cfg.method}"
 
     def quantize_layer(self, wrapper, index_ids, head):
-        report = quantize_blocks_awq(wrapper, index_ids, self.cfg, device=self.device, progress=False)
+        report = quantize_blocks_awq(wrapper, index_ids, self.cfg, device=self.device, progress=False,
+                                     norm_offset=describe(self.model.config).family.norms.offset)
         for entry in report.scales:
             self.scales.append({**entry, "layers": [head + n.split(".", 2)[-1] for n in entry["layers"]]})
         return report

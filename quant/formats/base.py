@@ -23,7 +23,8 @@ import torch
 
 from quant.arch import describe
 from quant.errors import UserError
-from quant.files import ShardWriter, read_json_object
+from quant.model_checks import read_json_object
+from quant.tensorfiles import ShardWriter
 from quant.loading import load_tokenizer
 from quant.moe.layout import memory_tensors
 from quant.settings import setting
@@ -151,7 +152,7 @@ class Rebuilder:
     prefix) and stacks per-expert weights into a mixture of experts' fused parameters (quant.moe.layout). This base
     class reads every tensor unchanged (an unquantized base, or the original weights).
 
-    `ckpt` is a `quant.files.Checkpoint`.
+    `ckpt` is a `quant.tensorfiles.Checkpoint`.
     """
 
     def __init__(self, ckpt, device=None):
@@ -326,7 +327,7 @@ class Format:
         raise NotImplementedError(f"{self.name} is not a training base")
 
     def rebuilder(self, spec: BaseSpec, ckpt, model: torch.nn.Module, device) -> Rebuilder:
-        """Reads `ckpt` (a quant.files.Checkpoint of this format) unit by unit as training saw it; `model` is
+        """Reads `ckpt` (a quant.tensorfiles.Checkpoint of this format) unit by unit as training saw it; `model` is
         its skeleton."""
         return Rebuilder(ckpt, device)
 

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from quant.errors import UserError
-from quant.files import Checkpoint
 from quant.formats.base import FrozenWeight
 from quant.formats.bnb_lib import BLOCKSIZE, quantize_4bit
 from quant.moe.convert import defuse
 from quant.moe.experts import ExpertSpec, MoEExperts
 from quant.moe.layout import PROJECTIONS, expert_matrices, fused_keys
+from quant.tensorfiles import Checkpoint
 
 NESTED_BLOCK = 256  # bitsandbytes' block for the double-quantized block scales
 

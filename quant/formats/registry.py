@@ -192,7 +192,7 @@ def sharding_problem(spec: BaseSpec, setup: ShardingSetup) -> str | None:
 
 
 def check_source(spec: BaseSpec, ckpt) -> None:
-    """The checkpoint the merge streams for `spec` holds that format's weights (a quant.files.Checkpoint)."""
+    """The checkpoint the merge streams for `spec` holds that format's weights (a quant.tensorfiles.Checkpoint)."""
     fmt = format_of(spec)
     declared = next((f for f in FORMATS if f.base and f.declares(ckpt.quantization_config(), ckpt.path)), None)
     if fmt.stored_quantized:

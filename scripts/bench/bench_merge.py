@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from finetune.merge import MergeConfig, merge
 from finetune.merge.config import format_options
 from finetune.synthetic import save_random_model
-from quant.files import Checkpoint, staged
+from quant.files import staged
+from quant.tensorfiles import Checkpoint
 from quant.formats.registry import resolve_base
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

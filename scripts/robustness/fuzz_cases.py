@@ -27,15 +27,18 @@ from finetune.recipe import Recipe
 
 
 def run_cli(argv: list[str], cwd: Path) -> tuple[int | None, str, str | None]:
-    """(exit status, stderr, traceback cause or None) of `finetune ARGV` run in-process from `cwd`."""
+    """(exit status, stderr, traceback cause or None) of `finetune ARGV` (`quant ...` when argv starts with
+    "quant") run in-process from `cwd`."""
+    from quant.cli import main as quant_main
+
     out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(argv)
-            except SystemExit as e:  # argparse
+                code = quant_main(argv[1:]) if argv[:1] == ["quant"] else main(argv)
+            except SystemExit as e:  # argparse, quant's error exit
                 code = e.code if isinstance(e.code, int) else 2
     except Exception as e:  # noqa: BLE001 - a traceback is what we count
         frame = traceback.extract_tb(e.__traceback__)[-1]
@@ -66,6 +69,8 @@ class Case:
     verify: Callable[[Path], str | None] | None = None  # for exit 0: why the result is wrong, or None
     patch: Callable[[Path], typing.ContextManager] | None = None  # entered around the run, given its cwd
     after: Callable[[Path, dict], str | None] | None = None  # whatever the outcome: what was lost, or None
+    may_change: tuple[str, ...] = ()  # entries of the case's directory the command may replace (else: files lost)
+    must_accept: bool = False  # valid input: a refusal is a fault too
 
 
 def write_recipe(cwd: Path, recipe: dict) -> str:

@@ -86,7 +86,7 @@ def resume_case(name: str, spoil, must_refuse=False) -> Case:
         shutil.rmtree(cwd / "run" / "adapter")
         spoil(cwd / "run", env)
         return ["sft", write_recipe(cwd, env["recipe"]), "--resume", *CKPT_ARGS]
-    return Case(name, prepare, must_refuse)
+    return Case(name, prepare, must_refuse, may_change=("run",))  # --resume continues (and rotates) the run
 
 
 def _legacy(run: Path, env: dict) -> None:

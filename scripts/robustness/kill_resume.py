@@ -98,13 +98,23 @@ def kill_at(proc: subprocess.Popen, run: Path, kind: str, rng: random.Random, du
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.005)
     else:
-        # The n-th checkpoint this process writes (a random one of its first three), or the adapter.
+        # The n-th checkpoint this process writes (a random one of its first three), or the adapter, a random few
+        # milliseconds after its temporary directory appears. The process is stopped (SIGSTOP) before we look, so
+        # what we see is what the kill interrupts; a write that finished inside the jitter sends us to the next one.
         prefix, nth = (".tmp-checkpoint-", rng.randint(1, 3)) if kind == "checkpoint" else (".tmp-adapter-", 1)
-        seen = set()
-        while proc.poll() is None and len(seen) < nth:
-            seen |= {n for n in _names(run, prefix) if n.startswith(prefix)}
-            time.sleep(0.0005)
-        time.sleep(rng.uniform(0, 0.03))
+        busy = (prefix, ".trash-") if kind == "checkpoint" else (prefix,)
+        seen, jitter = set(), rng.uniform(0, 0.03)
+        while proc.poll() is None:
+            seen |= _names(run, prefix)
+            if len(seen) < nth:
+                time.sleep(0.0005)
+                continue
+            time.sleep(jitter)
+            proc.send_signal(signal.SIGSTOP)
+            if any(_temp_entries(run, p) for p in busy) or proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGCONT)
+            nth, jitter = len(seen) + 1, 0.0
     if proc.poll() is not None:
         return None
     during = ("checkpoint write" if _temp_entries(run, ".tmp-checkpoint-") else

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from finetune.cli import main
-from quant import files
+from quant import tensorfiles
 from quant.errors import UserError
 from support import quiet_merge
 
@@ -19,7 +19,7 @@ class _Boom(Exception):
 
 @pytest.mark.parametrize("exc", [_Boom, KeyboardInterrupt])
 def test_interrupted_merge_leaves_no_output(nf4_run, tmp_path, monkeypatch, exc):
-    real_add, calls = files.ShardWriter.add, {"n": 0}
+    real_add, calls = tensorfiles.ShardWriter.add, {"n": 0}
 
     def failing_add(self, tensors):
         calls["n"] += 1
@@ -27,7 +27,7 @@ def test_interrupted_merge_leaves_no_output(nf4_run, tmp_path, monkeypatch, exc)
             raise exc()
         return real_add(self, tensors)
 
-    monkeypatch.setattr(files.ShardWriter, "add", failing_add)
+    monkeypatch.setattr(tensorfiles.ShardWriter, "add", failing_add)
     with pytest.raises(exc):
         quiet_merge(nf4_run, tmp_path / "out", "nf4", report=False)
     assert calls["n"] == 2
@@ -90,7 +90,8 @@ def test_user_errors(nf4_run, gptq_run, tmp_path, tokenizer):
     fails("--format must be one of", nf4_run, out, "onnx")
     fails("DoRA", _edited_adapter(nf4_run, tmp_path, use_dora=True), out, "bf16")
     fails("no adapter_config.json", wider, out, "bf16")
-    fails("is the adapter, run or base directory", nf4_run, nf4_run / "adapter", "bf16", overwrite=True)
+    fails(r"adapter is the adapter; writing there would replace it", nf4_run, nf4_run / "adapter", "bf16",
+          overwrite=True)
 
 
 def test_cli(nf4_run, tmp_path, capsys):

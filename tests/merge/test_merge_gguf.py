@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from finetune.cli import main
+from quant.files import MARKER
 from quant.formats.gguf import FILE
 from quant.formats.registry import output_format
 
@@ -20,7 +21,7 @@ def test_cli_merges_a_trained_run_into_a_gguf_file_llama_cpp_runs(nf4_run, chat_
     assert main(["merge", str(nf4_run), "--out", str(out), "--format", "gguf", "--gguf-type", "Q4_K_M",
                  "--calib", str(chat_files[0]), "--calib-samples", "4", "--calib-seqlen", "32",
                  "--eval-max-batches", "2"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([FILE, "merge_report.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([FILE, "merge_report.json", MARKER])
     report = json.loads((out / "merge_report.json").read_text())
     assert report["format"] == "gguf" and report["gguf"]["importance"] and report["gguf"]["calib_samples"] == 4
     fidelity = report["fidelity"]  # (c) is the file as transformers reads it (gguf_file)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetune.merge.adapter import read_adapter
-from quant.files import Checkpoint
+from quant.tensorfiles import Checkpoint
 from quant.formats.base import BaseSpec
 from quant.formats.bnb_lib import rebuild_4bit
 from quant.packed import read_state

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from finetune.merge.source import skeleton
 from finetune.recipe import BaseConfig
-from quant.files import Checkpoint, ShardWriter
+from quant.tensorfiles import Checkpoint, ShardWriter
 from quant.formats.bnb import bnb_linear_names
 from quant.formats.bnb_lib import rebuild_4bit, rebuild_int8
 from quant.gptq.kernels import dequantize_layer

@@ -20,6 +20,8 @@ from quant.errors import UserError
 from quant.gptq.blocks import quantize_blocks
 from quant.gptq.solver import GPTQConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: far slower on two threads of a shared box
+
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_description_names_every_part_of_the_real_block(family):
@@ -187,3 +189,17 @@ def test_walker_state_is_left_as_found():
     blocks = model.get_submodule("model.layers")
     assert all("forward" not in b.__dict__ for b in blocks)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_awq_folds_scales_into_gemmas_one_plus_w_norms():
+    """Gemma's norms multiply by (1 + w): AWQ folds its scales as w -> (1 + w) / s - 1 (the family's offset); a plain
+    w / s fold would change the block's output, so the exactness check leaves those groups unscaled."""
+    calib = [torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    folded = {}
+    for offset in (None, 0.0):  # None: the description's 1.0
+        model = tiny_model("gemma3")
+        report = quantize_blocks_awq(model, calib, AWQConfig(group_size=32).validate(), progress=False,
+                                     norm_offset=offset)
+        folded[offset] = {e["fold"] for e in report.scales if e["fold"]}
+    assert {"input_layernorm", "pre_feedforward_layernorm"} <= folded[None]
+    assert not {"input_layernorm", "pre_feedforward_layernorm"} & folded[0.0]

@@ -19,7 +19,9 @@ from kill_points import arm
 from safetensors import safe_open
 
 from quant.errors import UserError
-from quant.files import ShardWriter, claim_output, exclusive, recover, staged, write_text
+from quant.files import MARKER, claim_output, exclusive, output_kind, recover, staged, write_text
+from quant.tensorfiles import ShardWriter
+from quant.replace import marked
 
 
 class _Boom(Exception):
@@ -28,10 +30,11 @@ class _Boom(Exception):
 
 def test_a_directory_appears_only_when_complete_and_replaces_the_old_one_only_then(tmp_path):
     final = tmp_path / "model"
-    with staged(final) as tmp:
+    with staged(final, kind="merge") as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(".tmp-model-") and not final.exists()
         (tmp / "a.txt").write_text("one")
     assert (final / "a.txt").read_text() == "one" and final.stat().st_mode & 0o777 == 0o755
+    assert output_kind(final) == "merge", "every output directory carries our marker"
     assert (final / "a.txt").stat().st_mode & 0o777 == 0o644
 
     with pytest.raises(_Boom):
@@ -43,7 +46,7 @@ def test_a_directory_appears_only_when_complete_and_replaces_the_old_one_only_th
 
     with staged(final) as tmp:
         (tmp / "b.txt").write_text("three")
-    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in final.iterdir()) == [MARKER, "b.txt"] and output_kind(final) == "output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
@@ -59,7 +62,7 @@ def test_files_and_shared_directories(tmp_path):
     calls = []
     final = tmp_path / "checkpoint-3"
     with staged(final, shared=(True, lambda: calls.append("barrier"))) as tmp:
-        assert tmp.name == ".tmp-checkpoint-3-shared" and calls == ["barrier"]
+        assert tmp.name == marked(".tmp-checkpoint-3-shared") and calls == ["barrier"]
         (tmp / "rng-0.pt").write_bytes(b"x")
     assert calls == ["barrier", "barrier"] and (final / "rng-0.pt").exists() and not tmp.exists()
 
@@ -129,23 +132,26 @@ def test_a_kill_at_any_point_of_an_overwrite_leaves_the_old_or_the_new_model(tmp
     assert (None in seen) == aside, "only the fallback has a moment without the model (recovered above)"
 
 
-def test_recover_removes_the_temporaries_of_dead_processes_only(tmp_path):
+def test_recover_removes_our_temporaries_of_dead_processes_only(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait()
     live = subprocess.Popen(["sleep", "60"])
     try:
-        names = {"dead": f".tmp-out-{dead.pid}-0123abcd", "dead_aside": f".tmp-out-{dead.pid}-old",
-                 "legacy": ".tmp-out-k3j_9zq1", "live": f".tmp-out-{live.pid}-89abcdef",
-                 "other_output": f".tmp-out-2-{dead.pid}-0123abcd", "shared": ".tmp-out-shared"}
+        names = {"dead": marked(f".tmp-out-{dead.pid}-0123abcd"), "dead_aside": marked(f".tmp-out-{dead.pid}-old"),
+                 "live": marked(f".tmp-out-{live.pid}-89abcdef"),
+                 "other_output": marked(f".tmp-out-2-{dead.pid}-0123abcd"), "shared": marked(".tmp-out-shared"),
+                 # look-alikes without our marker: a user's files, or an earlier version's temporaries
+                 "unmarked": f".tmp-out-{dead.pid}-0123abcd", "unmarked_aside": f".tmp-out-{dead.pid}-old",
+                 "forged": f".tmp-out-{dead.pid}-0123abcd.0123abcd"}
         for name in names.values():
             (tmp_path / name).mkdir()
             (tmp_path / name / "f").write_text("x")
         removed = recover(final)
-        assert sorted(p.name for p in removed) == sorted(names[k] for k in ("dead", "dead_aside", "legacy"))
+        assert sorted(p.name for p in removed) == sorted(names[k] for k in ("dead", "dead_aside"))
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            ["out", names["live"], names["other_output"], names["shared"]])
+            ["out"] + [v for k, v in names.items() if k not in ("dead", "dead_aside")])
     finally:
         live.kill()
         live.wait()

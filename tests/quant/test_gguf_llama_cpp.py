@@ -14,6 +14,7 @@ from gguf_helpers import save_tiny, sentencepiece_tokenizer, token_ids, trained_
 from support import llama_cpp_logits
 
 from quant.ggml.writer import write_gguf
+from support import llama_cpp_logits
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as G
 from gguf_helpers import save_tiny, token_ids, trained_tokenizer
 
+from quant.files import MARKER
 from quant.formats.gguf import FILE
 from quant.formats.registry import output_format, resolve_base
 from quant.ggml.arch import Arch
@@ -90,7 +91,7 @@ def test_merge_writes_one_gguf_file_of_the_merged_weights(trained, tmp_path):
     base, adapter, merged = trained
     result = quiet_merge(adapter, tmp_path / "out", "gguf", report=False, options={"gguf_type": "Q4_K_M"})
     out = result.out_dir
-    assert sorted(p.name for p in out.iterdir()) == sorted([FILE, "merge_report.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([FILE, "merge_report.json", MARKER])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert result.report["gguf"]["gguf_type"] == "Q4_K_M"
     assert result.report["output_bytes"] == (out / FILE).stat().st_size

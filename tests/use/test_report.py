@@ -149,8 +149,11 @@ def test_run_without_metrics_is_one_line(tmp_path, capsys):
     assert "no metrics.jsonl" in _error(["report", str(tmp_path / "run")], capsys)
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "tokens_per_s": 5.0}\n')
     assert "no logged metrics" in _error(["report", str(tmp_path / "run")], capsys)
-    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1}\n')
-    assert "metrics.jsonl:2: not valid JSON" in _error(["report", str(tmp_path / "run")], capsys)
+    # Damaged lines are skipped and counted (#23): the report of the rest is written, with a note.
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1}\n'
+                                                    '{"step": "3", "loss": 1}\n{"step": 4, "loss": "NaN"}\n')
+    assert main(["report", str(tmp_path / "run"), "--no-wandb", "-q"]) == 0
+    assert f"note: {tmp_path / 'run' / 'metrics.jsonl'}: 3 lines or values skipped" in capsys.readouterr().out
 
 
 def test_bad_smoothing_and_merges_dir_are_one_line(plain_run, tmp_path, capsys):
