@@ -85,3 +85,26 @@ def save_tiny(family: str, path: Path, seed: int = 0, large_weights: bool = True
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return Path(path)
+
+
+# text family -> (the multimodal config class, its arguments beyond text_config and vision_config)
+MULTIMODAL = {"gemma3": ("Gemma3Config", {"mm_tokens_per_image": 4}), "ministral3": ("Mistral3Config", {})}
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+
+
+def save_multimodal(family: str, path: Path, seed: int = 0):
+    """A tiny multimodal model (Gemma3ForConditionalGeneration, Mistral3ForConditionalGeneration) whose text part is
+    the tiny `family` model, saved with the byte tokenizer; returns the model (eval mode)."""
+    import transformers
+
+    cls, extra = MULTIMODAL[family]
+    text = {k: v for k, v in tiny_config(family).to_dict().items() if k != "architectures"}
+    vision = {**VISION, "head_dim": 16} if family == "ministral3" else VISION
+    torch.manual_seed(seed)
+    config = getattr(transformers, cls)(text_config=text, vision_config=vision, **extra)
+    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    randomize(model, seed + 1)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return model

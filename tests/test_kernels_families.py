@@ -16,8 +16,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 # name -> (family in arch_models, config overrides): Mistral with a window shorter than the rows (sliding layers
 # on transformers' attention), Gemma 3's window 8 is shorter than them too.
-CASES = {"qwen3": ("qwen3", {}), "gemma3": ("gemma3", {}), "phi3": ("phi3", {}), "phi4mini": ("phi4mini", {}),
-         "ministral3": ("ministral3", {}), "mistral-window": ("mistral", {"sliding_window": 16}),
+CASES = {"qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "gemma3": ("gemma3", {}), "phi3": ("phi3", {}),
+         "phi4mini": ("phi4mini", {}), "ministral3": ("ministral3", {}), "mistral-window": ("mistral", {"sliding_window": 16}),
          "qwen3_moe": ("qwen3_moe", {}), "mixtral": ("mixtral", {})}
 MOE = ("qwen3_moe", "mixtral")
 

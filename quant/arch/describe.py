@@ -184,8 +184,12 @@ def _moe_layers(family: Family, c, n_layer: int) -> tuple[bool, ...]:
 def describe(config: Any) -> Architecture:
     """The Architecture of a transformers config or a config.json dict; an architecture we do not know is refused
     in one line naming it and listing the supported ones."""
-    family, wrapper, text, hf_class = _identify(_as_dict(config))
+    top = _as_dict(config)
+    family, wrapper, text, hf_class = _identify(top)
     c = _text_config(text, family)
+    # A multimodal class ties its head by its own config's flag (transformers' default for Gemma 3 and Mistral 3:
+    # True), not text_config's.
+    tied = top.get("tie_word_embeddings", True) if wrapper else getattr(c, "tie_word_embeddings", False)
     n_layer, hidden, n_head = c.num_hidden_layers, c.hidden_size, c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or hidden // n_head
     window = getattr(c, "sliding_window", None)
@@ -204,7 +208,7 @@ def describe(config: Any) -> Architecture:
         family=family, hf_class=hf_class, config=c, wrapper=wrapper, n_layer=n_layer, hidden=hidden, n_head=n_head,
         n_kv_head=getattr(c, "num_key_value_heads", None) or n_head, head_dim=head_dim,
         intermediate=c.intermediate_size, vocab=c.vocab_size, layer_types=layer_types, sliding_window=window,
-        rotary_dim=int(head_dim * partial), tied=bool(getattr(c, "tie_word_embeddings", False)),
+        rotary_dim=int(head_dim * partial), tied=bool(tied),
         softmax_scale=scale, embed_scale=math.sqrt(hidden) if family.embed_scale else 1.0,
         # the multimodal classes apply no final soft-cap to their logits (transformers 5.24), whatever text_config says
         final_softcap=None if wrapper else getattr(c, "final_logit_softcapping", None),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
-from arch_models import FAMILIES, save_tiny, tiny_config
+from arch_models import FAMILIES, save_multimodal, save_tiny, tiny_config
 from gguf_helpers import token_ids
 from support import llama_cpp_logits
 from test_gguf_llama_cpp import TOLERANCE, load_source
@@ -59,23 +59,23 @@ def test_q4_k_m_of_the_new_dense_families(tmp_path):
 def test_multimodal_gemma3_exports_its_text_part(tmp_path):
     """Gemma3ForConditionalGeneration's text part (its vision tower is not written), as that class computes text:
     it applies no final logit soft-cap (Gemma3ForCausalLM does), so none is written."""
-    from transformers import AutoModelForCausalLM, Gemma3Config
-
-    from arch_models import randomize
-    from finetune.synthetic import byte_tokenizer
-
-    text = {k: v for k, v in tiny_config("gemma3").to_dict().items() if k != "architectures"}
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision,
-                                                          mm_tokens_per_image=4)).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path / "mm")
-    byte_tokenizer().save_pretrained(tmp_path / "mm")
+    save_multimodal("gemma3", tmp_path / "mm")
     report = export_gguf(str(tmp_path / "mm"), tmp_path / "m.gguf", "f32", progress=False)
     assert not [n for n in report.tensors if "vision" in n or "mm" in n]
     assert relative_error(tmp_path / "m.gguf", tmp_path / "mm") <= TOLERANCE["f32"]
+
+
+def test_multimodal_mistral3_exports_its_text_part(tmp_path):
+    """Mistral3ForConditionalGeneration (Mistral Small 3.1+, Ministral 3 with vision): its text part to llama.cpp's
+    mistral3, the head tied by the multimodal config's own flag (here True; text_config says False)."""
+    model = save_multimodal("ministral3", tmp_path / "mm")
+    report = export_gguf(str(tmp_path / "mm"), tmp_path / "m.gguf", "f32", progress=False)
+    assert "output.weight" not in report.tensors and not [n for n in report.tensors if "vision" in n or "mm" in n]
+    ids = token_ids(40)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0]
+    got = llama_cpp_logits(tmp_path / "m.gguf", ids[0].tolist())
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE["f32"]
 
 
 def test_longrope_reaches_llama_cpp(tmp_path):
