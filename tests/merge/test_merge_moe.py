@@ -20,9 +20,9 @@ from quant.formats import registry as formats
 IDS = torch.tensor([[5, 80, 17, 200, 3, 99, 41, 7, 150, 23, 64, 9]])
 
 
-def adapter(tmp_path: Path, family: str, quantization: str) -> tuple[Path, Path]:
+def adapter(tmp_path: Path, family: str, quantization: str, b_scale: float = 0.05) -> tuple[Path, Path]:
     """(model dir, adapter dir) of a tiny `family` model and an adapter with non-zero expert and attention deltas
-    (random B), saved as training saves it (base.json, tokenizer)."""
+    (random B of standard deviation `b_scale`), saved as training saves it (base.json, tokenizer)."""
     from transformers import AutoTokenizer
 
     d = save_tiny(family, tmp_path / "m")
@@ -32,7 +32,7 @@ def adapter(tmp_path: Path, family: str, quantization: str) -> tuple[Path, Path]
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * b_scale)
     out = tmp_path / "run" / "adapter"
     model.save_pretrained(out)
     spec.save(out)
@@ -87,3 +87,25 @@ def test_gguf_of_a_mixture_of_experts_skips_the_transformers_fidelity_report(tmp
     quiet_merge(ad, tmp_path / "out", "gguf", echo=lines.append, options={"gguf_type": "f32"})
     assert any("fidelity report skipped: transformers cannot read a mixture of experts' GGUF" in x for x in lines)
     assert (tmp_path / "out" / "model.gguf").is_file()
+
+
+def test_awq_merge_writes_every_expert_4_bit_with_the_deltas(tmp_path):
+    """Mixtral to AWQ: each expert calibrated on its own tokens, packed under block_sparse_moe.experts.E.w1/w3/w2,
+    loaded back by our loader with the merged model's logits (4-bit error well below what the deltas change: the
+    deltas are drawn as large as the weights, since this tiny model's 4-bit error is a third of its largest logit)."""
+    from quant.packed import read_state
+
+    d, ad = adapter(tmp_path, "mixtral", "none", b_scale=0.3)
+    calib = [torch.tensor([list(b"reverse: pink gray green -> green gray pink #ok " * 2)])] * 4
+    quiet_merge(ad, tmp_path / "awq", "awq", report=False, options={"group_size": 32}, calib=calib)
+    quiet_merge(ad, tmp_path / "bf16", "bf16", report=False)
+    state = read_state(tmp_path / "awq")
+    assert sum(k.endswith(".qweight") for k in state if ".block_sparse_moe.experts." in k) == 2 * 4 * 3
+    assert not [k for k, t in state.items() if ".experts." in k and t.is_floating_point()
+                and not k.endswith((".scales", ".bias"))]
+    with torch.no_grad():
+        merged = load(str(tmp_path / "bf16"), torch.device("cpu"), "float32").model(IDS).logits
+        base = load(str(d), torch.device("cpu"), "float32").model(IDS).logits
+        got = load(str(tmp_path / "awq"), torch.device("cpu"), "float32").model(IDS).logits
+    scale = merged.abs().max()
+    assert (got - merged).abs().max() / scale < 0.5 * (base - merged).abs().max() / scale
