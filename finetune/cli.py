@@ -1,4 +1,8 @@
-"""`finetune` command line: argument parsing only; each command calls one public function."""
+"""`finetune` command line: argument parsing only; each command calls one public function.
+
+Each command imports its module when it runs: `finetune --help` takes 4-7 s on a loaded 2-core box against 20-22 s
+to import every command's module (docs/layout.md).
+"""
 
 from __future__ import annotations
 

@@ -29,7 +29,10 @@ from finetune.data import Chat, build_datasets, collate, convert, read_rows
 from finetune.data.formats import resolve_format
 from finetune.data.report import SourceStats
 from finetune.generation import GenConfig, chat_prompt_ids, generate_batch, raw_prompt_ids
+from finetune.harness import run_lm_eval
 from finetune.inference import Loaded, input_paths, is_adapter_path, load, resolve_device
+from finetune.merge.adapter import read_adapter
+from finetune.merge.report import locate
 from finetune.recipe import DataConfig
 from finetune.train.loss import model_inputs, token_loss_sum
 from quant.errors import UserError
@@ -57,8 +60,6 @@ def parse_metrics(text: str) -> list[str]:
 
 def _run_source(path: Path):
     """The AdapterSource a model came from: the run itself, or the adapter a merge_report.json names."""
-    from finetune.merge.adapter import read_adapter
-
     if is_adapter_path(path):
         return read_adapter(path)
     report = path / "merge_report.json"
@@ -72,8 +73,6 @@ def _run_source(path: Path):
 def data_settings(models: list[str], data: str | None) -> tuple[str, DataConfig, int]:
     """(eval file, data settings, seed): the first run's data section (directly or through a merge report),
     else the defaults; the file is --data, else that run's data.eval."""
-    from finetune.merge.report import locate
-
     for model in models:
         source = _run_source(Path(model))
         if source is not None and source.data is not None:
@@ -205,8 +204,6 @@ def evaluate(models: list[str], data: str | None = None, metrics: list[str] = ME
                 rows.append(_score(m, f"{model} base ({m.source.base.format})", plan))
         rows.append(_score(m, f"{model} adapter" if m.is_adapter else f"{model} ({m.kind})", plan))
         if lm_eval_tasks:
-            from finetune.harness import run_lm_eval
-
             rows[-1]["lm_eval"] = run_lm_eval(m, lm_eval_tasks, batch_size, echo)
         del m
     echo(table(rows, path, metrics))

@@ -6,9 +6,19 @@ shape; speed and memory do not depend on the weights' values.
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from quant.awq.model import quantize_model_awq, save_awq
+from quant.awq.solver import AWQConfig
+from quant.gptq.model import quantize_model, save_quantized
+from quant.gptq.solver import GPTQConfig
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -39,9 +49,6 @@ CONFIG_CLASSES = {"qwen2.5-7b": "Qwen2Config", "qwen3-30b-a3b": "Qwen3MoeConfig"
 
 def byte_tokenizer():
     """Byte-level BPE with no merges: every byte is a token, so any text round-trips; 259 tokens, ChatML."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -55,8 +62,6 @@ def byte_tokenizer():
 
 
 def model_config(shape: str, **overrides):
-    import transformers
-
     values = {**SHAPES[shape], "max_position_embeddings": 131072 if shape != "tiny" else 512, **overrides}
     cls = CONFIG_CLASSES.get(shape, "LlamaConfig")
     if cls == "Qwen2Config":
@@ -66,8 +71,6 @@ def model_config(shape: str, **overrides):
 
 def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0, **overrides):
     """A randomly initialised causal LM of `shape`, built directly on `device` (no CPU copy of an 8B model)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     config = model_config(shape, **overrides)
     with torch.device(device):
@@ -95,9 +98,6 @@ def save_model_dir(model, path: str | Path) -> Path:
 def save_rtn_gptq(model, path: str | Path, group_size: int = 128) -> Path:
     """Quantize `model` in place to 4-bit GPTQ by round-to-nearest and write the checkpoint (with the byte
     tokenizer). For random weights calibration would change nothing a benchmark measures."""
-    from quant.gptq.model import quantize_model, save_quantized
-    from quant.gptq.solver import GPTQConfig
-
     cfg = GPTQConfig(bits=4, group_size=group_size, method="rtn").validate()
     quantize_model(model, None, cfg, device=next(model.parameters()).device, progress=False)
     return save_quantized(model, path, tokenizer=byte_tokenizer())
@@ -105,9 +105,6 @@ def save_rtn_gptq(model, path: str | Path, group_size: int = 128) -> Path:
 
 def save_rtn_awq(model, path: str | Path, group_size: int = 128) -> Path:
     """Like save_rtn_gptq, in AWQ's gemm format: asymmetric 4-bit with zero points, no scale search."""
-    from quant.awq.model import quantize_model_awq, save_awq
-    from quant.awq.solver import AWQConfig
-
     cfg = AWQConfig(group_size=group_size, method="rtn").validate()
     quantize_model_awq(model, None, cfg, device=next(model.parameters()).device, progress=False)
     return save_awq(model, path, tokenizer=byte_tokenizer())
@@ -115,9 +112,6 @@ def save_rtn_awq(model, path: str | Path, group_size: int = 128) -> Path:
 
 def synthetic_text(path: str | Path, rows: int, chars: int, seed: int = 0) -> Path:
     """A jsonl file of `rows` {"text": ...} rows of about `chars` characters of random words, for benchmarks."""
-    import json
-    import random
-
     rng = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "quant", "layer", "token", "merge", "adapter", "weight"]
     path = Path(path)

@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 
 from quant.errors import UserError
+from quant.files import staged
 from quant.model_checks import check_gguf, check_model_dir
+from quant.replace import recover
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,6 @@ def materialize(spec: str, what: str = "model") -> str:
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return str(target)
-    from quant.replace import recover
-
     recover(target)  # the temporary directory of a conversion killed earlier
     log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
     try:
@@ -138,7 +138,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from quant.files import staged
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config and move the weights.

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from finetune.synthetic import byte_tokenizer, random_model
+from quant import files
 
 
 def make_tokenizer():
@@ -115,14 +116,15 @@ def run_in_triton_interpreter(script: Path, marker: str) -> None:
     assert marker in r.stdout, r.stderr[-3000:]
 
 
-def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
-    """llama.cpp's (llama-cpp-python's) logits of `ids` through the GGUF file at `path` (skipped without it)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import numpy as np
+def assert_refused_while_taken(out: Path, command, monkeypatch, never_called: str, what: str) -> None:
+    """`command()` -> (exit code, stderr) run while another process holds `out`: one line, exit 2, and the function
+    named by `never_called` (the reader or loader that would come first) never called, `out` never created."""
+    def refuse(*a, **k):
+        raise AssertionError(f"the {what} was read although --out is taken")
 
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=1, verbose=False)
-    try:
-        llm.eval(ids)
-        return torch.tensor(np.array(llm.scores[: len(ids)]))
-    finally:
-        llm.close()
+    monkeypatch.setattr(never_called, refuse)
+    with files.exclusive(out):
+        code, err = command()
+    assert code == 2 and error_line(err) == (f"error: --out {out} is being written by another process (pid "
+                                             f"{os.getpid()}); wait for it to finish or choose another --out")
+    assert not out.exists()

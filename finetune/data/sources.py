@@ -10,6 +10,7 @@ after `max_examples` rows, and (4) a truncated top-level JSON array -- the real 
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -232,8 +233,6 @@ def _read_with_datasets(spec: str, name: str, data_file: str | None, split: str,
 
 def _csv_options(data_file: str, spec: str, what: str) -> dict:
     """CSV cells are text: without string features pandas turns " 4" into 4, and empty cells into NaN."""
-    import csv
-
     import datasets
 
     try:

@@ -14,16 +14,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from finetune.merge.experts import ExpertFactors, expert_factors
 from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
 from finetune.recipe_checks import read_yaml, short
 from quant.arch import describe
 from quant.errors import UserError
-from quant.model_checks import read_json_object
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
 from quant.loading import local_path, materialize
+from quant.model_checks import read_json_object
 
 PEFT_PREFIX = "base_model.model."
 MAX_RANK = 16384  # bound of r and lora_alpha (the recipe allows r <= 4096)
@@ -199,8 +202,6 @@ def _check_config(config: dict | None, adapter_dir: Path) -> None:
 
 def _scale(config: dict, module: str) -> tuple[int, float]:
     """peft's rank and alpha for `module`, with rank_pattern/alpha_pattern, and its scaling factor."""
-    from peft.utils.other import get_pattern_key
-
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     r = ranks.get(get_pattern_key(ranks.keys(), module), config["r"])
     alpha = alphas.get(get_pattern_key(alphas.keys(), module), config["lora_alpha"])
@@ -210,9 +211,6 @@ def _scale(config: dict, module: str) -> tuple[int, float]:
 def _load_factors(adapter_dir: Path, config: dict, arch=None) -> dict[str, LoraFactors | ExpertFactors]:
     """{module: LoraFactors} of the Linear adapters and, for a mixture of experts' expert adapters
     (`target_parameters`, described by `arch`), {fused parameter key: ExpertFactors} (finetune.merge.experts)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.is_file():
         hint = " (only the legacy adapter_model.bin; re-save it with safetensors)" \

@@ -6,10 +6,13 @@ data pipeline, chat template included: what the merged model will be fed.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from finetune.data import build_datasets
+from quant.calibration import load_texts, token_stream, token_windows
 from quant.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,11 +25,6 @@ def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seq
     """Calibration windows from plain text (quant's sources: .txt/.md, directories, pkg:..., hub datasets) or
     from record files in any training format (chat, sharegpt, alpaca, completion, text), which are rendered
     through the training data pipeline, chat template included: what the merged model will be fed."""
-    from dataclasses import replace
-
-    from finetune.data import build_datasets
-    from quant.calibration import load_texts, token_stream, token_windows
-
     if n_samples < 1 or seqlen < 2:
         raise UserError(f"calibration needs at least 1 sample of >= 2 tokens (got {n_samples} x {seqlen})")
     streams = []

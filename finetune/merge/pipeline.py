@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from finetune.merge import report as fidelity_report
 from finetune.merge.adapter import MERGES_DIR, AdapterSource, RunFiles, locate, read_adapter
+from finetune.merge.calibration import calibration_ids
 from finetune.merge.config import MergeConfig
 from finetune.merge.source import block_prefix, disk_tensors, plan_units, skeleton
 from finetune.merge.stream import PeakMemory, check_adapter_fits, expert_shapes, stream_units
@@ -29,7 +31,7 @@ from quant.errors import UserError
 from quant.files import claim_output, disk_needed, staged
 from quant.formats import registry as formats
 from quant.formats.base import EncodeRequest, Format, Rebuilder, dtype_name
-from quant.loading import local_path
+from quant.loading import local_path, materialize
 from quant.model_checks import read_json_object
 from quant.tensorfiles import Checkpoint
 
@@ -59,8 +61,6 @@ def _source_checkpoint(source: AdapterSource, merge_into: str, base_original: st
                             "the adapter's deltas are not in the original weights' coordinates; use --merge-into "
                             "dequantized (the default)")
         if base_original:
-            from quant.loading import materialize
-
             ckpt = Checkpoint(materialize(base_original, "--base-original"), "--base-original")
         elif base_fmt.stored_quantized:
             raise UserError(f"--merge-into original on a {base_fmt.title}-trained adapter needs --base-original "
@@ -113,10 +113,6 @@ def _calibration(cfg: MergeConfig, source: AdapterSource) -> list[torch.Tensor] 
         return None
     if all(torch.is_tensor(c) for c in cfg.calib):  # Python API: token ids [1, T] already
         return [c.reshape(1, -1).long() for c in cfg.calib]
-    from transformers import AutoTokenizer
-
-    from finetune.merge.calibration import calibration_ids
-
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     return calibration_ids([str(c) for c in cfg.calib], tokenizer, source.data or DataConfig(), cfg.calib_samples,
                            cfg.calib_seqlen)

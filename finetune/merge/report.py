@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from finetune.data import build_datasets, collate
 from finetune.merge.adapter import AdapterSource
+from finetune.model import load_adapter, load_base
 from finetune.recipe import DataConfig
 from finetune.train.loss import IGNORE, model_inputs
 from quant.errors import UserError
@@ -79,8 +81,6 @@ def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tu
 def load_adapter_model(source: AdapterSource, device: torch.device):
     """(b): the quantized base exactly as training built it (its record), with the adapter; (a) is it with the
     adapter off."""
-    from finetune.model import load_adapter, load_base
-
     base = load_base(source.base, device)
     return load_adapter(base.model, source.adapter_dir).eval(), base.compute_dtype
 
@@ -134,8 +134,6 @@ def measure(model_b, merged: dict, examples: list[dict], pad_id: int, batch_size
 def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], device: torch.device,
                   eval_data: str | None = None, max_batches: int | None = None) -> dict[str, dict]:
     """The fidelity of several merged outputs of one adapter ({label: (directory, format)}), on one eval pass."""
-    from transformers import AutoTokenizer
-
     model_b, dtype = load_adapter_model(source, device)
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     examples, origin = eval_examples(source, tokenizer, eval_data)

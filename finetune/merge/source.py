@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from quant.arch.layout import to_disk_tensors
+from quant.blocks import find_blocks
 from quant.errors import UserError
 
 
@@ -20,9 +24,6 @@ def skeleton(config: dict):
 
     Buffers (rotary frequencies) stay real, so the embeddings + rotary part can run for GPTQ calibration.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = dict(config)
     config.pop("quantization_config", None)
     cfg = AutoConfig.for_model(**config)
@@ -32,8 +33,6 @@ def skeleton(config: dict):
 
 
 def block_prefix(model) -> tuple[str, int]:
-    from quant.blocks import find_blocks
-
     prefix, blocks = find_blocks(model)
     return prefix, len(blocks)
 

@@ -19,6 +19,7 @@ from finetune.merge.experts import ExpertFactors
 from finetune.merge.source import Unit, block_prefix, skeleton
 from quant.errors import UserError
 from quant.formats.base import Rebuilder
+from quant.model_checks import read_json_object
 
 
 def check_adapter_fits(loras: dict[str, LoraFactors | ExpertFactors], shape_of: Callable[[str], tuple | None],
@@ -49,7 +50,6 @@ def expert_shapes(model: torch.nn.Module) -> dict[str, tuple]:
 def check_fits_model(source: AdapterSource) -> None:
     """`check_adapter_fits` against the base's config.json (a skeleton on the meta device: no weights read), for
     generation and evaluation, where peft would otherwise load a partial adapter with a warning."""
-    from quant.model_checks import read_json_object
     config = read_json_object(Path(source.base.model_dir) / "config.json")
     if config is None:
         return  # not a Hugging Face directory: the format's loader says what it is

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 
 def write_config(directory: Path, base_config: dict, dtype: torch.dtype, quantization_config: dict | None) -> None:
@@ -24,8 +25,6 @@ def write_config(directory: Path, base_config: dict, dtype: torch.dtype, quantiz
 
 def write_extras(directory: Path, tokenizer_dir: Path, base_dir: Path) -> None:
     """Tokenizer (from the adapter, which training saved with it) and the base's generation config."""
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(directory))
     gen = Path(base_dir) / "generation_config.json"
     if gen.is_file():

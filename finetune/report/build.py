@@ -6,7 +6,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.report.page import render
+from finetune.report.plots import render_all
 from finetune.report.runs import Run, attach_merges, read_run, unique_names
+from finetune.report.tracking import log_report
 from quant.errors import UserError
 from quant.files import claim_output, staged
 log = logging.getLogger(__name__)
@@ -32,9 +35,6 @@ def report(runs: list[str], out: str | None = None, merges: list[str] = (), smoo
     The output folder is written under a temporary name and renamed into place when complete. It replaces an
     earlier report (our marker says so), anything else only with `overwrite`, and never a run, a merge, or a
     folder holding one (quant.files.claim_output)."""
-    from finetune.report.page import render
-    from finetune.report.plots import render_all
-
     if not runs:
         raise UserError("name at least one run directory")
     if not 0 <= smooth < 1:
@@ -53,8 +53,6 @@ def report(runs: list[str], out: str | None = None, merges: list[str] = (), smoo
         echo(f"note: {note}")
     result = ReportResult(out_dir, out_dir / PAGE, [out_dir / p.path.name for p in plots], records, notes)
     if wandb:
-        from finetune.report.tracking import log_report
-
         for run in records:
             try:
                 run_id = log_report(run, smooth)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from finetune.report.plots import render_all
 from finetune.report.runs import Run
 
 MERGE_COLUMNS = ["output", "format", "merge_into", "loss_base", "loss_adapter", "loss_merged", "kl_adapter_merged",
@@ -40,8 +41,6 @@ def log_report(run: Run, smooth: float) -> str | None:
     if wb is None:
         return None
     import wandb
-
-    from finetune.report.plots import render_all
 
     id_file = run.path / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else None

@@ -124,6 +124,8 @@ class MoEExperts(nn.Module):
             for e, expert in enumerate(experts):
                 self.add_module(str(e), expert)
         if spec.activation != CLAMPED_SWIGLU:
+            # here, not at the top: `quant --help` imports this module through the format registry, and
+            # transformers.activations added 1.1 s of CPU to it (docs/layout.md, exception 1)
             from transformers.activations import ACT2FN
 
             self.act_fn = ACT2FN[spec.activation]

@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from arch_models import MOE, save_tiny
+from peft import PeftModel
 from safetensors.torch import load_file
 from support import quiet_merge
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.inference import load
 from finetune.model import attach_lora, load_base
 from finetune.recipe import LoraConfig
 from quant.formats import registry as formats
+from quant.formats.bnb_experts import NF4Stack, round_trip
+from quant.packed import read_state
 
 IDS = torch.tensor([[5, 80, 17, 200, 3, 99, 41, 7, 150, 23, 64, 9]])
 
@@ -23,8 +27,6 @@ IDS = torch.tensor([[5, 80, 17, 200, 3, 99, 41, 7, 150, 23, 64, 9]])
 def adapter(tmp_path: Path, family: str, quantization: str, b_scale: float = 0.05) -> tuple[Path, Path]:
     """(model dir, adapter dir) of a tiny `family` model and an adapter with non-zero expert and attention deltas
     (random B of standard deviation `b_scale`), saved as training saves it (base.json, tokenizer)."""
-    from transformers import AutoTokenizer
-
     d = save_tiny(family, tmp_path / "m")
     spec = formats.resolve_base(str(d), str(d), quantization, compute_dtype=torch.float32)
     model = attach_lora(load_base(spec, torch.device("cpu")).model, LoraConfig(r=4, alpha=8, dropout=0.0), False)
@@ -42,9 +44,6 @@ def adapter(tmp_path: Path, family: str, quantization: str, b_scale: float = 0.0
 
 @pytest.mark.parametrize("family", MOE)
 def test_bf16_merge_is_peft_merge_and_unload_in_transformers_layout(family, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     d, ad = adapter(tmp_path, family, "none")
     quiet_merge(ad, tmp_path / "out", "bf16", report=False)
     ours = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -62,8 +61,6 @@ def test_bf16_merge_is_peft_merge_and_unload_in_transformers_layout(family, tmp_
 def test_nf4_output_of_a_mixture_of_experts_loads_through_our_loader(tmp_path):
     """The experts are the merged weights in our NF4 storage (quant.formats.bnb_experts), read back by `finetune
     chat/generate/eval`'s loader (transformers has no layer for them)."""
-    from quant.formats.bnb_experts import NF4Stack, round_trip
-
     _, ad = adapter(tmp_path, "gpt_oss", "nf4")
     quiet_merge(ad, tmp_path / "out", "nf4", report=False, merge_into="original")
     quiet_merge(ad, tmp_path / "bf16", "bf16", report=False, merge_into="original")
@@ -93,8 +90,6 @@ def test_awq_merge_writes_every_expert_4_bit_with_the_deltas(tmp_path):
     """Mixtral to AWQ: each expert calibrated on its own tokens, packed under block_sparse_moe.experts.E.w1/w3/w2,
     loaded back by our loader with the merged model's logits (4-bit error well below what the deltas change: the
     deltas are drawn as large as the weights, since this tiny model's 4-bit error is a third of its largest logit)."""
-    from quant.packed import read_state
-
     d, ad = adapter(tmp_path, "mixtral", "none", b_scale=0.3)
     calib = [torch.tensor([list(b"reverse: pink gray green -> green gray pink #ok " * 2)])] * 4
     quiet_merge(ad, tmp_path / "awq", "awq", report=False, options={"group_size": 32}, calib=calib)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 from types import SimpleNamespace
 
 from kill_points import run_killed
-from support import error_line
+from support import assert_refused_while_taken, error_line
 
 from finetune.cli import main
 from finetune.merge.pipeline import _OutputSize
-from quant import files, tensorfiles
+from quant import tensorfiles
 from quant.files import disk_needed
 def _merge(run, out, capsys, fmt: str, *flags: str) -> tuple[int, str]:
     code = main(["merge", str(run), "--out", str(out), "--format", fmt, "--no-report", "-q", *flags])
@@ -26,16 +25,8 @@ def _dtype(out) -> str:
 
 def test_a_second_merge_into_the_same_out_is_refused_at_once(nf4_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-
-    def no_read(*a, **k):
-        raise AssertionError("the adapter was read although --out is taken")
-
-    monkeypatch.setattr("finetune.merge.pipeline.read_adapter", no_read)
-    with files.exclusive(out):
-        code, err = _merge(nf4_run, out, capsys, "bf16")
-    assert code == 2 and error_line(err) == (f"error: --out {out} is being written by another process (pid "
-                                              f"{os.getpid()}); wait for it to finish or choose another --out")
-    assert not out.exists()
+    assert_refused_while_taken(out, lambda: _merge(nf4_run, out, capsys, "bf16"), monkeypatch,
+                               "finetune.merge.pipeline.read_adapter", "adapter")
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_model(nf4_run, tmp_path, capsys, monkeypatch):

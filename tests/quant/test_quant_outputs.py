@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 
 from kill_points import run_killed
-from support import error_line
+from support import assert_refused_while_taken, error_line
 
-from quant import files, tensorfiles
+from quant import tensorfiles
 from quant.cli import main
 
 
@@ -45,16 +44,8 @@ def test_a_non_empty_out_is_refused_without_overwrite(tmp_path, tiny_model_dir, 
 
 def test_a_second_writer_is_refused_before_any_model_loads(tmp_path, tiny_model_dir, capsys, monkeypatch):
     out = tmp_path / "q"
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded although --out is taken")
-
-    monkeypatch.setattr("quant.loading.load_float_model", no_load)
-    with files.exclusive(out):
-        code, err = _quant(tiny_model_dir, out, capsys)
-    assert code == 2 and error_line(err) == (f"error: --out {out} is being written by another process (pid "
-                                             f"{os.getpid()}); wait for it to finish or choose another --out")
-    assert not out.exists()
+    assert_refused_while_taken(out, lambda: _quant(tiny_model_dir, out, capsys), monkeypatch,
+                               "quant.loading.load_float_model", "model")
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
