@@ -26,6 +26,7 @@ from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
 from quant.loading import load_tokenizer, materialize
 from quant.model_checks import read_json_object
+from quant.moe.convert import architecture
 from quant.peft_support import register_lora_layers
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,12 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     arch = describe(model.config)
-    targets = lora.target_modules
-    if targets == "all-linear":
-        targets = all_linear(model, arch)
-    _check_target_modules(model, targets, arch)
+    targets, experts = _expert_targets(model, lora, arch)
+    if experts is None:  # no expert layers: the description's projections
+        targets, experts = lora.target_modules, []
+        if targets == "all-linear":
+            targets = all_linear(model, arch)
+        _check_target_modules(model, targets, arch)
     custom = _has_custom_lora_layers(model)
     config = PeftLoraConfig(
         r=lora.r,
@@ -148,9 +151,30 @@ def attach_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing
         register_lora_layers(config)
     try:
         with _quiet_peft_checkpointing_probe():
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
     except ValueError as e:  # peft refuses a matched module it cannot adapt (a whole decoder layer, ...)
         raise UserError(f"lora.target_modules = {targets!r}: {_one_line(e)}") from None
+    if experts:  # recorded for adapter_config.json: where peft puts the same adapters (finetune.lora_experts)
+        peft_model.peft_config["default"].target_parameters = experts
+    return peft_model
+
+
+def _expert_targets(model: torch.nn.Module, lora: LoraConfig, arch: Architecture):
+    """A mixture of experts held as MoEExperts (every base we load): (peft's target_modules, spelled out without
+    the experts and the router, and the target_parameters names of the expert adapters, attached here:
+    finetune.lora_experts); (targets, None) for any other model."""
+    if not arch.is_moe:
+        return lora.target_modules, None
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    from finetune import lora_experts  # imports peft (see the module docstring)
+
+    if not lora_experts.experts_modules(model):
+        return lora.target_modules, None
+    linear, params = lora_experts.resolve_targets(model, arch, lora.target_modules)
+    if params:
+        lora_experts.attach(model, params, lora.r, lora.alpha)
+    return linear or DUMMY_TARGET_MODULES, lora_experts.target_parameters(arch, params)
 
 
 def all_linear(model: torch.nn.Module, arch: Architecture) -> list[str] | str:
@@ -190,18 +214,54 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir, is_trainable: bool = 
     from peft import PeftModel
 
     config = PeftLoraConfig.from_pretrained(str(adapter_dir))
+    expert_targets = _attach_saved_experts(base_model, config)
     if _has_custom_lora_layers(base_model):
         register_lora_layers(config)
     with _quiet_peft_checkpointing_probe():
-        return PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
+    if expert_targets:
+        model.peft_config["default"].target_parameters = expert_targets
+        for name, p in model.named_parameters():
+            if ".lora_" in name and "experts" in name:
+                p.requires_grad_(is_trainable)
+    return model
+
+
+def _attach_saved_experts(base_model: torch.nn.Module, config) -> list[str]:
+    """An adapter with expert adapters (`target_parameters`, ours or peft's): the same adapter layers attached to
+    the base's MoEExperts before peft loads the file (peft would look for the fused parameters); returns the
+    target_parameters, taken off the config peft sees."""
+    saved = list(config.target_parameters or [])
+    if not saved:
+        return []
+    arch = architecture(base_model)
+    if arch is None:
+        return []
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    from finetune import lora_experts  # imports peft (see the module docstring)
+
+    if not lora_experts.experts_modules(base_model):
+        return []  # a 16-bit transformers model: peft adapts the fused parameters itself
+
+    params = lora_experts.parameters_of(arch, saved)
+    lora_experts.attach(base_model, params, config.r, config.lora_alpha, bool(config.use_rslora),
+                        init_lora_weights=False)
+    config.target_parameters = None
+    if not config.target_modules:
+        config.target_modules = DUMMY_TARGET_MODULES
+    return saved
 
 
 @contextlib.contextmanager
 def _quiet_peft_checkpointing_probe():
     """peft's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers (5.17 and later) deprecates
-    with a FutureWarning on every read: a message about peft's code that no user of ours can act on."""
+    with a FutureWarning on every read: a message about peft's code that no user of ours can act on. Likewise its
+    warning that the model already holds tuner layers, when they are our expert adapters."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # The expert adapters (finetune.lora_experts) are peft tuner layers attached before peft wraps the model.
+        warnings.filterwarnings("ignore", message="You are trying to modify a model with PEFT for a second time")
         yield
 
 
@@ -270,7 +330,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         storage = formats.quantized_storage(m)
         if storage:
             counted.update(id(t) for t in storage)
-            total += m.in_features * m.out_features
+            total += m.in_features * m.out_features * getattr(m, "num_experts", 1)
     for p in model.parameters():
         if id(p) in counted:
             continue

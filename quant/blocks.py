@@ -53,6 +53,7 @@ class QuantReport:
     calib_samples: int = 0
     calib_tokens: int = 0
     seconds: float = 0.0
+    fallbacks: list[dict] = field(default_factory=list)  # per block: the experts rounded to nearest (quant.moe)
 
     def mean_error(self) -> float | None:
         errs = [l.rel_error for l in self.layers if l.rel_error is not None]
@@ -62,7 +63,8 @@ class QuantReport:
         """What quant_log.json records (a method's report may add its own keys)."""
         return {"method": self.method, "calib_samples": self.calib_samples, "calib_tokens": self.calib_tokens,
                 "seconds": round(self.seconds, 2), "mean_rel_error": self.mean_error(),
-                "layers": [vars(l) for l in self.layers]}
+                "layers": [vars(l) for l in self.layers], **({"expert_fallbacks": self.fallbacks}
+                                                             if self.fallbacks else {})}
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -211,8 +213,9 @@ def linear_groups(block, linears, h, kwargs, true_sequential: bool):
             groups.append([name])
         else:
             next(g for g in groups if owner[name] in g).append(name)
-    if never_called:
-        groups.append(never_called)
+    # Not called on this sample (an expert the router sent none of its tokens): whether two of them would share an
+    # input is unknown, so each is a group of its own, after the others, in module order.
+    groups.extend([n] for n in never_called)
     return groups, owner
 
 

@@ -18,30 +18,6 @@ from quant.arch.describe import Architecture
 from quant.errors import UserError
 
 
-class MemoryNamed:
-    """A checkpoint (quant.tensorfiles.Checkpoint: keys, get, shape, file_of, config, path) read by the model's own
-    names: a multimodal class's text part as `model.language_model.*` where transformers wrote
-    `language_model.model.*`. Writers turn names back with `Architecture.to_disk`."""
-
-    def __init__(self, ckpt, arch: Architecture):
-        self.ckpt, self.arch = ckpt, arch
-        self.path, self.config = ckpt.path, ckpt.config
-        self.disk = {arch.to_memory(k): k for k in ckpt.keys()}
-        self.file_of = {k: ckpt.file_of[d] for k, d in self.disk.items()}
-
-    def keys(self) -> list[str]:
-        return list(self.disk)
-
-    def get(self, key: str, device=None) -> torch.Tensor:
-        return self.ckpt.get(self.disk[key], device)
-
-    def shape(self, key: str) -> list[int]:
-        return self.ckpt.shape(self.disk[key])
-
-    def quantization_config(self) -> dict | None:
-        return self.ckpt.quantization_config()
-
-
 def _expert_param(arch: Architecture, key: str) -> tuple[str, str] | None:
     """(block path, parameter leaf) when `key` (memory name) is a fused expert parameter with a per-expert disk
     layout, else None."""

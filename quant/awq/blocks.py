@@ -39,11 +39,12 @@ from quant.awq.solver import (AWQConfig, AWQResult, ScaleChoice, group_params, h
                               search_clip, search_scales)
 from quant.blocks import LayerLog, QuantReport, block_linears, drive_blocks, linear_groups, log_layer, run_block
 from quant.feedback import HessianAccumulator, relative_error, round_on_grid
+from quant.moe.calibration import expert_layers, log_fallbacks, too_few
 
 log = logging.getLogger(__name__)
 
 # A Linear whose output channels are the next group's input channels one-to-one (AutoAWQ's fc -> fc folds).
-LINEAR_FOLDS = {"o_proj": "v_proj", "out_proj": "v_proj", "down_proj": "up_proj"}
+LINEAR_FOLDS = {"o_proj": "v_proj", "out_proj": "v_proj", "down_proj": "up_proj", "w2": "w3"}  # w2/w3: Mixtral's
 # Clipping is not searched for these: their errors reach the output through q·k and the softmax.
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 
@@ -241,13 +242,15 @@ def _search_group(linears, group, fold, g: GroupInputs, cfg) -> ScaleChoice | No
     return choice
 
 
-def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: AWQConfig):
+def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: AWQConfig, rtn: bool = False):
+    """`rtn`: plain round-to-nearest on the same grid (an expert with too few calibration tokens, quant.moe)."""
     t0 = time.perf_counter()
     W = lin.weight.data
     H = acc.hessian if acc is not None else None
-    clip = cfg.calibrated and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
+    clip = cfg.calibrated and cfg.clip and H is not None and not rtn and \
+        not name.rpartition(".")[2].startswith(NO_CLIP)
     shrink = search_clip(W, H, cfg) if clip else None
-    if cfg.rounding != "nearest" and H is not None:
+    if cfg.rounding != "nearest" and H is not None and not rtn:
         scale, zero = group_params(W, cfg.bits, cfg.group_size, shrink)
         seed = zlib.crc32(name.encode())  # reproducible, and independent from layer to layer
         dither = torch.Generator().manual_seed(seed) if cfg.rounding == "dithered" else None
@@ -289,16 +292,21 @@ def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report, norm_offset
     n_search = min(len(hidden), max(1, math.ceil(cfg.search_tokens / per_sample)))
     subset = {round(i * len(hidden) / n_search) for i in range(n_search)}
     stats = _collect(block, linears, groups, owner, hidden, kwargs_list, subset)
+    experts = expert_layers(block)
+    few = too_few({n: g.acc.n for group, g in zip(groups, stats) for n in group if n in experts},
+                  cfg.expert_min_tokens)
     for group, g in zip(groups, stats):
-        fold = folds.get(owner[group[0]])
+        fold = folds.get(owner[group[0]]) if not few.keys() & set(group) else None
         report.scales.append(_scale_entry(prefix, group, fold, _search_group(linears, group, fold, g, cfg)))
-    accs = [g.acc for g in stats]
-    for group, acc in zip(groups, accs):
+    for group, acc in zip(groups, [g.acc for g in stats]):
         for n in group:
-            if acc.n == 0:
+            if acc.n == 0 and n not in few:
                 log.warning("%s.%s: no calibration token reached this layer; using round-to-nearest", prefix, n)
-            results[n], entry = _quantize_linear(f"{prefix}.{n}", linears[n], acc, cfg)
+            results[n], entry = _quantize_linear(f"{prefix}.{n}", linears[n], acc, cfg, rtn=n in few)
             report.layers.append(entry)
+    fallback = log_fallbacks(prefix, few, cfg.expert_min_tokens)
+    if fallback:
+        report.fallbacks.append(fallback)
     return results
 
 

@@ -24,6 +24,7 @@ from quant.awq.solver import AWQConfig
 from quant.formats.base import METHOD_HELP, EncodeRequest, option
 from quant.formats.layerwise import LayerwiseEncoder
 from quant.formats.packed_base import PackedFormat, PackedRebuilder
+from quant.moe.convert import prepare_quantization
 from quant.packed import write_quant_config
 
 # The one place where the merge's AWQ differs from `quant awq`: it picks codes by dithered rounding (unbiased
@@ -73,7 +74,7 @@ class AWQEncoder(LayerwiseEncoder):
         return report
 
     def quantization_config(self) -> dict:
-        return checkpoint_config(self.cfg)
+        return self.keep_routers(checkpoint_config(self.cfg))
 
     def write_files(self, directory: Path) -> None:
         """quantize_config.json (as `quant awq` writes it) and the per-layer log with the chosen scales."""
@@ -139,6 +140,7 @@ class AWQFormat(PackedFormat):
 
     def encoder(self, request: EncodeRequest):
         cfg = self.awq_config(request.base, request.options)
+        prepare_quantization(request.model, "AWQ", skeleton=True)
         check_layers_fit_awq(request.model, cfg)
         run_dtype = torch.float32 if request.device.type == "cpu" else torch.float16
         return AWQEncoder(request.model, cfg, request.calib, request.device, run_dtype, request.dtype)

@@ -21,6 +21,9 @@ from torch import nn
 from quant.blocks import BlockKwargs, LayerLog, OneLayer, QuantReport, capture_inputs, find_blocks, run_block
 from quant.errors import UserError
 from quant.formats.base import Encoder
+from quant.moe.convert import architecture
+from quant.moe.layout import defused_tensors
+from quant.packed import with_router_kept
 
 
 def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
@@ -66,12 +69,14 @@ class LayerwiseEncoder(Encoder):
     def __init__(self, model, calibrated: bool, calib: list[torch.Tensor] | None, device: torch.device,
                  run_dtype: torch.dtype, out_dtype: torch.dtype):
         self.model = model
+        self.arch = architecture(model)  # a mixture of experts: layers take the experts per expert (quant.moe)
         self.prefix, self.blocks = find_blocks(model)
         self.calib, self.device = calib, device
         self.run_dtype, self.out_dtype = run_dtype, out_dtype
         self.hidden: list[torch.Tensor] = []
         self.kwargs: BlockKwargs | None = None
         self.layers: list[LayerLog] = []
+        self.fallbacks: list[dict] = []  # experts rounded to nearest for too few calibration tokens, per layer
         self.calibrated = calibrated
         if self.calibrated and not calib:
             raise ValueError(f"{type(self).__name__} needs calibration token ids")
@@ -81,11 +86,16 @@ class LayerwiseEncoder(Encoder):
         checkpoint prefix ('model.layers.3.'), for names in the report."""
         raise NotImplementedError
 
+    def keep_routers(self, qconfig: dict) -> dict:
+        """The output's quantization_config, a mixture of experts' routers listed as not converted."""
+        return with_router_kept(qconfig, self.arch) if self.arch is not None else qconfig
+
     def log(self) -> dict:
         """The per-layer log (quant_log.json): every quantized Linear's relative output error."""
         layers = [vars(entry) for entry in self.layers]
         errs = [entry["rel_error"] for entry in layers if entry["rel_error"] is not None]
-        return {"mean_rel_error": sum(errs) / len(errs) if errs else None, "layers": layers}
+        return {"mean_rel_error": sum(errs) / len(errs) if errs else None, "layers": layers,
+                **({"expert_fallbacks": self.fallbacks} if self.fallbacks else {})}
 
     def __call__(self, layer: int | None, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if layer is None:
@@ -104,7 +114,7 @@ class LayerwiseEncoder(Encoder):
         head = f"{self.prefix}.{i}."
         layer = self.blocks[i]
         state = {k[len(head):]: v.to(self.device, self.run_dtype) if v.is_floating_point() else v.to(self.device)
-                 for k, v in tensors.items()}
+                 for k, v in defused_tensors(self.arch, tensors).items()}
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
@@ -116,6 +126,7 @@ class LayerwiseEncoder(Encoder):
         for entry in report.layers:
             entry.name = head + entry.name.split(".", 2)[-1]
             self.layers.append(entry)
+        self.fallbacks += [{**f, "block": head.rstrip(".")} for f in report.fallbacks]
         if self.calibrated and i + 1 < len(self.blocks):
             for j in range(len(self.hidden)):  # the next layer sees this layer's quantized outputs
                 self.hidden[j] = run_block(layer, self.hidden[j], self.kwargs[i][j])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf_helpers import save_tiny, sentencepiece_tokenizer, token_ids, trained_tokenizer
+from support import llama_cpp_logits
 
 from quant.ggml.writer import write_gguf
 from support import llama_cpp_logits
