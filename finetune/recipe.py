@@ -178,6 +178,14 @@ def _type_name(tp) -> str:
     )
 
 
+def _closest_choice(value, tp) -> str:
+    """' (did you mean 'sharegpt'?)' for a string close to one of a field's choices, as for keys."""
+    choices = [str(c) for arg in (typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,))
+               if typing.get_origin(arg) is Literal for c in typing.get_args(arg)]
+    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _coerce(value, tp):
     """Return `value` as type `tp`, or raise TypeError. Ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -268,7 +276,7 @@ def _build(cls, data, where: str, source: str):
             value = _coerce(data[name], tp)
         except TypeError:
             raise RecipeError(f"{source}: {full} = {short(data[name])} is not valid "
-                              f"(expected {_type_name(tp)})") from None
+                              f"(expected {_type_name(tp)}){_closest_choice(data[name], tp)}") from None
         _check_value(value, f.metadata, full, source)
         kwargs[name] = value
     return cls(**kwargs)
@@ -295,7 +303,7 @@ def _check_semantics(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: set data.eval or data.eval_fraction, not both")
     for key in ("train", "eval"):
         value = getattr(recipe.data, key)
-        if value and _looks_like_path(value) and not _exists(value):
+        if value and _looks_like_path(value) and not value.startswith("pkg:") and not _exists(value):
             raise RecipeError(f"{source}: data.{key} = '{value}': file not found")
     model = recipe.base.model
     if _looks_like_path(model) and not model.startswith("pkg:") and not _exists(model):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from finetune.synthetic import byte_tokenizer, random_model
@@ -140,11 +143,40 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def llama_cpp_logits(path, ids: list[int], n_ctx: int = 128) -> torch.Tensor:
+    """llama.cpp's (llama-cpp-python's) logits of every position of `ids` for the .gguf file at `path`."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=1, verbose=False)
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[: len(ids)]))
+    finally:
+        llm.close()
+
+
 def error_line(stderr: str) -> str:
     """The one `error: ...` line a CLI printed for bad input (and no traceback)."""
     lines = [line for line in stderr.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+def run_in_triton_interpreter(script: Path, marker: str) -> None:
+    """Run a kernel-check script on the CPU under TRITON_INTERPRET=1 and expect it to print `marker`; skipped where
+    triton is not installed, on a GPU machine (the compiled kernels are tested there) or where this triton's
+    interpreter cannot run with the installed numpy."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the compiled kernels are tested on the GPU instead")
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    if "only 0-dimensional arrays" in r.stderr:  # triton 3.6's interpreter vs numpy >= 2.4, not our kernels
+        pytest.skip("this triton's interpreter does not work with the installed numpy (use numpy < 2.4)")
+    assert marker in r.stdout, r.stderr[-3000:]
 
 
 def assert_refused_while_taken(out: Path, command, monkeypatch, never_called: str, what: str) -> None:

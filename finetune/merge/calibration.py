@@ -17,6 +17,7 @@ from finetune.data.preference_data import build_preference_data
 from finetune.data.sources import read_rows
 from quant.calibration import load_texts, token_stream, token_windows
 from quant.errors import UserError
+from quant.loading import PKG_PREFIX, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def calibration_ids(sources: list[str], tokenizer, data_cfg, n_samples: int, seq
         raise UserError(f"calibration needs at least 1 sample of >= 2 tokens (got {n_samples} x {seqlen})")
     streams = []
     for src in sources:
-        if Path(src).suffix in _RECORD_SUFFIXES and Path(src).is_file():
+        local = resolve_model_path(src, "--calib") if src.startswith(PKG_PREFIX) else src  # a data.train may be pkg:
+        if Path(local).suffix in _RECORD_SUFFIXES and Path(local).is_file():
             cfg = replace(data_cfg, train=str(src), eval=None, eval_fraction=0.0, packing=False,
                           train_on_prompt=True, max_examples=None, max_length=max(seqlen, 8))
             if is_preference(read_rows(cfg.train, cfg.split, 1, what="--calib").columns):

@@ -176,7 +176,7 @@ def file_cases(env: dict) -> list[Case]:
         ("unknown flag", _raw(good, ["--frobnicate"])),
     ]
     cases = [Case(name, prep, True, verify=lambda out: "code ran" if marker.exists() else None) for name, prep in bad]
-    cases.append(Case("--resume on a new dir", _raw(good, ["--resume"])))
+    cases.append(Case("--resume on a new dir", _raw(good, ["--resume"]), True))  # nothing to resume: refused
     # Not valid YAML as a value, so --set takes it as the string it is: a valid description.
     cases.append(Case("--set deep", _raw(good, ["--set", "description=" + "[" * 3000 + "]" * 3000])))
     return cases

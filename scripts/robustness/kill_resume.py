@@ -78,7 +78,8 @@ def _env() -> dict:
 
 def start(recipe: Path, cwd: Path, resume: bool) -> subprocess.Popen:
     command = (yaml.safe_load(recipe.read_text()).get("preference") or {}).get("objective", "sft")
-    cmd = [sys.executable, "-m", "finetune", command, str(recipe), "-q", *(["--resume"] if resume else [])]
+    # --resume-if-present: a kill before the run marked its directory leaves nothing to resume, as a script meets it.
+    cmd = [sys.executable, "-m", "finetune", command, str(recipe), "-q", *(["--resume-if-present"] if resume else [])]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

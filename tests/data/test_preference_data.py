@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from finetune.data import Chat, Plain
 from finetune.data import tokenize as tk
+from finetune.data.check import check_data, write_eval_split
 from finetune.data.preference_collate import collate_preferences
 from finetune.data.preference_data import build_preference_data
 from finetune.data.preference_encode import fit
@@ -258,3 +261,16 @@ def test_any_preference_rows_give_real_preferences_or_one_line(data_cfg, write_j
         answers = [list(a) for a in example["answers"]]
         assert all(answers) and len(example["prompt"]) + max(map(len, answers)) <= 64
         assert paired == (example["desirable"] is None) and (len(answers) == 1 or answers[0] != answers[1])
+
+
+def test_the_training_commands_check_preference_rows_before_loading_and_keep_the_held_out_pairs(
+        data_cfg, write_jsonl, tiny_tok, tmp_path):
+    rows = [{"prompt": f"{Q} {k}", "chosen": GOOD, "rejected": BAD} for k in range(10)]
+    cfg = data_cfg(write_jsonl(rows), max_length=256, eval_fraction=0.3)
+    assert "format 'preference pairs'" in check_data(cfg, preference=True)
+    with pytest.raises(UserError, match="not a preference layout"):  # SFT rows given to `finetune dpo`
+        check_data(data_cfg(write_jsonl([{"messages": [{"role": "user", "content": Q}]}], "sft.jsonl")), True)
+    bundle = build_preference_data(cfg, tiny_tok, seed=0, paired=True)
+    written = write_eval_split(cfg, 0, tmp_path, preference=True)
+    kept = [json.loads(line) for line in written.read_text().splitlines()]
+    assert kept == [rows[e["row"]] for e in sorted(bundle.eval, key=lambda e: e["row"])] and len(kept) == 3
