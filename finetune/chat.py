@@ -1,6 +1,7 @@
 """`finetune chat` (interactive) and `finetune generate` (prompts from the command line or a file).
 
-Both take RUN_OR_MODEL (finetune.inference), render prompts as training did (finetune.generation), stream the
+Both take RUN_OR_MODEL (finetune.inference.load_for_generation: an adapter merged into dense weights at load, a
+GGUF output in llama.cpp where installed), render prompts as training did (finetune.generation), stream the
 reply's tokens to the terminal with transformers' TextStreamer and print tokens/s after each reply.
 """
 
@@ -12,16 +13,19 @@ from pathlib import Path
 from typing import TextIO
 
 from finetune.generation import GenConfig, chat_prompt_ids, generate, raw_prompt_ids
-from finetune.inference import Loaded, input_paths, load, resolve_device
+from finetune.inference import Loaded, input_paths, load_for_generation, resolve_device
 from quant.errors import UserError
 from quant.files import check_output, write_output
+
 CHAT_COMMANDS = "/reset clears the conversation, /quit (or end of input) leaves"
 
 
 def describe(m: Loaded) -> str:
     if m.is_adapter:
-        return (f"{m.name}: adapter on its {m.source.base.format} base {m.source.base.model} "
-                f"(compute {str(m.dtype).replace('torch.', '')}, {m.device})")
+        return (f"{m.name}: adapter merged at load into its {m.source.base.format} base {m.source.base.model} as "
+                f"trained (compute {str(m.dtype).replace('torch.', '')}, {m.device})")
+    if m.runner != "transformers":
+        return f"{m.name}: {m.kind} model in {m.runner} ({m.device})"
     return f"{m.name}: {m.kind} model (compute {str(m.dtype).replace('torch.', '')}, {m.device})"
 
 
@@ -46,7 +50,7 @@ def chat(model: str, cfg: GenConfig, system: str | None = None, device: str | No
     """Talk to RUN_OR_MODEL turn by turn; the whole conversation is the prompt of each reply.
     Returns the number of replies."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    m = load(model, resolve_device(device), dtype)
+    m = load_for_generation(model, resolve_device(device), dtype)
     print(f"chat with {describe(m)}; {CHAT_COMMANDS}", file=stderr)
     history = [{"role": "system", "content": system}] if system else []
     streamer = _streamer(m.tokenizer, stdout)
@@ -123,7 +127,7 @@ def generate_prompts(model: str, prompts: list[dict], cfg: GenConfig, raw: bool 
     inputs = [*input_paths(model), read] if out else []
     if out:
         check_output(out, overwrite, inputs=inputs, file=True)
-    m = load(model, resolve_device(device), dtype)
+    m = load_for_generation(model, resolve_device(device), dtype)
     print(f"generating with {describe(m)}", file=stderr)
     streamer = _streamer(m.tokenizer, stdout)
     records = []

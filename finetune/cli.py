@@ -7,34 +7,14 @@ to import every command's module (docs/layout.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 
+from finetune.cli_train import TRAINING, cmd_train, train_parsers
+from finetune.console import Prefixed, quiet_libraries, version_line
 from quant.errors import UserError
-
-SFT_HELP = """\
-Fine-tune LoRA adapters on a quantized base, as described by a recipe YAML file.
-
-The recipe has sections base, lora, data, train, output, tracking, samples (see recipes/quickstart.yaml
-and README.md for every key). Any key can be overridden on the command line with --set, whose value is
-parsed as YAML:
-
-  finetune sft recipes/quickstart.yaml --set train.max_steps=10 --set lora.r=8
-  finetune sft recipes/quickstart.yaml --set base.quantization=int8 --set output.dir=runs/int8
-  finetune sft recipes/quickstart.yaml --set "lora.target_modules=[q_proj, v_proj]"
-
-Output (output.dir): metrics.jsonl (one JSON object per logged step), data_report.json (rows kept/dropped,
-truncated examples, tokens trained on), checkpoint-<step>/ (adapter, optimizer, scheduler, RNG and data
-position; newest train.save_total_limit kept), adapter/ (final peft adapter with tokenizer and resolved
-recipe; load with peft.PeftModel.from_pretrained), recipe.yaml. See them with `finetune report`.
-
-An interrupted run continues from its newest complete checkpoint with --resume and ends with the same
-adapter as an uninterrupted run. Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml
--m finetune sft RECIPE. Bad input prints one line naming the key or file and exits with status 2.
-"""
 
 MERGE_HELP = """\
 Merge a LoRA adapter into its base and write a model directory that standard tools load as is
@@ -81,21 +61,22 @@ exits with status 2.
 """
 
 
+class _Version(argparse.Action):
+    """--version as one unwrapped line (argparse's own action wraps it at the terminal width)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="QLoRA fine-tuning on quantized bases.")
+    p.add_argument("--version", action=_Version, help="print the versions of finetune and its main libraries")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sft = sub.add_parser("sft", help="train LoRA adapters from a recipe", description=SFT_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sft.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
-    sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe key (dotted path; value parsed as YAML); repeatable")
-    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output.dir "
-                     "(one that fails its manifest check is moved aside, with a warning, and the one before used)")
-    sft.add_argument("--force", action="store_true", help="with --resume: accept recipe changes that alter the rest "
-                     "of the run (learning rate, schedule, max_steps, ...); changes of the seed, data, LoRA shape "
-                     "or batch geometry are refused even so")
-    sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+    train_parsers(sub)
     _merge_parser(sub)
     _report_parser(sub)
     _chat_parser(sub)
@@ -122,6 +103,7 @@ def _formats_help() -> str:
 
 def _merge_parser(sub) -> None:
     from finetune.merge.config import MERGE_INTO, flag, format_options
+    from finetune.merge.report import CPU_EVAL_MAX_BATCHES
     from quant.formats.base import DTYPES, dtype_name
     from quant.formats.registry import FORMATS, output_names
 
@@ -129,9 +111,9 @@ def _merge_parser(sub) -> None:
                        description=MERGE_HELP.replace("{formats}", _formats_help()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapter", metavar="ADAPTER_OR_RUN_DIR", help="run directory, its adapter/, or checkpoint-N/")
-    m.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite; never "
-                   "the run, its adapter or base, nor a folder holding one; RUN/merges/NAME is the run's place for "
-                   "merges: docs/outputs.md)")
+    m.add_argument("--out", required=True, metavar="DIR", help="the merged model's directory (must not exist unless "
+                   "--overwrite; never the run, its adapter or base, nor a folder holding one; RUN/merges/NAME is the "
+                   "run's place for merges: docs/outputs.md)")
     m.add_argument("--format", required=True, choices=output_names())
     m.add_argument("--base", help="base model to use instead of the one named in the adapter (HF dir, GPTQ dir, "
                    ".gguf, pkg:...); must be the same model the adapter was trained on")
@@ -159,7 +141,9 @@ def _merge_parser(sub) -> None:
     r = m.add_argument_group("fidelity report")
     r.add_argument("--eval", dest="eval_data", metavar="DATA", help="held-out data in the run's data format "
                    "(default: the run's data.eval)")
-    r.add_argument("--eval-max-batches", type=int, help="score at most this many eval batches")
+    r.add_argument("--eval-max-batches", type=int, metavar="N", help="score the first N eval batches of "
+                   "train.micro_batch_size rows (default: all on a GPU, {cpu_cap} on CPU, where each batch runs "
+                   "three models; the report names the rows used)".replace("{cpu_cap}", str(CPU_EVAL_MAX_BATCHES)))
     r.add_argument("--no-report", dest="report", action="store_false", help="skip the fidelity evaluation")
     defaults = ", ".join(f"{f.name} {dtype_name(f.default_dtype)}" for f in FORMATS if f.output and not f.fixed_dtype)
     m.add_argument("--dtype", choices=list(DTYPES), help="dtype of unquantized tensors (norms, embeddings, head) "
@@ -226,8 +210,8 @@ def _report_parser(sub) -> None:
     r = sub.add_parser("report", help="HTML report with charts of one or more runs", description=REPORT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("runs", nargs="+", metavar="RUN", help="`finetune sft` output directories")
-    r.add_argument("--out", help="output directory (default: the first RUN's report/); an earlier report there is "
-                   "replaced when the new one is complete, anything else only with --overwrite")
+    r.add_argument("--out", metavar="DIR", help="the report's directory (default: the first RUN's report/); an "
+                   "earlier report there is replaced when the new one is complete, anything else only with --overwrite")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a report")
     r.add_argument("--merges", action="append", default=[], metavar="DIR",
                    help="a merge output, or a folder of them, to include (matched to the runs by adapter); repeatable")
@@ -259,8 +243,9 @@ def _generate_parser(sub) -> None:
                      "assistant turn is dropped), or a text file with one prompt per line")
     g.add_argument("--raw", action="store_true", help="text prompts as plain text, without the chat template "
                    "(for completion-format runs)")
-    g.add_argument("--out", help="also write JSONL: prompt, completion, new_tokens, tokens_per_s (a new file, "
-                   "or with --overwrite an existing one; never an input)")
+    g.add_argument("--out", metavar="FILE", help="a JSONL file to also write, one row per prompt: prompt, "
+                   "completion, new_tokens, tokens_per_s (a new file, or with --overwrite an existing one; never an "
+                   "input)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_sampling_args(g)
 
@@ -284,8 +269,8 @@ def _eval_parser(sub) -> None:
     e.add_argument("--max-new-tokens", type=int, help="generation cap (default: longest reference + 32 tokens)")
     e.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (names or task YAML "
                    "files, comma-separated; needs the lmeval extra and the task data available)")
-    e.add_argument("--out", help="also write the rows as JSON (a new file, or with --overwrite an existing one; "
-                   "never an input)")
+    e.add_argument("--out", metavar="FILE", help="a JSON file to also write the table's rows to (a new file, or "
+                   "with --overwrite an existing one; never an input)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype of model directories")
@@ -343,41 +328,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
-    from finetune.recipe import dump_recipe, load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.print_recipe:
-        print(dump_recipe(recipe), end="")
-        return 0
-    from finetune.train.loop import train
-
-    if args.force and not args.resume:
-        raise UserError("--force only applies with --resume")
-    with _sigterm_interrupts():
-        train(recipe, resume=args.resume, force=args.force)
-    return 0
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM unwinds like Ctrl-C, so temporary directories are removed on the way out."""
-    import signal
-
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def cmd_merge(args) -> int:
     import signal
 
     from finetune.merge import merge
+    from finetune.merge.pipeline import ScoringInterrupted
 
     def terminate(signum, frame):
         raise KeyboardInterrupt  # unwinds through the merge, which removes its temporary directory
@@ -385,6 +340,10 @@ def cmd_merge(args) -> int:
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         merge(merge_config(args))
+    except ScoringInterrupted:
+        print(f"interrupted while scoring; the merged model is complete in {args.out} (its merge_report.json has "
+              "no fidelity)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
@@ -394,15 +353,17 @@ def cmd_merge(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()  # first: the settings must precede transformers' import (finetune.console imports none)
     args = _parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(Prefixed("%(message)s"))
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+                        handlers=[handler])
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # text from users' files may not be encodable
     try:
-        commands = {"sft": cmd_sft, "merge": cmd_merge, "report": cmd_report, "chat": cmd_chat,
-                    "generate": cmd_generate, "eval": cmd_eval}
+        commands = {**{name: cmd_train for name in TRAINING}, "merge": cmd_merge, "report": cmd_report,
+                    "chat": cmd_chat, "generate": cmd_generate, "eval": cmd_eval}
         return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -416,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command == "sft"
+        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command in TRAINING
               else "interrupted", file=sys.stderr)
         return 130
 

@@ -3,17 +3,23 @@
 A conversation is rendered with the tokenizer's chat template plus the generation prompt, exactly the prompt
 tokens training put before every answer (finetune.data's renderer: the tokenizer's template, or the plain
 '### Instruction:' layout for tokenizers without one). Raw text (completion-format runs) goes in as is.
+
+A model is a transformers model (its `generate`) or a `LlamaCppModel` (a GGUF file in llama.cpp); both are fed
+the same prompt token ids and stream through the same TextStreamer.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from finetune.data.template import render
 from finetune.data.tokenize import make_renderer
+from quant.errors import UserError
 
 
 @dataclass
@@ -53,6 +59,50 @@ def raw_prompt_ids(tokenizer, text: str) -> list[int]:
     return make_renderer(tokenizer, "completion").leading_ids + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class LlamaCppModel:
+    """A GGUF file run by llama.cpp (llama-cpp-python) for generation: prompts come in as token ids rendered by
+    our tokenizer (the file's own), greedy is temperature 0, sampling is temperature + top-p alone (llama.cpp's
+    top-k and min-p off, as transformers' defaults here). The KV cache keeps the longest common prefix between
+    calls, so a chat turn only evaluates what is new."""
+
+    generation_config = None
+
+    def __init__(self, path: Path, threads: int | None = None):
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        threads = threads or torch.get_num_threads()
+        # n_ctx 0: the context the model was trained with (its GGUF metadata), which llama.cpp would warn to exceed.
+        self.llm = Llama(model_path=str(self.path), n_ctx=0, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def complete(self, ids: list[int], cfg: GenConfig, stops: list[int], streamer=None) -> list[int]:
+        if len(ids) + cfg.max_new_tokens > self.llm.n_ctx():
+            raise UserError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {cfg.max_new_tokens} exceed "
+                            f"llama.cpp's context of {self.llm.n_ctx()} tokens; /reset the conversation or lower "
+                            "--max-new-tokens")
+        if cfg.seed is not None:
+            self.llm.set_seed(cfg.seed)
+        greedy = cfg.temperature <= 0
+        sampling = {"temp": 0.0, "top_p": 1.0} if greedy else {"temp": cfg.temperature, "top_p": cfg.top_p}
+        if streamer is not None:
+            streamer.put(torch.tensor([ids]))  # the prompt, which TextStreamer(skip_prompt=True) skips
+        new: list[int] = []
+        for token in self.llm.generate(ids, top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True, **sampling):
+            new.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if token in stops or len(new) >= cfg.max_new_tokens:
+                break
+        if streamer is not None:
+            streamer.end()
+        return new
+
+
 def stop_ids(model, tokenizer) -> list[int]:
     """EOS of the tokenizer and of the model's generation config (chat models often end turns on their own)."""
     ids = {tokenizer.eos_token_id}
@@ -68,17 +118,20 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def generate(model, tokenizer, ids: list[int], cfg: GenConfig, streamer=None) -> Generation:
     """One completion of the prompt `ids`; `streamer` (transformers TextStreamer) prints tokens as they come."""
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    input_ids = torch.tensor([ids], device=_device(model))
+    stops = stop_ids(model, tokenizer)
     started = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=stop_ids(model, tokenizer), streamer=streamer, use_cache=True, **cfg.kwargs())
+    if isinstance(model, LlamaCppModel):
+        new = torch.tensor(model.complete(ids, cfg, stops, streamer), dtype=torch.long)
+    else:
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        input_ids = torch.tensor([ids], device=_device(model))
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stops, streamer=streamer, use_cache=True, **cfg.kwargs())
+        new = out[0, len(ids):]
     seconds = time.perf_counter() - started
-    new = out[0, len(ids):]
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), _count_new(new, stop_ids(model, tokenizer)),
-                      seconds)
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), _count_new(new, stops), seconds)
 
 
 def _count_new(tokens: torch.Tensor, stops: list[int]) -> int:

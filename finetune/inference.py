@@ -7,6 +7,17 @@ RUN_OR_MODEL is one of
   loader, the format read from its config.json (`model_format`).
 
 Models are loaded whole; this is inference, not the streaming merge.
+
+`load` gives what `finetune eval` scores: an adapter stays a peft model on its quantized base, so the adapter can
+be switched off for the base row. `load_for_generation` gives what `chat` and `generate` run, built for speed
+without changing what the model computes beyond float rounding:
+- an adapter is merged once at load into dense weights in its compute dtype: the base rebuilt exactly as training
+  saw it (the merge's rebuilders: a bitsandbytes base quantized again and dequantized, a GPTQ/AWQ base
+  dequantized) plus scale·B@A, through the streaming merge's own code, held in memory. On CPU, bitsandbytes'
+  4-bit layers dequantize every weight on every token: for SmolLM2 on a loaded 2-core box the peft model
+  generated 0.5 tokens/s, the dense merge 1.0, llama.cpp on the same weights 2.7 (scripts/bench/bench_generate.py);
+- a directory holding one .gguf file (a `finetune merge --format gguf` output) runs in llama.cpp where
+  llama-cpp-python is installed (the `llama` extra), as its users run it; else transformers dequantizes it.
 """
 
 from __future__ import annotations
@@ -17,9 +28,16 @@ from pathlib import Path
 
 import torch
 
+from finetune.generation import LlamaCppModel, llama_cpp_available
+from finetune.merge.adapter import read_adapter
+from finetune.merge.source import block_prefix, plan_units, skeleton
+from finetune.merge.stream import check_adapter_fits, check_fits_model, stream_units
 from quant.errors import UserError
+from quant.formats import registry as formats
+from quant.formats.base import CastEncoder
 from quant.formats.registry import FORMATS, stored_output
 from quant.model_checks import check_model_dir
+from quant.tensorfiles import Checkpoint
 
 # What `model_format` recognises, for the one-line error on anything else.
 SUPPORTED = ("run directories and adapters (the adapter on its quantized base), and model directories stored as "
@@ -35,10 +53,11 @@ class Loaded:
     model: torch.nn.Module
     tokenizer: object
     name: str  # what the user passed
-    kind: str  # "adapter", or the merged format (bf16, fp16, fp32, nf4, fp4, int8, gptq, awq)
+    kind: str  # "adapter", or the merged format (bf16, fp16, fp32, nf4, fp4, int8, gptq, awq, gguf)
     device: torch.device
     dtype: torch.dtype
     source: object = None  # finetune.merge.adapter.AdapterSource for adapters: the run's recipe sections
+    runner: str = "transformers"  # what computes: transformers (peft for an unmerged adapter) or llama.cpp
 
     @property
     def is_adapter(self) -> bool:
@@ -109,9 +128,7 @@ def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Lo
     if not path.exists():
         raise UserError(f"{path}: no such run or model directory")
     if path.is_dir() and is_adapter_path(path):
-        from finetune.merge.adapter import read_adapter
-        from finetune.merge.report import load_adapter_model
-        from finetune.merge.stream import check_fits_model
+        from finetune.merge.report import load_adapter_model  # it loads peft, which pulls bitsandbytes
 
         source = read_adapter(path)  # adapter_config.json, base.json and finite factors checked
         check_fits_model(source)  # every module there, with its shape, before any weight loads
@@ -125,3 +142,55 @@ def load(path: str | Path, device: torch.device, dtype: str | None = None) -> Lo
     compute = _DTYPES[dtype] if dtype else default_dtype(device, fmt)
     model = fmt.load_merged(path, device, compute)
     return Loaded(model, fmt.load_tokenizer(path), str(path), model_format(path), device, compute)
+
+
+def load_for_generation(path: str | Path, device: torch.device, dtype: str | None = None,
+                        use_llama_cpp: bool = True) -> Loaded:
+    """RUN_OR_MODEL for `chat` and `generate` (see the module docstring): an adapter merged into dense weights,
+    a GGUF output in llama.cpp (where installed and `use_llama_cpp`, on CPU), anything else as `load`."""
+    path = Path(path)
+    if path.is_dir() and is_adapter_path(path):
+        from quant.loading import load_tokenizer
+
+        source = read_adapter(path, device=device)
+        model = merged_adapter_model(source, device)
+        tokenizer = load_tokenizer(str(source.tokenizer_dir), str(path))
+        return Loaded(model, tokenizer, str(path), "adapter", device, source.base.dtype, source)
+    gguf = gguf_file(path)
+    if gguf is not None and use_llama_cpp and device.type == "cpu" and llama_cpp_available():
+        check_model_dir(path, "RUN_OR_MODEL")  # the GGUF header as data, before llama.cpp reads it
+        fmt, _ = _stored(path)
+        return Loaded(LlamaCppModel(gguf), fmt.load_tokenizer(path), str(path), model_format(path), device,
+                      torch.float32, runner="llama.cpp")
+    return load(path, device, dtype)
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The one .gguf file of a model directory without config.json (a GGUF merge output), else None."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    return found[0] if len(found) == 1 else None
+
+
+@torch.no_grad()
+def merged_adapter_model(source, device: torch.device) -> torch.nn.Module:
+    """The adapter's base, rebuilt as training saw it, with every LoRA delta added, as a plain transformers model
+    in the adapter's compute dtype on `device`: the streaming merge's walk (finetune.merge.stream), kept in
+    memory instead of encoded and written."""
+    ckpt = Checkpoint(source.base.model_dir)
+    formats.check_source(source.base, ckpt)
+    model = skeleton(ckpt.config)
+    prefix, n_layers = block_prefix(model)
+    weights = formats.format_of(source.base).rebuilder(source.base, ckpt, model, device)
+    check_adapter_fits(source.loras, weights.weight_shape, f"{weights.ckpt.path} ({n_layers} layers)",
+                       f"is {source.adapter_dir / 'base.json'} naming the model the adapter was trained on?")
+    state: dict[str, torch.Tensor] = {}
+    stream_units(weights, plan_units(ckpt.keys(), prefix, n_layers), source.loras, CastEncoder(source.base.dtype),
+                 lambda tensors: state.update({k: v.to(device) for k, v in tensors.items()}))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [k for k in missing if any(p.is_meta for n, p in model.named_parameters() if n == k)]
+    if left or unexpected:
+        raise RuntimeError(f"merged state does not fit the model: missing {left[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval()

@@ -33,8 +33,8 @@ from quant.settings import add_flags, from_flags
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist, or be empty, unless "
-                   "--overwrite)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist, or be "
+                   "empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new checkpoint is "
                    "complete (in one atomic step: a kill at any moment leaves the old or the new one)")
 
@@ -48,9 +48,19 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text")
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("qlora-finetune")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quant", description="GPTQ and AWQ quantization, GGUF export and perplexity "
                                 "evaluation")
+    p.add_argument("--version", action="version", version=f"quant (qlora-finetune) {_version()}")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy small box 1 is often fastest)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,10 +119,10 @@ def _gguf_parser(sub) -> None:
         "llama.cpp's architecture metadata, tokenizer and tensor names, quantized by our own K-quant/legacy packing with "
         "llama.cpp's per-tensor mixes (q4_k_m: Q4_K with Q6_K for the head and for attn_v/ffn_down of a third of "
         "the layers; rows that are not a multiple of 256 fall back to Q5_0/Q5_1/Q8_0 as in llama.cpp). Llama, "
-        "Mistral and Qwen2 architectures.")
+        "Mistral, Qwen2, Qwen3, Gemma 3, Phi-3/4, Ministral 3, Qwen3-MoE, Mixtral and gpt-oss (docs/architectures.md).")
     g.add_argument("model")
-    g.add_argument("--out", required=True, help="output .gguf file (must not exist unless --overwrite; written under "
-                   "a temporary name, then renamed)")
+    g.add_argument("--out", required=True, metavar="FILE.gguf", help="output .gguf file, not a directory (must "
+                   "not exist unless --overwrite; written under a temporary name, then renamed)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new file is complete")
     g.add_argument("--type", dest="gguf_type", default="q4_k_m", choices=list(FILE_TYPES),
                    help="file type (default q4_k_m); f32/f16/bf16 store the weights unquantized")

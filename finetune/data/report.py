@@ -6,8 +6,11 @@ whether the data they trained on is the data they meant.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
+
+TRUNCATION_HINT = 0.10  # above this share of examples cut at max_length, the summary says what would keep 95%
 
 
 @dataclass
@@ -37,10 +40,20 @@ class SplitStats:
     tokens: int = 0
     label_tokens: int = 0
     sequences: int = 0  # rows the sampler sees: packed rows, or examples when not packing
+    # Each example's token length before truncation; estimated from its characters where text far beyond
+    # max_length was never tokenized (finetune.data.tokenize). For the truncation hint; not in to_dict.
+    lengths: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def prompt_share(self) -> float:
         return 1.0 - self.label_tokens / self.tokens if self.tokens else 0.0
+
+    def length_keeping(self, share: float = 0.95) -> int | None:
+        """The smallest max_length that would keep `share` of the examples whole."""
+        if not self.lengths:
+            return None
+        ordered = sorted(self.lengths)
+        return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 @dataclass
@@ -60,9 +73,10 @@ class DataReport:
             if isinstance(obj, Counter):
                 return dict(obj.most_common())
             if isinstance(obj, (SourceStats, SplitStats)):
-                out = {k: plain(v) for k, v in vars(obj).items()}
+                out = {k: plain(v) for k, v in vars(obj).items() if k != "lengths"}
                 if isinstance(obj, SplitStats):
                     out["prompt_token_share"] = round(obj.prompt_share, 4)
+                    out["max_length_keeping_95pct"] = obj.length_keeping()
                 return out
             if isinstance(obj, dict):
                 return {k: plain(v) for k, v in obj.items()}
@@ -118,4 +132,14 @@ def _split_sentence(name: str, split: SplitStats, report: DataReport) -> str:
         text += f"; packed into {split.sequences:,} sequences ({fill:.0%} full)."
     else:
         text += "; not packed."
-    return text
+    return text + (truncation_hint(name, split, report.max_length) if name == "train" else "")
+
+
+def truncation_hint(name: str, split: SplitStats, max_length: int) -> str:
+    """One sentence when more than TRUNCATION_HINT of a split's examples were cut: the max_length keeping 95%."""
+    cut = split.truncated / len(split.lengths) if split.lengths else 0.0  # of all tokenized, kept or not
+    keep = split.length_keeping()
+    if cut <= TRUNCATION_HINT or keep is None or keep <= max_length:
+        return ""
+    return (f" Hint: {cut:.0%} of the {name} examples were cut at data.max_length {max_length:,}; "
+            f"data.max_length {keep:,} would keep 95% of them whole (each step then costs more).")

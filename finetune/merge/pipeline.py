@@ -22,18 +22,24 @@ from finetune.merge import report as fidelity_report
 from finetune.merge.adapter import MERGES_DIR, AdapterSource, RunFiles, locate, read_adapter
 from finetune.merge.calibration import calibration_ids
 from finetune.merge.config import MergeConfig
-from finetune.merge.source import block_prefix, plan_units, skeleton
-from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
+from finetune.merge.source import block_prefix, disk_tensors, plan_units, skeleton
+from finetune.merge.stream import PeakMemory, check_adapter_fits, expert_shapes, stream_units
 from finetune.merge.writers import write_config, write_extras
 from finetune.recipe import DataConfig
+from quant.arch import describe
 from quant.errors import UserError
-from quant.files import claim_output, disk_needed, staged
+from quant.files import claim_output, disk_needed, staged, write_text
 from quant.formats import registry as formats
 from quant.formats.base import EncodeRequest, Format, Rebuilder, dtype_name
 from quant.loading import local_path, materialize
+from quant.model_checks import read_json_object
 from quant.tensorfiles import Checkpoint
 
 log = logging.getLogger(__name__)
+
+
+class ScoringInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during the fidelity scoring: the merged model is complete in --out already."""
 
 
 @dataclass
@@ -133,6 +139,16 @@ class _OutputSize:
         return disk_needed(int(self.written[0] + per_layer * (self.n_units - 1)), self.max_shard)
 
 
+def _unreadable(fmt: Format, run: RunFiles) -> str | None:
+    """Why the fidelity report will be skipped for this output (fmt.unreadable of the base's config.json, where a
+    local base has one), else None."""
+    for path in run.base_paths():
+        config = read_json_object(Path(path) / "config.json")
+        if config is not None:
+            return fmt.unreadable(config)
+    return None
+
+
 def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     """Merge the LoRA adapter `cfg.adapter` into its base and write a `cfg.format` model directory at `cfg.out`.
 
@@ -143,8 +159,8 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     """
     cfg = cfg.validate()
     run = locate(cfg.adapter)
-    if cfg.report:  # before any model loads: a merge without eval data once failed after ~50 s of loading
-        fidelity_report.eval_plan(run.section(DataConfig, "data"), run.run_dir, cfg.eval_data)
+    if cfg.report and not _unreadable(cfg.fmt, run):  # before any model loads: a merge without eval data once
+        fidelity_report.eval_plan(run.section(DataConfig, "data"), run.run_dir, cfg.eval_data)  # failed after ~50 s
     for spec in (str(c) for c in cfg.calib or [] if not torch.is_tensor(c)):
         if Path(spec).suffix and not Path(local_path(spec)).exists():
             raise UserError(f"--calib {spec}: no such file")
@@ -161,13 +177,18 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     out = cfg.out
     merge_into, merge_into_reason = resolve_merge_into(cfg.merge_into, fmt, base_fmt)
     ckpt = _source_checkpoint(source, merge_into, cfg.base_original)
+    # Refuses an architecture without a description; the base reader (Rebuilder) gives the tensors under the
+    # model's own names (a multimodal class's text part, Mixtral's v4 names, per-expert tensors stacked).
+    arch = describe(ckpt.config)
 
     model = skeleton(ckpt.config)
     prefix, n_layers = block_prefix(model)
+    fused = expert_shapes(model)
     weights = base_fmt.rebuilder(source.base, ckpt, model, device) if merge_into == "dequantized" \
         else Rebuilder(ckpt, device)
-    check_adapter_fits(source.loras, weights.weight_shape, f"{weights.ckpt.path} ({n_layers} layers)")
-    units = plan_units(ckpt.keys(), prefix, n_layers)
+    check_adapter_fits(source.loras, lambda m: weights.weight_shape(m) or fused.get(m),
+                       f"{weights.ckpt.path} ({n_layers} layers)")
+    units = plan_units(ckpt.keys(), prefix, n_layers, arch)
     calib = _calibration(cfg, source)
     encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib,
                                         source.tokenizer_dir))
@@ -182,11 +203,13 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     size = _OutputSize(len(units), cfg.max_shard_bytes)
     with staged(out, need=size, kind="merge") as tmp:
         writer = size.writer = encoder.sink(tmp, cfg.max_shard_bytes)
+        # Tensors travel under the model's own names; a Hugging Face directory gets transformers' disk names.
+        add = (lambda t: writer.add(disk_tensors(arch, t))) if encoder.hf_layout else writer.add
         try:
             bar = tqdm(total=len(units), desc=f"merge -> {fmt.name}", unit="layer", disable=not cfg.progress)
             stream_started = time.perf_counter()
             with PeakMemory(device) as mem:
-                merged = stream_units(weights, units, source.loras, encoder, writer.add,
+                merged = stream_units(weights, units, source.loras, encoder, add,
                                       lambda u: (bar.update(1), size.unit_done()))
                 writer.close()
             bar.close()
@@ -201,23 +224,49 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
         info.update(modules_merged=merged, merge_seconds=round(merge_seconds, 2),
                     stream_seconds=round(time.perf_counter() - stream_started, 2), memory=mem.as_dict(),
                     output_bytes=writer.total)
-        fidelity = None
-        if cfg.report:
-            fidelity = fidelity_report.fidelity(source, tmp, fmt.name, device, cfg.eval_data, cfg.eval_max_batches)
-            info["fidelity"] = fidelity
+        unreadable = fmt.unreadable(ckpt.config) if cfg.report else None
+        if unreadable:
+            info["fidelity_skipped"] = unreadable
         fidelity_report.write_report(tmp / "merge_report.json", info)
+    # The model is complete and in place before the fidelity evaluation loads anything: a user who stops the
+    # scoring keeps it, and sees it at once.
     echo(f"merged {merged} modules of {source.adapter_dir} ({merge_into} weights, {merge_into_reason}) into "
          f"{fmt.name} in {merge_seconds:.1f}s "
          f"(peak RSS {mem.peak_rss / 2**20:.0f} MiB"
-         + (f", GPU {mem.peak_gpu / 2**20:.0f} MiB" if mem.peak_gpu is not None else "") + f") -> {out}")
-    if fidelity is not None:
-        echo(fidelity_report.table(fidelity, encoder.label or fmt.name, source.base.format))
-        try:
-            fidelity_report.log_to_wandb(source, info, fmt.name)
-        except Exception as e:  # the model and its report are already in place; tracking is best effort
-            log.warning("W&B logging of the merge report failed: %s", e)
+         + (f", GPU {mem.peak_gpu / 2**20:.0f} MiB" if mem.peak_gpu is not None else "") + f"); wrote {out}")
+    if unreadable:
+        echo(f"fidelity report skipped: {unreadable}")
+    try:
+        fidelity = _score(cfg, source, out, info, encoder.label or fmt.name, echo) \
+            if cfg.report and not unreadable else None
+    except KeyboardInterrupt:
+        raise ScoringInterrupted from None
     return MergeResult(out, fmt.name, source.base.format, merge_into, merged, time.perf_counter() - started,
                        mem.as_dict(), info, fidelity)
+
+
+def _score(cfg: MergeConfig, source: AdapterSource, out: Path, info: dict, label: str, echo) -> dict:
+    """Fidelity of the merged model now in `out`, added to its merge_report.json; the table printed, a low
+    retention warned about with what else to try, the report logged to W&B where the run configures it."""
+    cap = fidelity_report.eval_cap(cfg.eval_max_batches, cfg.torch_device)
+    echo(f"scoring the merge's fidelity: base, base + adapter and merged model on "
+         f"{f'the first {cap} batches of ' if cap else ''}the held-out data"
+         + (" (the CPU default; --eval-max-batches N to change)" if cap and cfg.eval_max_batches is None else ""))
+    started = time.perf_counter()
+    fidelity = fidelity_report.fidelity(source, out, cfg.fmt.name, cfg.torch_device, cfg.eval_data, cap,
+                                        cfg.progress)
+    fidelity["seconds"] = round(time.perf_counter() - started, 1)
+    info["fidelity"] = fidelity
+    write_text(out / "merge_report.json", fidelity_report.report_text(info))
+    echo(fidelity_report.table(fidelity, label, source.base.format) + f"\nscored in {fidelity['seconds']:.0f} s")
+    warning = fidelity_report.retention_warning(fidelity, cfg.fmt.name)
+    if warning:
+        log.warning(warning)
+    try:
+        fidelity_report.log_to_wandb(source, info, cfg.fmt.name)
+    except Exception as e:  # the model and its report are already in place; tracking is best effort
+        log.warning("W&B logging of the merge report failed: %s", e)
+    return fidelity
 
 
 def _report_header(cfg: MergeConfig, source: AdapterSource, ckpt: Checkpoint, merge_into: str, reason: str,

@@ -8,7 +8,9 @@
   `.lock.owner`), so a second run on the same directory is refused at once instead of mixing checkpoints;
 - cleaned of the temporary and half-deleted directories killed runs left (safe: the lock says none is live);
 - for --resume, the newest checkpoint that verifies against its manifest, with a one-line warning for each
-  newer one that does not (moved aside to `checkpoint-N.invalid`), and the recipe checked against it.
+  newer one that does not (moved aside to `checkpoint-N.invalid`), and the recipe checked against it; --resume
+  where no run ever started (no marker, checkpoint or adapter: usually a mistyped output.dir) is refused naming
+  the directory, rather than silently training from step 0.
 """
 
 from __future__ import annotations
@@ -147,6 +149,10 @@ class RunStart:
 
 
 def _main_part(recipe: Recipe, resume: bool, force: bool, world_size: int, say) -> RunStart:
+    if resume and not is_run_dir(Path(recipe.output.dir).expanduser()):  # before check_output_dir marks it
+        raise UserError(f"--resume: no run ever started in output.dir = '{recipe.output.dir}' (no checkpoint, "
+                        "adapter or run marker); check the directory, drop --resume to start a new run, or use "
+                        "--resume-if-present to continue a run only where there is one")
     out = check_output_dir(recipe)
     start = RunStart(out, lock=RunLock(out).acquire())
     try:

@@ -7,10 +7,16 @@ PEAK_FLOPS = 989e12
 
 
 def flops_per_token(config, seq: int) -> float:
+    """Model FLOPs per token of one training step; a mixture of experts counts the router and the experts a token
+    is routed to (num_experts_per_tok of width moe_intermediate_size)."""
     h, L = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    linear = L * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) + h * config.vocab_size
-    attention = 3 * 2 * L * seq * h  # QK^T and PV, causal half, forward + 2x for backward
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    experts = getattr(config, "num_experts", 0)
+    mlp = 3 * h * config.moe_intermediate_size * config.num_experts_per_tok + h * experts if experts else \
+        3 * h * config.intermediate_size
+    linear = L * (2 * h * q + 2 * h * kv + mlp) + h * config.vocab_size
+    attention = 3 * 2 * L * seq * q  # QK^T and PV, causal half, forward + 2x for backward
     return 4 * linear + attention
 
 

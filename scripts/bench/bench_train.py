@@ -3,6 +3,7 @@
     python -m scripts.bench.bench_train --shape llama-3.1-8b --batch 4 --seq 2048 --steps 30 \\
         --stacks hf-lean,liger,unsloth,ours,ours@packed,hf-lean@packed
     python -m scripts.bench.bench_train --shape llama-3.2-1b --batch 8 --stacks hf-lean,liger,ours
+    python -m scripts.bench.bench_train --shape qwen3-30b-a3b --batch 2 --seq 2048 --stacks hf-lean,unsloth,ours
     python -m scripts.bench.bench_train --stacks hf-lean,ours,"ours[train.fused_lora=false]"      # one lever off
     python -m scripts.bench.bench_train --stacks ours,"ours[base.quantization=gptq]"              # GPTQ 4-bit base
     python -m scripts.bench.bench_train --long 32768,65536,131072,262144 --stacks ours,unsloth    # batch 1, growing
@@ -195,7 +196,8 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, "-m", "scripts.bench.bench_e2e", *sys.argv[1:i], "--regimes",
                                   *sys.argv[i + 1:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-3.1-8b", help="llama-3.2-1b, llama-3.1-8b, qwen2.5-7b (finetune.synthetic)")
+    ap.add_argument("--shape", default="llama-3.1-8b", help="a key of finetune.synthetic.SHAPES: llama-3.2-1b, "
+                    "llama-3.1-8b, qwen2.5-7b, qwen3-30b-a3b (a mixture of experts), ...")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=30)
@@ -235,7 +237,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     if not rows:
         return
-    title = f"{args.shape}, LoRA r={args.rank} all 7 projections, {torch.cuda.get_device_name()}"
+    where = "attention + experts" if getattr(config, "num_experts", 0) else "all 7 projections"
+    title = f"{args.shape}, LoRA r={args.rank} {where}, {torch.cuda.get_device_name()}"
     if args.long:
         print(long_table(rows, title, torch.cuda.get_device_properties(0).total_memory / 2**30))
     elif args.profile:

@@ -9,10 +9,12 @@ against the same numbers. Prints a markdown table; --json writes the rows.
     python -m scripts.tables.merge_fidelity_table /tmp/qs-gptq --formats bf16,gptq,gptq@method=rtn,bf16:original \\
         --base-original ~/.cache/qlora-finetune/gguf/SmolLM2-135M-Instruct.Q4_1-<hash>
 
-Format specs: FORMAT[@OPTION=VALUE...][:INTO]. FORMAT is a `finetune merge --format` (bf16, fp16, nf4, fp4, int8,
-gptq: GPTQ requantization on --calib), options are that format's merge options (`gptq@method=rtn`: GPTQ format,
-round to nearest; `gptq@bits=3@group_size=64`); ':original' or ':dequantized' chooses the weights the delta is
-added to (default: merge's 'auto', which the table reports as resolved).
+Format specs: FORMAT[@OPTION=VALUE...][+calib][:INTO]. FORMAT is a `finetune merge --format` (bf16, fp16, nf4, fp4,
+int8, gptq: GPTQ requantization on --calib, gguf), options are that format's merge options (`gptq@method=rtn`: GPTQ
+format, round to nearest; `gptq@bits=3@group_size=64`; `gguf@gguf_type=Q6_K`); `+calib` passes --calib to a
+format where it is optional (gguf: importance-weighted scale searches), formats that need it always get it;
+':original' or ':dequantized' chooses the weights the delta is added to (default: merge's 'auto', which the table
+reports as resolved).
 --calib defaults to the run's training data (rendered with its chat template).
 """
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from finetune.merge import MergeConfig, merge
 from finetune.merge.adapter import read_adapter
 from finetune.merge.config import MERGE_INTO, format_options
 from finetune.merge.report import fidelity_many, locate
+from quant.formats.base import REQUIRED
 from quant.formats.registry import output_names
 
 
@@ -41,15 +45,18 @@ def _value(text: str):
 
 def _spec(text: str) -> dict:
     head, _, into = text.partition(":")
+    head, plus, calib = head.partition("+")
+    if plus and calib != "calib":
+        raise SystemExit(f"bad format spec {text!r}: the only '+' suffix is +calib")
     fmt, *opts = head.split("@")
     if fmt not in output_names() or (into and into not in MERGE_INTO) or not all("=" in o for o in opts):
         raise SystemExit(f"bad format spec {text!r} (FORMAT[@OPTION=VALUE...][:INTO], FORMAT one of "
                          f"{', '.join(output_names())})")
     options = {k: _value(v) for k, v in (o.split("=", 1) for o in opts)}
-    return {"label": text, "format": fmt, "options": options, "merge_into": into or "auto"}
+    return {"label": text, "format": fmt, "options": options, "merge_into": into or "auto", "calib": bool(plus)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory (or adapter / checkpoint directory)")
     p.add_argument("--formats", default="bf16,nf4,int8,gptq,gptq@method=rtn")
@@ -65,7 +72,7 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="score outputs already in --out-dir instead of merging again")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared box)")
     p.add_argument("--json", help="write the rows as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -84,7 +91,8 @@ def main() -> None:
                               options=dict(spec["options"]), report=False, overwrite=True, device=device)
             if args.group_size is not None and spec["format"] in format_options().get("group_size", ({}, []))[1]:
                 cfg.options.setdefault("group_size", args.group_size)
-            if cfg.fmt.accepts_calibration():
+            need = cfg.fmt.calibration(cfg.fmt.options(**spec["options"]) if cfg.fmt.options else None)
+            if need == REQUIRED or (need and spec["calib"]):
                 cfg.calib, cfg.calib_samples, cfg.calib_seqlen = calib, args.calib_samples, args.calib_seqlen
             if spec["merge_into"] == "original" and args.base_original:
                 cfg.base_original = args.base_original
@@ -99,7 +107,10 @@ def main() -> None:
                          "encoding": report.get(spec["format"])})
             outputs[spec["label"]] = (out, spec["format"])
             print(f"merged {spec['label']} in {report['stream_seconds']:.1f}s", flush=True)
-        scores = fidelity_many(source, outputs, torch.device(device), args.eval_data, args.eval_max_batches)
+        started = time.perf_counter()
+        scores = fidelity_many(source, outputs, torch.device(device), args.eval_data, args.eval_max_batches,
+                               progress=True)
+        print(f"scored {len(outputs)} outputs in {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         if not args.out_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -119,6 +130,7 @@ def main() -> None:
               f"{ret} | {r['merge_s']:.1f} | {r['peak_anon_increase_mb']:.0f} | {r['size_mb']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return rows
 
 
 if __name__ == "__main__":

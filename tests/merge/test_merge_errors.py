@@ -42,14 +42,38 @@ def test_failed_overwrite_keeps_the_previous_output(nf4_run, tmp_path, monkeypat
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         quiet_merge(nf4_run, out, "bf16", report=False)
 
+    def failing_config(*a, **k):
+        raise _Boom()
+
+    monkeypatch.setattr("finetune.merge.pipeline.write_config", failing_config)
+    with pytest.raises(_Boom):  # fails after every layer was written, before the model is complete: nothing replaced
+        quiet_merge(nf4_run, out, "nf4", overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+def test_a_failed_scoring_keeps_the_complete_merged_model(nf4_run, tmp_path, monkeypatch, capsys):
+    """The model is in place before the fidelity evaluation starts (which can take minutes on CPU): a failure or a
+    Ctrl-C there leaves the new model and its merge report, without a fidelity."""
     def failing_report(*a, **k):
         raise _Boom()
 
     monkeypatch.setattr("finetune.merge.report.fidelity", failing_report)
-    with pytest.raises(_Boom):  # fails after the whole model was written: still nothing replaced
-        quiet_merge(nf4_run, out, "nf4", overwrite=True)
-    assert (out / "model.safetensors").read_bytes() == before
+    out = tmp_path / "out"
+    with pytest.raises(_Boom):
+        quiet_merge(nf4_run, out, "bf16")
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["format"] == "bf16" and "fidelity" not in report and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("finetune.merge.report.fidelity", interrupted)
+    assert main(["merge", str(nf4_run), "--out", str(tmp_path / "ctrl-c"), "--format", "bf16", "-q"]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"interrupted while scoring; the merged model is complete in "
+                                                    f"{tmp_path / 'ctrl-c'} (its merge_report.json has no fidelity)")
+    assert (tmp_path / "ctrl-c" / "model.safetensors").is_file()
 
 
 def _edited_adapter(run, tmp_path, **config):

@@ -13,8 +13,9 @@ import torch
 from finetune.chat import chat, generate_prompts, read_prompts
 from finetune.cli import main
 from finetune.generation import GenConfig, chat_prompt_ids, generate, generate_batch
-from finetune.inference import load, model_format
-from support import chat_rows
+from finetune.inference import load, load_for_generation, model_format
+from quant.formats.registry import output_format
+from support import chat_rows, quiet_merge
 
 PROMPTS = [{"text": "reverse: red blue green"}, {"text": "reverse: gold pink gray"}]
 
@@ -51,6 +52,48 @@ def test_greedy_replies_of_the_adapter_and_its_bf16_merge_agree(wandb_run):
         assert a.text == m.text and a.new_tokens == m.new_tokens > 0
 
 
+def test_an_adapter_is_merged_at_load_for_generation_computing_what_peft_computes(wandb_run):
+    """chat/generate fold the adapter into dense weights once (no 4-bit dequantization per token); the logits are
+    those of the adapter on its NF4 base up to float rounding."""
+    peft = load(wandb_run, torch.device("cpu"))
+    fast = load_for_generation(wandb_run, torch.device("cpu"))
+    assert fast.kind == "adapter" and fast.runner == "transformers" and fast.dtype == peft.dtype == torch.float32
+    linear = {type(m) for m in fast.model.modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
+    assert linear == {torch.nn.Linear}  # no bitsandbytes or peft layers left
+    rows = [chat_prompt_ids(fast.tokenizer, r["messages"]) for r in chat_rows(3, seed=11)]
+    with torch.no_grad():
+        for ids in rows:
+            x = torch.tensor([ids])
+            ref, got = peft.model(x).logits, fast.model(x).logits
+            assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item(), (got - ref).abs().max()
+    cfg = GenConfig(max_new_tokens=12)
+    for ids in rows:
+        merged, adapter = generate(fast.model, fast.tokenizer, ids, cfg), generate(peft.model, peft.tokenizer, ids, cfg)
+        assert merged.text == adapter.text
+
+
+def test_a_gguf_output_runs_in_llama_cpp_with_transformers_greedy_reply(wandb_run, tmp_path, monkeypatch):
+    out = tmp_path / "gguf-f32"
+    quiet_merge(wandb_run, out, "gguf", options={"gguf_type": "F32"}, report=False, device="cpu")
+    # transformers cannot rebuild the tiny byte-level tokenizer from GGUF metadata (SmolLM2's it can): read the
+    # same tokenizer from the run instead, for both runners.
+    run_tokenizer = load(wandb_run, torch.device("cpu")).tokenizer
+    monkeypatch.setattr(type(output_format("gguf")), "load_tokenizer", lambda self, model_dir: run_tokenizer)
+    cpp = load_for_generation(out, torch.device("cpu"))
+    hf = load_for_generation(out, torch.device("cpu"), use_llama_cpp=False)
+    assert (cpp.runner, cpp.kind, hf.runner, hf.kind) == ("llama.cpp", "gguf", "transformers", "gguf")
+    cfg = GenConfig(max_new_tokens=10)
+    for prompt in PROMPTS:
+        ids = chat_prompt_ids(hf.tokenizer, [{"role": "user", "content": prompt["text"]}])
+        a, b = generate(cpp.model, cpp.tokenizer, ids, cfg), generate(hf.model, hf.tokenizer, ids, cfg)
+        assert (a.text, a.new_tokens) == (b.text, b.new_tokens) and a.new_tokens > 0
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert chat(str(out), cfg, stdin=io.StringIO("reverse: red blue green\n"), stdout=stdout, stderr=stderr) == 1
+    assert "gguf model in llama.cpp" in stderr.getvalue() and stderr.getvalue().count("tokens/s]") == 1
+    ids = chat_prompt_ids(hf.tokenizer, [{"role": "user", "content": "reverse: red blue green"}])
+    assert stdout.getvalue().split("assistant> ")[1].startswith(generate(hf.model, hf.tokenizer, ids, cfg).text.strip())
+
+
 def test_batched_generation_equals_one_prompt_at_a_time(wandb_run):
     """Left padding in a batch changes nothing: each prompt gets the completion it gets alone."""
     m = load(wandb_run / "merges" / "bf16", torch.device("cpu"))
@@ -72,7 +115,7 @@ def test_chat_streams_replies_and_keeps_the_conversation(wandb_run):
     out, err = stdout.getvalue(), stderr.getvalue()
     assert out.count("you> ") == 5 and out.count("assistant> ") == 2  # prompted for every line, then end of input
     assert err.count("tokens/s]") == 2 and "(conversation cleared)" in err
-    assert "adapter on its nf4 base" in err
+    assert "adapter merged at load into its nf4 base" in err
     # The streamed text is the reply generate() gives for the same prompt.
     m = load(wandb_run, torch.device("cpu"))
     ids = chat_prompt_ids(m.tokenizer, [{"role": "user", "content": "reverse: red blue green"}])
