@@ -7,43 +7,14 @@ to import every command's module (docs/layout.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-from finetune.console import Prefixed, quiet_libraries, recipe_keys_help, version_line
+from finetune.cli_train import TRAINING, cmd_train, train_parsers
+from finetune.console import Prefixed, quiet_libraries, version_line
 from quant.errors import UserError
-
-SFT_HELP = """\
-Fine-tune LoRA adapters on a quantized base, as described by a recipe YAML file.
-
-The recipe has sections base, lora, data, train, output, tracking, samples (see recipes/quickstart.yaml
-and README.md for every key). Any key can be overridden on the command line with --set, whose value is
-parsed as YAML:
-
-  finetune sft recipes/quickstart.yaml --set train.max_steps=10 --set lora.r=8
-  finetune sft recipes/quickstart.yaml --set base.quantization=int8 --set output.dir=runs/int8
-  finetune sft recipes/quickstart.yaml --set "lora.target_modules=[q_proj, v_proj]"
-
-Output (output.dir): metrics.jsonl (one JSON object per logged step), data_report.json (rows kept/dropped,
-truncated examples, tokens trained on), checkpoint-<step>/ (adapter, optimizer, scheduler, RNG and data
-position; newest train.save_total_limit kept), adapter/ (final peft adapter with tokenizer and resolved
-recipe; load with peft.PeftModel.from_pretrained), recipe.yaml. See them with `finetune report`.
-
-An interrupted run continues from its newest complete checkpoint with --resume and ends with the same
-adapter as an uninterrupted run; --resume where no run ever started is an error (a mistyped output.dir),
---resume-if-present continues a run if there is one and starts one otherwise (for scripts). Multi-GPU:
-accelerate launch --config_file recipes/accelerate/ddp.yaml -m finetune sft RECIPE. The data's first rows
-are checked before the model loads; bad input prints one line naming the key or file and exits with status 2.
-
-Example recipes: recipes/quickstart.yaml (chat jsonl), recipes/sharegpt.yaml (a ShareGPT dump),
-recipes/alpaca.yaml (Alpaca-style JSON), recipes/hub_dataset.yaml (a hub dataset id).
-
-Recipe keys (section.key: values, default):
-{keys}
-"""
 
 MERGE_HELP = """\
 Merge a LoRA adapter into its base and write a model directory that standard tools load as is
@@ -105,23 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="QLoRA fine-tuning on quantized bases.")
     p.add_argument("--version", action=_Version, help="print the versions of finetune and its main libraries")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sft = sub.add_parser("sft", help="train LoRA adapters from a recipe",
-                         description=SFT_HELP.replace("{keys}", recipe_keys_help()),
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sft.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
-    sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe key (dotted path; value parsed as YAML); repeatable")
-    resume = sft.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
-                        "output.dir (one that fails its manifest check is moved aside, with a warning, and the one "
-                        "before used); an error where no run ever started")
-    resume.add_argument("--resume-if-present", action="store_true", help="--resume where a run started in "
-                        "output.dir, else start a new run (for scripts that rerun the same command)")
-    sft.add_argument("--force", action="store_true", help="with --resume: accept recipe changes that alter the rest "
-                     "of the run (learning rate, schedule, max_steps, ...); changes of the seed, data, LoRA shape "
-                     "or batch geometry are refused even so")
-    sft.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    sft.add_argument("-q", "--quiet", action="store_true", help="less library logging")
+    train_parsers(sub)
     _merge_parser(sub)
     _report_parser(sub)
     _chat_parser(sub)
@@ -373,44 +328,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
-    from finetune.data.check import check_data, write_eval_split
-    from finetune.recipe import dump_recipe, load_recipe
-    from finetune.train.rundir import is_run_dir
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.print_recipe:
-        print(dump_recipe(recipe), end="")
-        return 0
-    if args.force and not (args.resume or args.resume_if_present):
-        raise UserError("--force only applies with --resume")
-    resume = args.resume or (args.resume_if_present and is_run_dir(Path(recipe.output.dir).expanduser()))
-    logging.getLogger("finetune").info(check_data(recipe.data))  # the data's first rows, before any model loads
-    from finetune.train.loop import train
-
-    with _sigterm_interrupts():
-        result = train(recipe, resume=resume, force=args.force)
-    written = write_eval_split(recipe.data, recipe.train.seed, result.output_dir)
-    if written is not None:
-        logging.getLogger("finetune").info(f"held-out rows (data.eval_fraction) written to {written}")
-    return 0
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM unwinds like Ctrl-C, so temporary directories are removed on the way out."""
-    import signal
-
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def cmd_merge(args) -> int:
     import signal
 
@@ -445,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # text from users' files may not be encodable
     try:
-        commands = {"sft": cmd_sft, "merge": cmd_merge, "report": cmd_report, "chat": cmd_chat,
-                    "generate": cmd_generate, "eval": cmd_eval}
+        commands = {**{name: cmd_train for name in TRAINING}, "merge": cmd_merge, "report": cmd_report,
+                    "chat": cmd_chat, "generate": cmd_generate, "eval": cmd_eval}
         return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -460,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command == "sft"
+        print("interrupted; continue with --resume (completed checkpoints are kept)" if args.command in TRAINING
               else "interrupted", file=sys.stderr)
         return 130
 

@@ -28,6 +28,7 @@ import yaml
 from finetune.recipe_checks import (DuplicateKey, RecipeError, TooLarge, encodable, parse_yaml,  # noqa: F401
                                     path_or_id, read_yaml, short, target_modules)
 from finetune.exact.target import TARGETS as MERGE_TARGETS
+from finetune.recipe_preference import PreferenceConfig, check_section, command_objective
 from quant.formats.registry import AUTO, base_names
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -152,6 +153,8 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Preference training (DPO, ORPO, KTO; finetune/recipe_preference.py); absent: SFT.
+    preference: Optional[PreferenceConfig] = None
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
@@ -268,8 +271,9 @@ def _build(cls, data, where: str, source: str):
             continue
         full = f"{where}.{name}" if where else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, full, source)
+        section = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)  # Optional[section]
+        if dataclasses.is_dataclass(section):
+            kwargs[name] = _build(section, data[name] if data[name] is not None else {}, full, source)
             continue
         try:
             value = _coerce(data[name], tp)
@@ -309,6 +313,8 @@ def _check_semantics(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: base.model = '{model}': path not found")
     if not recipe.output.dir.strip():
         raise RecipeError(f"{source}: output.dir is empty; name the run's directory, e.g. runs/my-run")
+    if recipe.preference is not None:
+        check_section(recipe.preference, t.micro_batch_size, source)
 
 
 def _exists(value: str) -> bool:
@@ -363,8 +369,10 @@ def _resolve_paths(data: dict, base_dir: Path) -> None:
                 data[section][key] = str(candidate)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, build and validate a recipe. Raises RecipeError (one line) on any problem."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, command: str | None = None) -> Recipe:
+    """Read, override, build and validate a recipe. Raises RecipeError (one line) on any problem.
+
+    `command`: the `finetune` command that runs it (sft, dpo, orpo, kto; recipe_preference.command_objective)."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -373,6 +381,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the recipe must be a mapping with sections base, lora, data, train, output")
     data = apply_overrides(data, overrides or [])
+    if command is not None:
+        command_objective(data, command, source)
     _resolve_paths(data, path.parent)
     return recipe_from_dict(data, source)
 
@@ -384,4 +394,7 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    data = recipe.to_dict()
+    if data["preference"] is None:  # an SFT recipe reads as it did before preference training existed
+        del data["preference"]
+    return yaml.safe_dump(data, sort_keys=False)

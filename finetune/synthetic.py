@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from quant.awq.model import quantize_model_awq, save_awq
 from quant.awq.solver import AWQConfig
@@ -37,7 +38,13 @@ SHAPES = {
                        attention_bias=True),
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    # a mixture of experts: 128 experts of width 768 in every layer, 8 per token (3.3B of 30.5B weights active)
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+                          rope_theta=1000000.0),
 }
+CONFIG_CLASSES = {"qwen2.5-7b": "Qwen2Config", "qwen3-30b-a3b": "Qwen3MoeConfig"}  # the others: LlamaConfig
 
 
 def byte_tokenizer():
@@ -56,10 +63,10 @@ def byte_tokenizer():
 
 def model_config(shape: str, **overrides):
     values = {**SHAPES[shape], "max_position_embeddings": 131072 if shape != "tiny" else 512, **overrides}
-    if shape.startswith("qwen"):
-        values.pop("attention_bias", None)
-        return Qwen2Config(**values)
-    return LlamaConfig(**values)
+    cls = CONFIG_CLASSES.get(shape, "LlamaConfig")
+    if cls == "Qwen2Config":
+        values.pop("attention_bias", None)  # Qwen2's q/k/v always have biases
+    return getattr(transformers, cls)(**values)
 
 
 def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0, **overrides):

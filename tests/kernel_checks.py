@@ -66,10 +66,34 @@ def check_pointwise(device: str, dtype=torch.bfloat16, rows: int = 96, hidden: i
     run("swiglu", P.swiglu, P.swiglu_reference, (a, b), (True, True))
 
 
+def check_rms_norm_offset(device: str, dtype=torch.bfloat16, rows: int = 96, hidden: int = 384) -> None:
+    """Gemma's (1 + w) RMSNorm on the RMSNorm kernels, against its reference and float64, forward and input grad;
+    also over a head_dim of 256 (its q/k norms)."""
+    from finetune.kernels import pointwise as P
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for width in (hidden, 256):
+        x = (torch.randn(2, rows // 2, width, generator=g) * 3).to(device=device, dtype=dtype)
+        w = (torch.randn(width, generator=g) * 0.3).to(device=device, dtype=dtype)
+        dy = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+        outs = []
+        for fn, xin in ((lambda t: P.rms_norm_offset(t, w, 1e-6, 1.0), x),
+                        (lambda t: P.rms_norm_offset_reference(t, w, 1e-6, 1.0), x),
+                        (lambda t: P.rms_norm_offset_reference(t, w.double(), 1e-6, 1.0), x.double())):
+            leaf = _leaf(xin)
+            out, (dx,) = _grads(fn, [leaf], dy.to(xin.dtype))
+            outs.append((out, dx))
+        (y, dx), (y_ref, dx_ref), (y_e, dx_e) = outs
+        assert y.dtype == y_ref.dtype == dtype
+        assert_as_close(f"rms_norm_offset {width} forward", y, y_ref, y_e, dtype)
+        assert_as_close(f"rms_norm_offset {width} grad", dx, dx_ref, dx_e, dtype)
+
+
 if __name__ == "__main__":  # the interpreter run: python kernel_checks.py (with TRITON_INTERPRET=1)
     from finetune.kernels.backend import use_triton
 
     assert use_triton(torch.empty(0)), "Triton is not active here"
     for dt in (torch.float32, torch.bfloat16):
         check_pointwise("cpu", dt, rows=8, hidden=96)
+        check_rms_norm_offset("cpu", dt, rows=8, hidden=96)
     print("KERNEL-CHECKS-OK")

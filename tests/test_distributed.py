@@ -50,8 +50,9 @@ def _write_recipe(path: Path, model_dir, chat_files, out_dir, **sections) -> Pat
     return path
 
 
-def _launch(config: str, recipe: Path, *args: str, console_script: bool = False) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file recipes/accelerate/<config>.yaml -m finetune sft RECIPE ...`."""
+def _launch(config: str, recipe: Path, *args: str, console_script: bool = False,
+            command: str = "sft") -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file recipes/accelerate/<config>.yaml -m finetune <command> RECIPE ...`."""
     bindir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": _pythonpath()}
     if config == "ddp":
@@ -60,7 +61,7 @@ def _launch(config: str, recipe: Path, *args: str, console_script: bool = False)
         env.pop("ACCELERATE_USE_CPU", None)  # it would switch DeepSpeed off
     target = [str(bindir / "finetune")] if console_script else ["-m", "finetune"]
     cmd = [str(bindir / "accelerate"), "launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
-           "--main_process_port", "0", *target, "sft", str(recipe), *args]
+           "--main_process_port", "0", *target, command, str(recipe), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=recipe.parent)
 
 
@@ -318,3 +319,39 @@ def test_mixed_precision_that_would_cast_the_quantized_base_is_refused():
     assert "GPTQ scales" in _problem("DEEPSPEED", 2, 0, "fp16", "gptq")
     assert "AWQ scales" in _problem("DEEPSPEED", 2, 0, "fp16", "awq")
     assert "only FSDP2" in _problem("FSDP", 0, 1, "no", "nf4", "bfloat16")
+
+
+def test_dpo_two_processes_match_one_process(tmp_path, tiny_model_dir, preference_files):
+    """Pairs normalised over the global batch of both ranks; the precomputed reference split over the ranks and
+    summed back: the one-process run's adapter."""
+    sections = {"preference": {"objective": "dpo", "reference": "precomputed"}, "data": {"packing": False}}
+    one = tiny_recipe(tiny_model_dir, *preference_files, tmp_path / "one", **sections,
+                      train={**ONE_PROCESS, "max_steps": 3})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(recipe_from_dict(one), echo=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, *preference_files, tmp_path / "two", **sections,
+                                                 train={**TWO_PROCESSES, "max_steps": 3})))
+    _ok(_launch("ddp", recipe, command="dpo"))
+    assert _max_diff(_adapter(tmp_path / "two" / "adapter"), _adapter(tmp_path / "one" / "adapter")) < 1e-5
+    rows = [_loss_rows(tmp_path / d) for d in ("one", "two")]
+    for key in ("loss", "rewards/margin", "rewards/accuracy"):
+        assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], rel=1e-4, abs=1e-6), key
+
+
+def test_kto_two_processes_reduce_the_kl_estimate_and_evaluate_uneven_shares(tmp_path, tiny_model_dir,
+                                                                             preference_files):
+    """The KL reference point is all-reduced across ranks at every training micro-batch; evaluation, whose 5
+    micro-batches split 3 + 2 over the ranks, takes no such collective (it would wait forever)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(
+        tiny_model_dir, *preference_files, tmp_path / "run", preference={"objective": "kto"},
+        train={"micro_batch_size": 5, "gradient_accumulation": 1, "max_steps": 2, "eval_every": 1})))
+    _ok(_launch("ddp", recipe, command="kto"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 1, 2]
+    assert all(r["kl"] >= 0 and "rewards/accuracy" in r for r in rows if "loss" in r)

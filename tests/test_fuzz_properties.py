@@ -32,13 +32,18 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.di
     st.text(max_size=6), inner, max_size=3), max_leaves=6)
 
 
+def _section(tp):
+    """The section class of a field's type (also an Optional section, as `preference`), else None."""
+    return next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+
+
 def _dotted_keys(cls=Recipe, prefix="") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(tp):
-            keys += _dotted_keys(tp, f"{prefix}{f.name}.")
+        if _section(tp):
+            keys += _dotted_keys(_section(tp), f"{prefix}{f.name}.")
     return keys
 
 
@@ -88,6 +93,8 @@ def test_any_recipe_dict_builds_a_valid_recipe_or_one_line(base_recipe, mutation
         assert str(e).startswith("r.yaml: ") and "\n" not in str(e)
         return
     _check_valid(built)
+    if built.preference is not None:  # a section that built is one its objective can train with
+        assert built.preference.validate() == built.preference
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from kernel_checks import check_pointwise
+from support import run_in_triton_interpreter
 
 from finetune.kernels import pointwise as P
 
@@ -47,17 +45,7 @@ def test_swiglu_backward_twin_matches_autograd():
 
 def test_triton_kernels_in_interpreter():
     """The Triton source runs on CPU under TRITON_INTERPRET=1 (only where triton is installed)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("the compiled kernels are tested on the GPU instead")
-    here = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(here / "kernel_checks.py")], env=env, capture_output=True, text=True,
-                       timeout=600)
-    if "only 0-dimensional arrays" in r.stderr:  # triton 3.6's interpreter vs numpy >= 2.4, not our kernels
-        pytest.skip("this triton's interpreter does not work with the installed numpy (use numpy < 2.4)")
-    assert "KERNEL-CHECKS-OK" in r.stdout, r.stderr[-3000:]
+    run_in_triton_interpreter(Path(__file__).resolve().parent / "kernel_checks.py", "KERNEL-CHECKS-OK")
 
 
 @pytest.mark.gpu

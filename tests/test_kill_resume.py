@@ -1,10 +1,12 @@
-"""`finetune sft` killed with SIGKILL mid-checkpoint and mid-adapter, resumed, ends with exactly the adapter of an
-uninterrupted run, and no kill leaves a damaged checkpoint under its final name (scripts/robustness/kill_resume.py runs
-the same with many more random kills)."""
+"""`finetune sft` (and `finetune dpo`, its reference precomputed) killed with SIGKILL mid-checkpoint and mid-adapter,
+resumed, ends with exactly the adapter of an uninterrupted run, and no kill leaves a damaged checkpoint under its
+final name (scripts/robustness/kill_resume.py runs the same with many more random kills)."""
 
 from __future__ import annotations
 
 import random
+
+import pytest
 
 from scripts.robustness import kill_resume
 
@@ -13,9 +15,10 @@ def _harness():
     return kill_resume
 
 
-def test_killed_runs_resume_to_the_uninterrupted_adapter(tmp_path):
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_killed_runs_resume_to_the_uninterrupted_adapter(tmp_path, objective):
     kr = _harness()
-    recipe = kr.make_inputs(tmp_path)
+    recipe = kr.make_inputs(tmp_path, objective)
     (tmp_path / "reference").mkdir()
     kr.finish(kr.start(recipe, tmp_path / "reference", resume=False))
     cwd = tmp_path / "killed"

@@ -23,9 +23,9 @@ QUANT_LAYERS = (  # top to bottom; each entry is a component (a module or a pack
     ("quant.export", "quant.eval", "quant.peft_support"),
     ("quant.formats",),
     ("quant.gptq", "quant.awq", "quant.ggml"),
-    ("quant.blocks", "quant.feedback", "quant.packed", "quant.grid", "quant.settings", "quant.calibration",
-     "quant.loading", "quant.model_checks", "quant.records", "quant.files", "quant.tensorfiles", "quant.replace",
-     "quant.errors"),
+    ("quant.blocks", "quant.arch", "quant.moe", "quant.feedback", "quant.packed", "quant.grid", "quant.settings",
+     "quant.calibration", "quant.loading", "quant.model_checks", "quant.records", "quant.files", "quant.tensorfiles",
+     "quant.replace", "quant.errors"),
 )
 CORE = len(QUANT_LAYERS) - 1  # the shared core's modules may import one another
 FACES = ("quant",)

@@ -31,7 +31,7 @@ class _Ran(Exception):
 # directory has been settled: lock, clean-up, the refusal of a finished run without --resume).
 WORK = {"merge": "finetune.merge.pipeline.read_adapter", "gptq": "quant.packed._prepare",
         "awq": "quant.packed._prepare", "gguf": "quant.export.resolve_source",
-        "report": "finetune.report.plots.render_all", "generate": "finetune.chat.load_for_generation",
+        "report": "finetune.report.build.render_all", "generate": "finetune.chat.load_for_generation",
         "eval": "finetune.evaluate.load", "sft": "finetune.train.rundir._main_part"}
 
 

@@ -20,9 +20,9 @@ from finetune.data.preference_data import build_preference_data
 from finetune.model import attach_lora
 from finetune.recipe import LoraConfig
 from finetune.train.loss import fusable_head
-from finetune.train.preference import PreferenceObjective
-from finetune.train.preference_config import PreferenceConfig
-from finetune.train.preference_losses import dpo_loss, log1mexp, metric_means
+from finetune.recipe_preference import PreferenceConfig
+from finetune.train.objectives.preference import PreferenceObjective
+from finetune.train.objectives.preference_losses import dpo_loss, log1mexp, metric_means
 from quant.errors import UserError
 
 
@@ -140,14 +140,14 @@ def test_orpo_equals_trl_odds_ratio_and_the_papers_sft_term(tmp_path, tokenizer,
 def test_a_precomputed_reference_gives_the_same_step(tmp_path, tokenizer, model):
     """`reference: precomputed`: log-probs of the base computed once and carried by the batch, no reference pass."""
     from finetune.train.logprobs import reference_log_probs
-    from finetune.train.preference import REFERENCE_KEY
+    from finetune.train.objectives.preference import REFERENCE_KEY
 
     batch = data(tmp_path, tokenizer, pair_rows())
     loss, stats, g = ours(model, batch, objective="dpo")
     head = fusable_head(model, sharded=False)[0]
     batch[REFERENCE_KEY] = reference_log_probs(model, batch, head).sums
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("finetune.train.preference.reference_log_probs", None)  # no reference forward may run
+        patch.setattr("finetune.train.objectives.preference.reference_log_probs", None)  # no reference forward may run
         again, stats_again, g_again = ours(model, batch, objective="dpo")
     assert again == loss and stats_again == stats
     assert_grads_close(g_again, g, tol=1e-7)

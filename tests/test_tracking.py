@@ -47,3 +47,23 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path, tiny_model_dir, ch
     for r in train_rows:
         assert abs(logged[r["step"]]["loss"] - r["loss"]) < 1e-6
     assert any("eval_loss" in row for row in history)
+
+
+def test_a_dpo_run_logs_its_rewards_per_step_and_per_eval_to_wandb(tmp_path, tiny_model_dir, preference_files,
+                                                                    monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    recipe = tiny_recipe(tiny_model_dir, *preference_files, out, train={"max_steps": 2, "eval_every": 1},
+                         tracking={"wandb": {"project": "qlora-tests", "name": "dpo", "mode": "offline"}})
+    recipe["preference"] = {"objective": "dpo", "beta": 0.2}
+    train(recipe_from_dict(recipe), echo=lambda *a: None)
+    config, history = _wandb_history(next((out / "wandb").glob("offline-run-*")))
+    assert config["preference"]["objective"] == "dpo" and config["preference"]["beta"] == 0.2
+    local = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+        steps = {r["step"]: r[name] for r in local if name in r}
+        evals = {r["step"]: r[f"eval_{name}"] for r in local if f"eval_{name}" in r}
+        assert sorted(steps) == [1, 2] and sorted(evals) == [0, 1, 2], name
+        logged = {row["_step"]: row for row in history}
+        assert all(abs(logged[s][name] - v) < 1e-6 for s, v in steps.items()), name
+        assert all(abs(logged[s][f"eval_{name}"] - v) < 1e-6 for s, v in evals.items()), name

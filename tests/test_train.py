@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import tiny_recipe
+from support import Crash, crashing_optimizer, tiny_recipe
 from finetune.recipe import recipe_from_dict
 from finetune.train import setup
 from finetune.train.loop import train
@@ -56,10 +55,6 @@ def test_adapter_loads_with_peft_and_reproduces_the_trained_model(tmp_path, tiny
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, tiny_model_dir, chat_files, monkeypatch):
     sections = dict(train={"max_steps": 8, "save_every": 3, "save_total_limit": 2, "lr_scheduler": "cosine",
                            "warmup_steps": 2, "gradient_accumulation": 2, "micro_batch_size": 2},
@@ -69,22 +64,9 @@ def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, tiny_model_di
 
     crashed = recipe_from_dict(tiny_recipe(tiny_model_dir, *chat_files, tmp_path / "crashed", **sections))
     real_build = setup.build_optimizer
-
-    def crashing_optimizer(*args, **kwargs):
-        opt = real_build(*args, **kwargs)
-        real_step, calls = opt.step, {"n": 0}
-
-        def step(self, *a, **k):
-            calls["n"] += 1
-            if calls["n"] == 5:  # dies inside step 5: checkpoint-3 is the newest complete one
-                raise _Crash()
-            return real_step(*a, **k)
-
-        opt.step = types.MethodType(step, opt)  # a bound method, as the LR scheduler expects
-        return opt
-
-    monkeypatch.setattr(setup, "build_optimizer", crashing_optimizer)
-    with pytest.raises(_Crash):
+    # Dies inside step 5: checkpoint-3 is the newest complete one.
+    monkeypatch.setattr(setup, "build_optimizer", crashing_optimizer(real_build, at_step=5))
+    with pytest.raises(Crash):
         train(crashed, echo=lambda *a: None)
     assert sorted(p.name for p in (tmp_path / "crashed").glob("checkpoint-*")) == ["checkpoint-3"]
     assert not (tmp_path / "crashed" / "adapter").exists()

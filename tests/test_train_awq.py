@@ -14,11 +14,10 @@ from finetune.cli import main as finetune_main
 from finetune.model import load_adapter, load_base
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
-from quant.awq.model import load_awq_model, quantize_model_awq, save_awq
+from quant.awq.model import load_awq_model
 from quant.awq.nn import AWQLinear
-from quant.awq.solver import AWQConfig
 from quant.packed import read_state
-from support import error_line, make_tiny_model, single_thread, tiny_recipe
+from support import awq_base, error_line, single_thread, tiny_recipe
 
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
 LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -26,15 +25,7 @@ LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def awq_dir(tmp_path_factory, tokenizer) -> Path:
-    """The tiny random Llama quantized by our AWQ (4-bit g32, scale and clipping search) on random tokens."""
-    path = tmp_path_factory.mktemp("tiny-awq")
-    model = make_tiny_model(len(tokenizer))
-    calib = [torch.randint(0, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    with single_thread():
-        quantize_model_awq(model, calib, AWQConfig(group_size=32, search_tokens=128).validate(), device="cpu",
-                           progress=False)
-    save_awq(model, path, tokenizer=tokenizer)
-    return path
+    return awq_base(tmp_path_factory.mktemp("tiny-awq"), tokenizer)
 
 
 @pytest.fixture(scope="module")

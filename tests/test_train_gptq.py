@@ -9,26 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import make_tiny_model, tiny_recipe
+from support import gptq_base, tiny_recipe
 from finetune.model import load_adapter, load_base
 from finetune.recipe import recipe_from_dict
 from finetune.train.loop import train
 from quant.errors import UserError
-from quant.gptq.model import load_gptq_model, quantize_model, save_quantized
+from quant.gptq.model import load_gptq_model
 from quant.gptq.nn import QuantLinear
-from quant.gptq.solver import GPTQConfig
 
 
 @pytest.fixture(scope="module")
 def gptq_dir(tmp_path_factory, tokenizer) -> Path:
-    """The tiny random Llama quantized by our GPTQ (4-bit, g32, act-order) on random-token calibration."""
-    path = tmp_path_factory.mktemp("tiny-gptq")
-    model = make_tiny_model(len(tokenizer))
-    calib = [torch.randint(0, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    quantize_model(model, calib, GPTQConfig(bits=4, group_size=32, desc_act=True).validate(), device="cpu",
-                   progress=False)
-    save_quantized(model, path, tokenizer=tokenizer)
-    return path
+    return gptq_base(tmp_path_factory.mktemp("tiny-gptq"), tokenizer)
 
 
 def test_quantlinear_with_lora_matches_float_reference(gptq_dir):

@@ -77,11 +77,13 @@ def test_sft_takes_the_fused_head_only_where_the_recipe_and_the_model_allow_it()
 
 
 class _EchoingSFT(SFTObjective):
-    """SFT that also reports its own loss sum as a metric: logged, it must equal the loss exactly."""
+    """SFT that also reports its own loss (sum, count) as a stat: logged, it must equal the loss exactly."""
+
+    metric_names = ("echo",)
 
     def loss(self, model, batch):
         loss_sum, count, _ = super().loss(model, batch)
-        return loss_sum, count, {"echo": loss_sum.detach()}
+        return loss_sum, count, {"echo": (loss_sum.detach(), count)}
 
 
 def test_an_objectives_metrics_are_reduced_and_logged_like_its_loss(tmp_path, tiny_model_dir, chat_files,

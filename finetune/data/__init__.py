@@ -53,6 +53,12 @@ class DataBundle:
                        shuffle=shuffle, seed=seed, epoch=epoch, start=start, rank=rank, world_size=world_size,
                        pad_to=pad_to)
 
+    def collate(self, examples: list[dict]) -> dict:
+        """One micro-batch of `examples` (collate.py's contract) and `num_tokens`, the tokens it holds."""
+        batch = collate(examples, self.pad_token_id, packed=self.packed)
+        batch["num_tokens"] = sum(len(ex["input_ids"]) for ex in examples)
+        return batch
+
 
 def build_datasets(cfg, tokenizer, seed: int) -> DataBundle:
     """Read, convert, tokenize and pack `cfg.train` (and the eval source) as `cfg` (a recipe DataConfig) says.

@@ -1,4 +1,4 @@
-"""The data checks `finetune sft` runs before any model loads, and the held-out split it leaves in the run.
+"""The data checks the training commands run before any model loads, and the held-out split they leave in the run.
 
 `check_data` reads the first rows of data.train and data.eval and converts them exactly as the pipeline will
 (sources -> format detection -> conversion), so a wrong column, a missing field or an unreadable file is the same
@@ -20,6 +20,7 @@ from quant.files import write_text
 
 from . import split_items
 from .formats import convert, resolve_format
+from .preference import convert_preferences, detect_layout
 from .report import SourceStats
 from .sources import read_rows
 
@@ -28,38 +29,49 @@ EVAL_SPLITS = ("validation", "test", "train")  # as build_datasets reads an eval
 EVAL_SPLIT_FILE = "eval_split.jsonl"
 
 
-def check_data(cfg) -> str:
-    """Read and convert the first PROBE_ROWS rows of data.train (and data.eval); raise the pipeline's UserError
-    for anything it would refuse there. Returns one line saying what was checked and how long it took."""
+def check_data(cfg, preference: bool = False) -> str:
+    """Read and convert the first PROBE_ROWS rows of data.train (and data.eval) as SFT rows, or as preference rows
+    (`preference`: pairs or KTO's labelled completions); raise the pipeline's UserError for anything it would
+    refuse there. Returns one line saying what was checked and how long it took."""
     started = time.perf_counter()
     limit = min(PROBE_ROWS, cfg.max_examples or PROBE_ROWS)
     train = read_rows(cfg.train, cfg.split, limit, what="data.train")
-    fmt, _ = resolve_format(cfg.format, train)
-    convert(train, fmt, SourceStats(train.source))
-    checked = [f"{len(train)} of data.train"]
+    parts = [train]
     if cfg.eval:
-        rows = read_rows(cfg.eval, EVAL_SPLITS[0], PROBE_ROWS, what="data.eval", split_fallbacks=EVAL_SPLITS[1:])
-        convert(rows, fmt, SourceStats(rows.source))
-        checked.append(f"{len(rows)} of data.eval")
+        parts.append(read_rows(cfg.eval, EVAL_SPLITS[0], PROBE_ROWS, what="data.eval", split_fallbacks=EVAL_SPLITS[1:]))
+    if preference:
+        for rows in parts:
+            layout, chat, _ = detect_layout(rows)
+            convert_preferences(rows, layout, chat, SourceStats(rows.source))
+        fmt = f"preference {detect_layout(train)[0]}"
+    else:
+        fmt, _ = resolve_format(cfg.format, train)
+        for rows in parts:
+            convert(rows, fmt, SourceStats(rows.source))
+    checked = [f"{len(train)} of data.train"] + ([f"{len(parts[1])} of data.eval"] if cfg.eval else [])
     return (f"data: first rows checked ({', '.join(checked)}; format '{fmt}') in "
             f"{time.perf_counter() - started:.1f} s")
 
 
-def held_out_rows(cfg, seed: int) -> list[dict]:
-    """The source rows `data.eval_fraction` holds out, as build_datasets splits them (the same seeded pick over
-    the converted rows), in file order."""
+def held_out_rows(cfg, seed: int, preference: bool = False) -> list[dict]:
+    """The source rows `data.eval_fraction` holds out, as the data pipelines split them (the same seeded pick over
+    the converted rows or preference items), in file order."""
     rows = read_rows(cfg.train, cfg.split, cfg.max_examples, what="data.train")
-    fmt, _ = resolve_format(cfg.format, rows)
-    items = convert(rows, fmt, SourceStats(rows.source))
+    if preference:
+        layout, chat, _ = detect_layout(rows)
+        items = convert_preferences(rows, layout, chat, SourceStats(rows.source))
+    else:
+        fmt, _ = resolve_format(cfg.format, rows)
+        items = convert(rows, fmt, SourceStats(rows.source))
     _, held = split_items(items, cfg.eval_fraction, seed)
-    return [dict(rows.data[item.row]) for item in held]
+    return [dict(rows.data[item.row]) for item in sorted(held, key=lambda item: item.row)]
 
 
-def write_eval_split(cfg, seed: int, out_dir: Path) -> Path | None:
+def write_eval_split(cfg, seed: int, out_dir: Path, preference: bool = False) -> Path | None:
     """eval_split.jsonl in `out_dir` when the run held out an eval_fraction (else None); written atomically."""
     if cfg.eval or not cfg.eval_fraction:
         return None
     path = Path(out_dir) / EVAL_SPLIT_FILE
-    rows = held_out_rows(cfg, seed)
+    rows = held_out_rows(cfg, seed, preference)
     write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
     return path

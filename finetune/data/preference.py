@@ -55,6 +55,11 @@ class PreferenceItem:
 # ---------------------------------------------------------------------------------------------- detection
 
 
+def is_preference(columns) -> bool:
+    """Whether rows with these columns hold preference data (any layout) rather than SFT data."""
+    return {"chosen", "rejected"} <= set(columns) or {"prompt", "completion", "label"} <= set(columns)
+
+
 def detect_layout(rows: Rows) -> tuple[str, bool, str]:
     """(layout, rendered with the chat template, the reason for the report), from the columns and first rows."""
     cols = set(rows.columns)

@@ -13,6 +13,7 @@ source; examples (pairs, or KTO examples), truncations and drops per split.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -46,14 +47,25 @@ class PreferenceBundle:
             raise ValueError("this bundle has no eval split")
         for indices in batch_indices(len(dataset), micro_batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                      start=start, rank=rank, world_size=world_size):
-            yield collate_preferences([dataset[i] for i in indices], self.pad_token_id, self.packed, self.max_length)
+            yield self.collate([dataset[i] for i in indices])
+
+    def preferred(self, split: str = "train") -> list[tuple]:
+        """(prompt ids, answer ids) of every chosen (KTO: desirable) answer of `split`."""
+        return [(e["prompt"], e["answers"][0]) for e in (self.train if split == "train" else self.eval)
+                if e["desirable"] is not False]
+
+    def collate(self, examples: list[dict]) -> dict:
+        """One micro-batch of `examples` (preference_collate.py's contract)."""
+        return collate_preferences(examples, self.pad_token_id, self.packed, self.max_length)
 
 
-def build_preference_data(cfg, tokenizer, seed: int, paired: bool) -> PreferenceBundle:
+def build_preference_data(cfg, tokenizer, seed: int, paired: bool | None = None) -> PreferenceBundle:
     """Read, convert, split and tokenize `cfg.train` (and the eval source) for a paired objective (DPO, ORPO) or
-    for KTO (`paired=False`: pairs are split into a desirable and an undesirable example)."""
+    for KTO (`paired=False`: pairs are split into a desirable and an undesirable example); None: as the file's
+    layout is (scoring held-out data)."""
     rows = read_rows(cfg.train, cfg.split, cfg.max_examples, what="data.train")
     layout, chat, reason = detect_layout(rows)
+    paired = layout != "unpaired" if paired is None else paired
     renderer = make_renderer(tokenizer, "chat" if chat else "completion")
     # The examples themselves are not packed (report.packing): packing happens per micro-batch, at collation.
     rendering = renderer.description + ("; the sequences of each micro-batch are packed into rows of max_length"
@@ -79,9 +91,26 @@ def build_preference_data(cfg, tokenizer, seed: int, paired: bool) -> Preference
     train = _encode(items, rows, "train", renderer, cfg.max_length, report)
     evaluation = _encode(eval_items, eval_rows, "eval", renderer, cfg.max_length, report) \
         if eval_items is not None else None
+    if not paired:
+        for split in (train, evaluation):
+            if split:
+                kl_partners(split, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return PreferenceBundle(train, evaluation, report, paired, cfg.packing, pad if pad is not None else 0,
                             cfg.max_length)
+
+
+def kl_partners(examples: list[dict], seed: int) -> None:
+    """KTO's mismatched completions, fixed when the data is built (as TRL builds its KL dataset before training,
+    and so that `reference: precomputed` can score them once): each example takes the completion of the example
+    before it in a seeded permutation, skipping those of the same source row (a pair's other half has the same
+    prompt, so it would be no mismatch). Sets `kl_answer` on every example."""
+    order = list(range(len(examples)))
+    random.Random(f"kto-kl/{seed}").shuffle(order)
+    for pos, k in enumerate(order):
+        partner = next((order[pos - back] for back in range(1, len(order))
+                        if examples[order[pos - back]]["row"] != examples[k]["row"]), order[pos - 1])
+        examples[k]["kl_answer"] = examples[partner]["answers"][0]
 
 
 def _convert(rows: Rows, layout: str, chat: bool, name: str, report: DataReport,

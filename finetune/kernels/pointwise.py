@@ -1,4 +1,5 @@
-"""RMSNorm, rotary embedding and SwiGLU with hand-written backward (Triton), and their plain-PyTorch twins.
+"""RMSNorm, rotary embedding and SwiGLU with hand-written backward (Triton), and their plain-PyTorch twins; Gemma's
+(offset + w) RMSNorm on the same kernels; GeGLU (tanh) and a partial rotary embedding as torch compositions.
 
 `rms_norm`, `rotary` and `swiglu` take the Triton path when `backend.use_triton` says it can run (CUDA, or the
 interpreter in tests) and `kernels=True`; otherwise they compute exactly what transformers' eager modules
@@ -35,12 +36,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype=None):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
-        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
         y, rstd = _tk().rms_norm_fwd(x2d, weight, eps, out_dtype)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.shape, ctx.eps = shape, eps
@@ -57,13 +58,30 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # a trained norm weight (LoRA leaves norms frozen): the eager formula
             h = (x2d.float() * rstd[:, None]).to(x2d.dtype)
             dw = (dy2d.float() * h.float()).sum(0).to(weight.dtype)
-        return (dx.view(ctx.shape) if dx is not None else None), dw, None
+        return (dx.view(ctx.shape) if dx is not None else None), dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: bool = True) -> torch.Tensor:
     if kernels and use_triton(x):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_offset_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """Gemma's RMSNorm: normalised and multiplied by (offset + weight) in fp32, then rounded once to x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (offset + weight.float())).to(x.dtype)
+
+
+def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                    kernels: bool = True) -> torch.Tensor:
+    """RMSNorm multiplying by (offset + weight): Gemma's norms (offset 1.0, also its q/k norms). The Triton path
+    rounds the normalised x to x's dtype before the weight, as the plain RMSNorm kernel does (the eager module
+    does not: one more rounding in bf16, none in fp32)."""
+    if kernels and use_triton(x) and not weight.requires_grad:  # the effective weight: fp32, x's dtype out
+        return _RMSNorm.apply(x, weight.float() + offset, eps, x.dtype)
+    return rms_norm_offset_reference(x, weight, eps, offset)
 
 
 # ------------------------------------------------------------------------------------------------ rotary
@@ -109,6 +127,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: bool 
             cos, sin = cos.contiguous(), sin.contiguous()
         return _Rotary.apply(x, cos, sin)
     return rotary_reference(x, cos, sin)
+
+
+def partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: bool = True) -> torch.Tensor:
+    """The rotary embedding of the first cos.shape[-1] channels of each head, the rest passed on (Phi-4-mini's
+    partial_rotary_factor; transformers' Phi-3 apply_rotary_pos_emb); all channels when cos is as wide as x."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return rotary(x, cos, sin, kernels)
+    return torch.cat([rotary(x[..., :rot], cos, sin, kernels), x[..., rot:]], dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------ SwiGLU
@@ -159,3 +186,8 @@ def swiglu_backward_into(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, ker
     du.copy_(dh * silu)
     dg.copy_(dsilu * sig * (1 + gf * (1 - sig)))
     return dg, du
+
+
+def geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(g) * u (Gemma's gelu_pytorch_tanh MLP), in torch: autograd keeps g, u and the GELU's output."""
+    return F.gelu(g, approximate="tanh") * u

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 
 from finetune.exact.factors import exact_factors
 from finetune.exact.target import NONE, target_of
-from finetune.recipe import BaseConfig, DataConfig, TrackingConfig, TrainConfig, build_section
+from finetune.merge.experts import ExpertFactors, expert_factors
+from finetune.recipe import BaseConfig, DataConfig, PreferenceConfig, TrackingConfig, TrainConfig, build_section
 from finetune.recipe_checks import read_yaml, short
+from quant.arch import describe
 from quant.errors import UserError
 from quant.formats import registry as formats
 from quant.formats.base import BaseSpec, resolve_compute_dtype
@@ -37,7 +39,6 @@ _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) rescales the merged weight by a learned magnitude",
     "lora_bias": "lora_bias adds a trained bias",
     "layer_replication": "layer_replication changes the layer structure",
-    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
     "modules_to_save": "modules_to_save stores fully trained modules",
     "trainable_token_indices": "trainable_token_indices trains embedding rows",
     "alora_invocation_tokens": "aLoRA only activates after its invocation tokens, which a merged weight cannot do",
@@ -75,6 +76,7 @@ class AdapterSource:
     train: TrainConfig | None
     tracking: TrackingConfig | None
     tokenizer_dir: Path
+    preference: PreferenceConfig | None = None  # the run's preference section: a DPO/ORPO/KTO-trained adapter
 
     @property
     def rank(self) -> int:
@@ -210,7 +212,9 @@ def _scale(config: dict, module: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
+def _load_factors(adapter_dir: Path, config: dict, arch=None) -> dict[str, LoraFactors | ExpertFactors]:
+    """{module: LoraFactors} of the Linear adapters and, for a mixture of experts' expert adapters
+    (`target_parameters`, described by `arch`), {fused parameter key: ExpertFactors} (finetune.merge.experts)."""
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.is_file():
         hint = " (only the legacy adapter_model.bin; re-save it with safetensors)" \
@@ -233,6 +237,8 @@ def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
                 raise UserError(f"{adapter_dir}: LoRA on embeddings ({name}) is not supported by merge")
             raise UserError(f"{adapter_dir}: unexpected tensor {key} in adapter_model.safetensors")
     loras = {}
+    if config.get("target_parameters"):
+        loras.update(expert_factors(pairs, config, arch, lambda key: _scale(config, key), adapter_dir))
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise UserError(f"{adapter_dir}: {module} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
@@ -256,10 +262,20 @@ def _load_factors(adapter_dir: Path, config: dict) -> dict[str, LoraFactors]:
 
 def _factors(run: "RunFiles", base: BaseSpec) -> dict:
     """The adapter's factors; an adapter trained for an exact merge (finetune.exact) joined with its base's grid."""
-    loras = _load_factors(run.adapter_dir, run.config)
+    loras = _load_factors(run.adapter_dir, run.config, _architecture(base.model_dir))
     if target_of(run.adapter_dir, run.recipe, run.recipe_path) == NONE:
         return loras
     return exact_factors(loras, base, run.adapter_dir)
+
+
+def _architecture(model_dir: str):
+    """The base's architecture description (None: no config.json to read, or a family the description does not
+    know)."""
+    try:
+        config = read_json_object(Path(model_dir) / "config.json")
+        return describe(config) if config is not None else None
+    except UserError:
+        return None
 
 
 @dataclass
@@ -327,4 +343,5 @@ def read_adapter(path: str | Path | RunFiles, base: str | None = None,
         train=run.section(TrainConfig, "train"),
         tracking=run.section(TrackingConfig, "tracking"),
         tokenizer_dir=adapter_dir if has_tokenizer else Path(base_info.model_dir),
+        preference=run.section(PreferenceConfig, "preference"),
     )

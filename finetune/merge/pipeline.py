@@ -23,15 +23,17 @@ from finetune.merge import report as fidelity_report
 from finetune.merge.adapter import MERGES_DIR, AdapterSource, RunFiles, locate, read_adapter
 from finetune.merge.calibration import calibration_ids
 from finetune.merge.config import MergeConfig
-from finetune.merge.source import block_prefix, plan_units, skeleton
-from finetune.merge.stream import PeakMemory, check_adapter_fits, stream_units
+from finetune.merge.source import block_prefix, disk_tensors, plan_units, skeleton
+from finetune.merge.stream import PeakMemory, check_adapter_fits, expert_shapes, stream_units
 from finetune.merge.writers import write_config, write_extras
 from finetune.recipe import DataConfig
+from quant.arch import describe
 from quant.errors import UserError
 from quant.files import claim_output, disk_needed, staged, write_text
 from quant.formats import registry as formats
 from quant.formats.base import EncodeRequest, Format, Rebuilder, dtype_name
 from quant.loading import local_path, materialize
+from quant.model_checks import read_json_object
 from quant.tensorfiles import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,16 @@ class _OutputSize:
         return disk_needed(int(self.written[0] + per_layer * (self.n_units - 1)), self.max_shard)
 
 
+def _unreadable(fmt: Format, run: RunFiles) -> str | None:
+    """Why the fidelity report will be skipped for this output (fmt.unreadable of the base's config.json, where a
+    local base has one), else None."""
+    for path in run.base_paths():
+        config = read_json_object(Path(path) / "config.json")
+        if config is not None:
+            return fmt.unreadable(config)
+    return None
+
+
 def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     """Merge the LoRA adapter `cfg.adapter` into its base and write a `cfg.format` model directory at `cfg.out`.
 
@@ -148,8 +160,8 @@ def merge(cfg: MergeConfig, echo=print) -> MergeResult:
     """
     cfg = cfg.validate()
     run = locate(cfg.adapter)
-    if cfg.report:  # before any model loads: a merge without eval data once failed after ~50 s of loading
-        fidelity_report.eval_plan(run.section(DataConfig, "data"), run.run_dir, cfg.eval_data)
+    if cfg.report and not _unreadable(cfg.fmt, run):  # before any model loads: a merge without eval data once
+        fidelity_report.eval_plan(run.section(DataConfig, "data"), run.run_dir, cfg.eval_data)  # failed after ~50 s
     for spec in (str(c) for c in cfg.calib or [] if not torch.is_tensor(c)):
         if Path(spec).suffix and not Path(local_path(spec)).exists():
             raise UserError(f"--calib {spec}: no such file")
@@ -172,13 +184,18 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
         fidelity = _score(cfg, source, out, info, f"{fmt.name}, exact", echo) if cfg.report else None
         return MergeResult(out, fmt.name, base_fmt.name, merge_into, len(source.loras),
                            time.perf_counter() - started, {}, info, fidelity)
+    # Refuses an architecture without a description; the base reader (Rebuilder) gives the tensors under the
+    # model's own names (a multimodal class's text part, Mixtral's v4 names, per-expert tensors stacked).
+    arch = describe(ckpt.config)
 
     model = skeleton(ckpt.config)
     prefix, n_layers = block_prefix(model)
+    fused = expert_shapes(model)
     weights = base_fmt.rebuilder(source.base, ckpt, model, device) if merge_into == "dequantized" \
         else Rebuilder(ckpt, device)
-    check_adapter_fits(source.loras, weights.weight_shape, f"{weights.ckpt.path} ({n_layers} layers)")
-    units = plan_units(ckpt.keys(), prefix, n_layers)
+    check_adapter_fits(source.loras, lambda m: weights.weight_shape(m) or fused.get(m),
+                       f"{weights.ckpt.path} ({n_layers} layers)")
+    units = plan_units(ckpt.keys(), prefix, n_layers, arch)
     calib = _calibration(cfg, source)
     encoder = fmt.encoder(EncodeRequest(model, source.base, cfg.out_dtype, device, cfg.options, calib,
                                         source.tokenizer_dir))
@@ -193,11 +210,13 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
     size = _OutputSize(len(units), cfg.max_shard_bytes)
     with staged(out, need=size, kind="merge") as tmp:
         writer = size.writer = encoder.sink(tmp, cfg.max_shard_bytes)
+        # Tensors travel under the model's own names; a Hugging Face directory gets transformers' disk names.
+        add = (lambda t: writer.add(disk_tensors(arch, t))) if encoder.hf_layout else writer.add
         try:
             bar = tqdm(total=len(units), desc=f"merge -> {fmt.name}", unit="layer", disable=not cfg.progress)
             stream_started = time.perf_counter()
             with PeakMemory(device) as mem:
-                merged = stream_units(weights, units, source.loras, encoder, writer.add,
+                merged = stream_units(weights, units, source.loras, encoder, add,
                                       lambda u: (bar.update(1), size.unit_done()))
                 writer.close()
             bar.close()
@@ -212,6 +231,9 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
         info.update(modules_merged=merged, merge_seconds=round(merge_seconds, 2),
                     stream_seconds=round(time.perf_counter() - stream_started, 2), memory=mem.as_dict(),
                     output_bytes=writer.total)
+        unreadable = fmt.unreadable(ckpt.config) if cfg.report else None
+        if unreadable:
+            info["fidelity_skipped"] = unreadable
         fidelity_report.write_report(tmp / "merge_report.json", info)
     # The model is complete and in place before the fidelity evaluation loads anything: a user who stops the
     # scoring keeps it, and sees it at once.
@@ -219,8 +241,11 @@ def _merge(cfg: MergeConfig, run: RunFiles, echo) -> MergeResult:
          f"{fmt.name} in {merge_seconds:.1f}s "
          f"(peak RSS {mem.peak_rss / 2**20:.0f} MiB"
          + (f", GPU {mem.peak_gpu / 2**20:.0f} MiB" if mem.peak_gpu is not None else "") + f"); wrote {out}")
+    if unreadable:
+        echo(f"fidelity report skipped: {unreadable}")
     try:
-        fidelity = _score(cfg, source, out, info, encoder.label or fmt.name, echo) if cfg.report else None
+        fidelity = _score(cfg, source, out, info, encoder.label or fmt.name, echo) \
+            if cfg.report and not unreadable else None
     except KeyboardInterrupt:
         raise ScoringInterrupted from None
     return MergeResult(out, fmt.name, source.base.format, merge_into, merged, time.perf_counter() - started,

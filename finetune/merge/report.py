@@ -8,7 +8,8 @@ the share of the fine-tune's improvement the merged model keeps (1 = all of it, 
 Loss is computed the way training computes it: examples rendered by the training data pipeline with the
 run's data settings (chat template, answer-only labels), next-token cross-entropy over label tokens only.
 KL is averaged over the same label tokens. (a) and (b) are one model: peft with its adapter disabled.
-This is evaluation, not the streaming merge, so it loads whole models.
+This is evaluation, not the streaming merge, so it loads whole models. A preference-trained adapter is measured on
+the chosen answers of held-out pairs, plus the reward accuracy of (b) and (c) on them (preference_report.py).
 
 Bounded and visible: every batch runs three models (a, b, c), and on CPU (a) and (b) go through bitsandbytes'
 4-bit layers, so scoring all 32 held-out ShareGPT rows of 512 tokens took 975 CPU-seconds on 2 cores, longer
@@ -31,6 +32,7 @@ from transformers import AutoTokenizer
 
 from finetune.data import build_datasets, collate
 from finetune.merge.adapter import AdapterSource
+from finetune.merge.preference_report import holds_preferences, preference_eval, reward_accuracy
 from finetune.model import load_adapter, load_base
 from finetune.recipe import DataConfig
 from finetune.train.loss import IGNORE, model_inputs
@@ -89,11 +91,15 @@ def eval_plan(data: DataConfig | None, run_dir: Path | None, eval_data: str | No
     return replace(data, train=path, eval=None, eval_fraction=0.0, packing=False, max_examples=None), origin
 
 
-def eval_examples(source: AdapterSource, tokenizer, eval_data: str | None) -> tuple[list[dict], str]:
-    """Tokenized, unpacked eval examples and where they came from."""
+def eval_examples(source: AdapterSource, tokenizer,
+                  eval_data: str | None) -> tuple[list[dict], str, list[dict] | None]:
+    """Tokenized, unpacked eval examples, where they came from, and the held-out preference pairs of a
+    preference-trained adapter (whose eval examples are then the pairs' chosen answers), else None."""
     cfg, origin = eval_plan(source.data, source.run_dir, eval_data)
+    if source.preference is not None and holds_preferences(cfg.train, cfg.split):
+        return preference_eval(source, tokenizer, cfg, origin)
     bundle = build_datasets(cfg, tokenizer, source.train.seed if source.train else 42)
-    return (bundle.eval if cfg.eval_fraction else bundle.train), origin
+    return (bundle.eval if cfg.eval_fraction else bundle.train), origin, None
 
 
 def load_adapter_model(source: AdapterSource, device: torch.device):
@@ -182,7 +188,7 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
     over the first `max_batches` batches (None: see eval_cap)."""
     model_b, dtype = load_adapter_model(source, device)
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
-    examples, origin = eval_examples(source, tokenizer, eval_data)
+    examples, origin, pairs = eval_examples(source, tokenizer, eval_data)
     merged = {label: load_merged(Path(d), fmt, device, dtype) for label, (d, fmt) in outputs.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batch = source.train.micro_batch_size if source.train else 4
@@ -191,7 +197,11 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
     level = int8_log.level
     int8_log.setLevel(logging.ERROR)
     try:
-        s = measure(model_b, merged, examples, pad, batch, device, eval_cap(max_batches, device), progress)
+        cap = eval_cap(max_batches, device)
+        s = measure(model_b, merged, examples, pad, batch, device, cap, progress)
+        max_length = (source.data or DataConfig()).max_length
+        rewards = reward_accuracy(model_b, merged, pairs, pad, max_length, batch, device, cap) \
+            if pairs else None
     finally:
         int8_log.setLevel(level)
     del model_b, merged
@@ -217,6 +227,11 @@ def fidelity_many(source: AdapterSource, outputs: dict[str, tuple[Path, str]], d
             # With no improvement to keep (gain ~ 0) the ratio is meaningless.
             "retention": (la - lc) / gain if abs(gain) > 1e-6 else None,
         }
+        if rewards is not None:
+            results[label].update({
+                "eval_pairs": rewards["pairs"],
+                "reward_accuracy_adapter": rewards["adapter"][0], "reward_accuracy_merged": rewards[label][0],
+                "reward_margin_adapter": rewards["adapter"][1], "reward_margin_merged": rewards[label][1]})
     return results
 
 
@@ -251,6 +266,10 @@ def table(report: dict, fmt: str, base_quantization: str) -> str:
     lines.append(f"retention (a-c)/(a-b): {ret:.4f}" if ret is not None else "retention: n/a (the adapter did not "
                  "change the eval loss)")
     lines.append(rows_scored(f))
+    if "reward_accuracy_adapter" in f:
+        lines.append(f"reward accuracy on {f['eval_pairs']} held-out pairs: (b) {f['reward_accuracy_adapter']:.4f} "
+                     f"(margin {f['reward_margin_adapter']:.3f} nats), (c) {f['reward_accuracy_merged']:.4f} "
+                     f"(margin {f['reward_margin_merged']:.3f} nats)")
     return "\n".join(lines)
 
 

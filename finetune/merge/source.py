@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from quant.arch.layout import to_disk_tensors
 from quant.blocks import find_blocks
 from quant.errors import UserError
 
@@ -48,17 +49,28 @@ class Unit:
         return "embeddings/norm/head" if self.index is None else f"layer {self.index}"
 
 
-def plan_units(keys: list[str], prefix: str, n_layers: int) -> list[Unit]:
-    """The non-layer tensors first (GPTQ needs the embeddings before layer 0), then the layers in order."""
+def plan_units(keys: list[str], prefix: str, n_layers: int, arch=None) -> list[Unit]:
+    """The non-layer tensors first (GPTQ needs the embeddings before layer 0), then the layers in order. `keys` are
+    the checkpoint's names, `prefix` the model's own (state_dict) name of the block list; `arch` (the description)
+    maps the one to the other."""
     layers: list[list[str]] = [[] for _ in range(n_layers)]
     rest = []
     head = prefix + "."
     for k in keys:
-        if k.startswith(head):
-            idx = k[len(head):].split(".", 1)[0]
+        name = arch.to_memory(k) if arch is not None else k
+        if name.startswith(head):
+            idx = name[len(head):].split(".", 1)[0]
             if idx.isdigit() and int(idx) < n_layers:
                 layers[int(idx)].append(k)
                 continue
             raise UserError(f"checkpoint tensor {k} belongs to no layer of a {n_layers}-layer model")
         rest.append(k)
     return [Unit(None, rest)] + [Unit(i, ks) for i, ks in enumerate(layers)]
+
+
+def disk_tensors(arch, tensors: dict) -> dict:
+    """Tensors under the model's own names as transformers writes them to disk (per-expert weights, Mixtral's v4
+    names, a multimodal prefix: quant.arch.layout); as they are without a description."""
+    if arch is None:
+        return tensors
+    return {k: v for key, t in tensors.items() for k, v in to_disk_tensors(arch, key, t)}

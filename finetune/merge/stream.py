@@ -15,29 +15,36 @@ from typing import Callable
 import torch
 
 from finetune.merge.adapter import AdapterSource, LoraFactors
+from finetune.merge.experts import ExpertFactors
 from finetune.merge.source import Unit, block_prefix, skeleton
 from quant.errors import UserError
 from quant.formats.base import Rebuilder
 from quant.model_checks import read_json_object
 
 
-def check_adapter_fits(loras: dict[str, LoraFactors], shape_of: Callable[[str], tuple | None], base: str,
-                       hint: str = "is --base the model the adapter was trained on?") -> None:
+def check_adapter_fits(loras: dict[str, LoraFactors | ExpertFactors], shape_of: Callable[[str], tuple | None],
+                       base: str, hint: str = "is --base the model the adapter was trained on?") -> None:
     """Every adapted module exists in the base with the weight shape the LoRA factors imply. `shape_of(module)`:
-    the base's (out, in) for a Linear module, None when it has none; `base` names it in the message."""
+    the base's (out, in) for a Linear module, a fused expert parameter's own shape (its key: ExpertFactors), None
+    when it has none; `base` names it in the message."""
     missing, wrong = [], []
     for module, f in sorted(loras.items()):
         shape = shape_of(module)
         if shape is None:
             missing.append(module)
         elif tuple(shape) != f.shape:
-            wrong.append(f"{module} (adapter {f.shape[0]}x{f.shape[1]}, base {shape[0]}x{shape[1]})")
+            wrong.append(f"{module} (adapter {'x'.join(map(str, f.shape))}, base {'x'.join(map(str, shape))})")
     if missing:
         raise UserError(f"adapter/base mismatch: the base {base} has no Linear weight for {len(missing)} adapted "
                         f"modules, e.g. {sorted(missing)[:2]}; {hint}")
     if wrong:
         raise UserError(f"adapter/base mismatch: weight shapes (out x in) differ for {len(wrong)} modules, e.g. "
                         f"{wrong[0]}; {hint}")
+
+
+def expert_shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    """{key: shape} of a skeleton's fused (3-D) expert parameters, what expert adapters (ExpertFactors) adapt."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.dim() == 3}
 
 
 def check_fits_model(source: AdapterSource) -> None:
@@ -48,7 +55,7 @@ def check_fits_model(source: AdapterSource) -> None:
         return  # not a Hugging Face directory: the format's loader says what it is
     model = skeleton(config)
     shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear)}
+              if isinstance(m, torch.nn.Linear)} | expert_shapes(model)
     _, n_layers = block_prefix(model)
     check_adapter_fits(source.loras, shapes.get, f"{source.base.model} ({n_layers} layers)",
                        f"is {source.adapter_dir / 'base.json'} naming the model the adapter was trained on?")
@@ -74,10 +81,12 @@ def merge_unit(tensors: dict[str, torch.Tensor], loras: dict[str, LoraFactors], 
     merged = []
     for key in list(tensors):
         module, _, leaf = key.rpartition(".")
-        if leaf == "weight" and module in loras:
+        target = module if leaf == "weight" and isinstance(loras.get(module), LoraFactors) else \
+            key if isinstance(loras.get(key), ExpertFactors) else None
+        if target is not None:
             W = tensors[key].to(device=device, dtype=torch.float32)
-            tensors[key] = W.add_(loras[module].delta(W.device))
-            merged.append(module)
+            tensors[key] = W.add_(loras[target].delta(W.device))
+            merged.append(target)
     return merged
 
 

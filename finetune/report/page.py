@@ -120,13 +120,19 @@ def _merges_section(runs: list[Run]) -> str:
             size = rep.get("output_bytes")
             rows.append([r.name, str(m.path), m.label, rep.get("merge_into"), f.get("loss_base"),
                          f.get("loss_adapter"), f.get("loss_merged"), f.get("kl_adapter_merged"), f.get("retention"),
-                         rep.get("merge_seconds"), size / 2**20 if size else None])
+                         rep.get("merge_seconds"), size / 2**20 if size else None,
+                         f.get("reward_accuracy_adapter"), f.get("reward_accuracy_merged")])
     if not rows:
         return ("<h2>Merges</h2><p class='note'>No merges found (put them under RUN/merges/NAME, or pass "
                 "--merges DIR).</p>")
     head = ["run", "output", "format", "merged into", "loss (a) base", "loss (b) adapter", "loss (c) merged",
-            "KL(b‖c)", "retention", "merge s", "size MiB"]
-    return "<h2>Merges</h2>" + _table(head, rows, set(range(4, 11)))
+            "KL(b‖c)", "retention", "merge s", "size MiB", "reward acc. (b)", "reward acc. (c)"]
+    if all(row[-1] is None for row in rows):  # no preference-trained adapter among them
+        head, rows = head[:-2], [row[:-2] for row in rows]
+    note = "" if len(head) == 11 else ("<p class='note'>Preference-trained adapters: losses on the chosen answers "
+                                       "of held-out pairs; reward accuracy = share of pairs whose chosen answer "
+                                       "gets the higher log-ratio to the base (a).</p>")
+    return "<h2>Merges</h2>" + note + _table(head, rows, set(range(4, len(head))))
 
 
 def _figure(plot: Plot) -> str:

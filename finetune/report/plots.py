@@ -1,5 +1,6 @@
 """The report's charts as PNG files (matplotlib, headless): each training metric against step and against
-tokens seen, every run overlaid in its own colour, and the merges' fidelity per output format."""
+tokens seen, every run overlaid in its own colour, the preference objectives' rewards (DPO, ORPO, KTO runs), and
+the merges' fidelity per output format."""
 
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ METRICS = [
     Metric("tokens_per_s", "tokens_per_s", "Throughput", "tokens/s"),
     Metric("peak_mem", "peak_mem_mb", "Peak memory", "MiB"),
 ]
+
+
+@dataclass
+class Panel:
+    """Metrics drawn together, each as a line from the train rows and as dots from the eval rows (`eval_<key>`)."""
+
+    name: str
+    title: str
+    ylabel: str
+    keys: tuple[str, ...]
+
+
+PREFERENCE = [
+    Panel("rewards", "Implicit rewards (beta x log-ratio to the reference): chosen, rejected, margin; eval as dots",
+          "reward", ("rewards/chosen", "rewards/rejected", "rewards/margin")),
+    Panel("reward_accuracy", "Reward accuracy: share of pairs whose chosen answer out-rewards the rejected one; "
+          "eval as dots", "accuracy", ("rewards/accuracy",)),
+    Panel("kl", "KTO's KL estimate (the reference point of its rewards); eval as dots", "KL", ("kl",)),
+]
+_STYLES = ("-", "--", ":")
 
 
 def ema(values: list[float], weight: float) -> list[float]:
@@ -153,6 +174,28 @@ def metric_plot(runs: list[Run], metric: Metric, out_dir: Path) -> Plot | None:
     return _save(fig, out_dir, metric.name, metric.title)
 
 
+def panel_plot(runs: list[Run], panel: Panel, out_dir: Path) -> Plot | None:
+    keys = [k for key in panel.keys for k in (key, f"eval_{key}")]
+    if not any(_xy(r, rows, k, "step")[0] for r in runs for rows in (r.train, r.eval) for k in keys):
+        return None
+    fig, axes = _axes(runs, panel.title)
+    colors = _colors(runs)
+    for ax, by in zip(axes, ("step", "tokens")):
+        for run in runs:
+            for key, style in zip(panel.keys, _STYLES):
+                label = f"{run.name} {key.rpartition('/')[2]}" if len(panel.keys) > 1 else run.name
+                xs, ys = _xy(run, run.train, key, by)
+                if xs:
+                    ax.plot(xs, ys, style, color=colors[run.name], marker="." if len(xs) < 50 else None, label=label)
+                ex, ey = _xy(run, run.eval, f"eval_{key}", by)
+                if ex:
+                    ax.plot(ex, ey, "o", linestyle=style, color=colors[run.name], markersize=5, linewidth=1,
+                            alpha=0.8, label=None if xs else f"{label} (eval)")
+        ax.set_ylabel(panel.ylabel)
+    axes[0].legend(fontsize=8)
+    return _save(fig, out_dir, panel.name, panel.title)
+
+
 def merge_plot(runs: list[Run], out_dir: Path) -> Plot | None:
     """Retention and KL(adapter || merged) per merged output, from the merges' fidelity reports."""
     bars = [(f"{run.name}: {m.label}" if len(runs) > 1 else m.label, m.fidelity, run.name)
@@ -192,5 +235,6 @@ def render_all(runs: list[Run], out_dir: Path, smooth: float = 0.6) -> list[Plot
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [loss_plot(runs, out_dir, smooth), eval_plot(runs, out_dir)]
     plots += [metric_plot(runs, m, out_dir) for m in METRICS]
+    plots += [panel_plot(runs, p, out_dir) for p in PREFERENCE]
     plots.append(merge_plot(runs, out_dir))
     return [p for p in plots if p is not None]

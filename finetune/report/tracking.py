@@ -15,7 +15,7 @@ from finetune.report.plots import render_all
 from finetune.report.runs import Run
 
 MERGE_COLUMNS = ["output", "format", "merge_into", "loss_base", "loss_adapter", "loss_merged", "kl_adapter_merged",
-                 "retention", "merge_seconds", "output_bytes"]
+                 "retention", "merge_seconds", "output_bytes", "reward_accuracy_adapter", "reward_accuracy_merged"]
 
 
 def wandb_settings(run: Run) -> dict | None:
@@ -31,7 +31,8 @@ def merge_rows(run: Run) -> list[list]:
         f = m.fidelity or {}
         rows.append([str(m.path), m.label, m.report.get("merge_into"), f.get("loss_base"), f.get("loss_adapter"),
                      f.get("loss_merged"), f.get("kl_adapter_merged"), f.get("retention"),
-                     m.report.get("merge_seconds"), m.report.get("output_bytes")])
+                     m.report.get("merge_seconds"), m.report.get("output_bytes"), f.get("reward_accuracy_adapter"),
+                     f.get("reward_accuracy_merged")])
     return rows
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 from quant.errors import UserError
 
 # The metrics the charts draw: numbers, finite.
-METRICS = ("loss", "eval_loss", "eval_ppl", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb", "tokens", "epoch")
+_PREFERENCE = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "kl")  # DPO, ORPO, KTO
+METRICS = ("loss", "eval_loss", "eval_ppl", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb", "tokens", "epoch",
+           *_PREFERENCE, *(f"eval_{name}" for name in _PREFERENCE))
 MAX_STEP = 10**12
 _NUMBER = (int, float)
-RECIPE_SECTIONS = ("base", "lora", "data", "train", "output", "tracking", "samples")
+RECIPE_SECTIONS = ("base", "lora", "data", "train", "preference", "output", "tracking", "samples")
 
 
 def _number(value) -> bool:
@@ -98,7 +100,8 @@ def check_merge_report(data: dict | None, path: Path) -> dict | None:
         _expect(data.get(key), _NUMBER, path, key, "a number")
     fidelity = data.get("fidelity")
     _expect(fidelity, dict, path, "fidelity", "a mapping")
-    for key in ("loss_base", "loss_adapter", "loss_merged", "kl_adapter_merged", "retention"):
+    for key in ("loss_base", "loss_adapter", "loss_merged", "kl_adapter_merged", "retention",
+                "reward_accuracy_adapter", "reward_accuracy_merged"):
         _expect((fidelity or {}).get(key), _NUMBER, path, f"fidelity.{key}", "a number")
     encoded = data.get(data.get("format")) if isinstance(data.get("format"), str) else None
     if isinstance(encoded, dict):

@@ -4,28 +4,28 @@ An epoch is a seeded permutation of the training sequences cut into micro-batche
 consumes `gradient_accumulation * world_size` consecutive micro-batches of that global order; rank r takes
 every world_size-th of them. A position in training is therefore just (epoch, micro-batches consumed),
 which is what checkpoints store.
+
+The data bundle collates (`bundle.collate(examples)`: SFT's rows, or preference pairs / KTO examples), so the
+order and the sharding here are the same for every objective.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
-from finetune.data import batch_indices, collate
+from finetune.data import batch_indices
 
-
-def _num_tokens(examples) -> int:
-    return sum(len(ex["input_ids"]) for ex in examples)
+Collate = Callable[[list], dict]  # examples -> one micro-batch with its `num_tokens`
 
 
 class BatchStream:
-    def __init__(self, dataset, micro_batch_size: int, gradient_accumulation: int, seed: int, pad_token_id: int,
-                 packed: bool, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset, micro_batch_size: int, gradient_accumulation: int, seed: int, collate: Collate,
+                 rank: int = 0, world_size: int = 1):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation = gradient_accumulation
         self.seed = seed
-        self.pad_token_id = pad_token_id
-        self.packed = packed
+        self.collate = collate
         self.rank = rank
         self.world_size = world_size
         self.global_micro_batches = gradient_accumulation * world_size
@@ -38,10 +38,7 @@ class BatchStream:
         return batch_indices(len(self.dataset), self.micro_batch_size, shuffle=True, seed=self.seed, epoch=epoch)
 
     def _micro_batch(self, order: list[list[int]], index: int) -> dict:
-        examples = [self.dataset[i] for i in order[index]]
-        batch = collate(examples, self.pad_token_id, packed=self.packed)
-        batch["num_tokens"] = _num_tokens(examples)
-        return batch
+        return self.collate([self.dataset[i] for i in order[index]])
 
     def iterate(self, epoch: int = 0, offset: int = 0) -> Iterator[tuple[list[dict], int, int]]:
         """Yield (this rank's micro-batches for one step, epoch, offset) where (epoch, offset) is the position
@@ -58,12 +55,12 @@ class BatchStream:
                 yield micro, epoch, offset
 
 
-def eval_batches(dataset, micro_batch_size: int, pad_token_id: int, packed: bool, rank: int = 0,
-                 world_size: int = 1, max_batches: int | None = None) -> Iterator[dict]:
+def eval_batches(dataset, micro_batch_size: int, collate: Collate, rank: int = 0, world_size: int = 1,
+                 max_batches: int | None = None) -> Iterator[dict]:
     """Eval set in order (partial last batch kept); rank r takes every world_size-th micro-batch."""
     n = (len(dataset) + micro_batch_size - 1) // micro_batch_size
     if max_batches is not None:
         n = min(n, max_batches)
     for b in range(rank, n, world_size):
         examples = [dataset[i] for i in range(b * micro_batch_size, min(len(dataset), (b + 1) * micro_batch_size))]
-        yield collate(examples, pad_token_id, packed=packed)
+        yield collate(examples)

@@ -11,7 +11,7 @@ from finetune.model import LoadedBase
 from finetune.recipe import Recipe, dump_recipe
 from finetune.train.checkpoint import atomic_dir
 from finetune.train.diskspace import disk_space_guard, tensor_bytes
-from finetune.train.evaluate import Baseline, evaluate
+from finetune.train.evaluate import Baseline, describe, evaluate
 from finetune.train.meter import StepMeter
 from finetune.train.samples import generate_samples
 from finetune.train.setup import Run
@@ -45,10 +45,9 @@ def finish(run: Run, before: Baseline, meter: StepMeter) -> TrainResult:
                          "tokens_per_s": meter.tokens_per_s, "wall_s": wall})
     run.tracker.finish()
     if eval_before is not None and eval_after is not None:
-        say(f"eval loss: before {eval_before:.4f} -> after {eval_after:.4f} "
-            f"(ppl {before.eval['eval_ppl']:.2f} -> {after['eval_ppl']:.2f})")
+        say(f"eval before: {describe(before.eval)}\neval after:  {describe(after)}")
     elif eval_after is not None:
-        say(f"eval loss after training: {eval_after:.4f}")
+        say(f"eval after training: {describe(after)}")
     if before.samples and rt.is_main:
         samples = generate_samples(rt.unwrap(run.model), run.base.tokenizer, before.prompts,
                                    run.recipe.samples.max_new_tokens)

@@ -12,9 +12,10 @@ import time
 
 from tqdm.auto import tqdm
 
-from finetune.train.evaluate import evaluate
+from finetune.train.evaluate import describe, evaluate
 from finetune.train.guard import NonFiniteGradient, check_loss, stop as guard_stop
 from finetune.train.meter import StepMeter
+from finetune.train.objectives.base import add_stats, reduce_stats
 from finetune.train.setup import Run
 from finetune.train.tracking import format_metrics
 
@@ -42,26 +43,29 @@ def fit(run: Run) -> StepMeter:
     bar.close()
     return meter
 
+_STEP = "_step_loss"  # the totals' entry for the loss: (summed loss, tokens)
+
 
 def _step(run: Run, micro: list[dict]) -> tuple[float, int, dict[str, float], float]:
     """One optimizer step over this rank's micro-batches: (loss, tokens, objective metrics, grad norm), the
     first three reduced over ranks. A non-finite loss or gradient stops the run before the update."""
     rt, model, objective = run.rt, run.model, run.objective
     units = rt.sum_across(0.0, sum(objective.units(b) for b in micro))[1]
-    loss_sum, tokens, sums = 0.0, 0, {}
+    totals = {}  # the loss (with the step's token count) and the objective's stats, summed on the device
     for i, batch in enumerate(micro):
         batch = rt.to_device(batch)
         with rt.no_sync(model, last=i == len(micro) - 1):
             loss, _, metrics = objective.loss(model, batch)
             # DDP averages gradients over ranks, so scale by world size to get the global-batch mean.
             rt.backward(loss * rt.world_size / max(units, 1))
-        loss_sum += float(loss.detach())
-        tokens += batch["num_tokens"]
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-    loss_sum, tokens = rt.sum_across(loss_sum, tokens)
+        add_stats(totals, {**metrics, _STEP: (loss.detach(), batch["num_tokens"])})
+    # One host transfer and one collective for all of them, after every micro-batch's backward is queued (a read
+    # per micro-batch made the host wait for each backward before it could queue the next forward).
+    reduced = reduce_stats(totals, (_STEP, *objective.metric_names), rt.sum_floats)
+    loss_sum, tokens = reduced.pop(_STEP)
+    tokens = int(tokens)
     step_loss = loss_sum / max(units, 1)
-    metrics = {name: rt.sum_across(value, 0)[0] / max(units, 1) for name, value in sums.items()}
+    metrics = objective.summarize(reduced)
     step = run.state.step + 1
     check_loss(run.recipe, run.out_dir, step, step_loss)  # the same on every rank: all stop together
     try:
@@ -87,6 +91,6 @@ def _after_step(run: Run, meter: StepMeter, grad_norm: float, write) -> None:
         after = evaluate(run)
         if after is not None:
             run.tracker.log(state.step, after)
-            write(f"step {state.step}: eval loss {after['eval_loss']:.4f}")
+            write(f"step {state.step}: eval {describe(after)}")
     if cfg.save_every and state.step % cfg.save_every == 0 and not last:
         run.save_checkpoint()

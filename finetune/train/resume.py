@@ -29,11 +29,13 @@ NEVER = {
     "data.train", "data.eval_fraction", "data.format", "data.max_length", "data.packing", "data.train_on_prompt",
     "data.split", "data.max_examples",
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation", "train.optimizer",
+    "preference", "preference.objective",
 }
 FREE = {
     "base.quant_storage", "data.eval", "output.dir", "description",
     "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit", "train.eval_max_batches",
     "train.gradient_checkpointing",  # recomputation gives the same numbers (RNG state preserved)
+    "preference.reference",  # the same reference log-probs, computed before training or at every step
 }
 FREE_PREFIXES = ("tracking.", "samples.")
 # Changing these is applied to the restored optimizer/scheduler (which would otherwise keep the saved values).
@@ -133,14 +135,19 @@ def reapply_schedule(optimizer, scheduler, cfg: TrainConfig, total_steps: int) -
 
 
 def data_fingerprint(sequences) -> str:
-    """sha256 over every training sequence's tokens, labels and positions, in order."""
+    """sha256 over every training example's tokens, in order: SFT's tokens, labels and positions; a preference
+    example's prompt, answers, KTO label and mismatched completion."""
     h = hashlib.sha256()
     for ex in sequences:
-        for key in ("input_ids", "labels", "position_ids"):
+        for key in ("input_ids", "labels", "position_ids", "prompt", "answers", "kl_answer", "desirable"):
             value = ex.get(key)
-            if value is not None:
-                h.update(key.encode())
-                h.update(np.ascontiguousarray(value).tobytes())
+            if value is None:
+                continue
+            h.update(key.encode())
+            for part in value if key == "answers" else [value]:
+                if key == "answers":  # each answer's length: the same tokens cut elsewhere are other answers
+                    h.update(len(part).to_bytes(8, "little"))
+                h.update(np.ascontiguousarray(part).tobytes())
     return h.hexdigest()
 
 

@@ -46,10 +46,19 @@ def _last_user_text(rendered: str) -> str:
 def prompts_from_examples(examples, count: int) -> list[list[int]]:
     """The prompt tokens (everything before the first trained token) of the first `count` examples.
 
-    Works on packed rows too: position ids restart at 0 at every example, which splits a row into examples.
+    Works on packed rows too: position ids restart at 0 at every example, which splits a row into examples;
+    and on preference examples, which hold their prompt.
     """
     prompts = []
     for ex in examples:
+        if "prompt" in ex:
+            ids = [int(t) for t in ex["prompt"]]
+            if prompts and prompts[-1] == ids:
+                continue  # the two halves of a pair as KTO examples
+            prompts.append(ids)
+            if len(prompts) == count:
+                return prompts
+            continue
         ids, labels = list(ex["input_ids"]), list(ex["labels"])
         positions = list(ex["position_ids"]) if ex.get("position_ids") is not None else list(range(len(ids)))
         starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]

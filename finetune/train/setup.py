@@ -1,5 +1,6 @@
 """The set-up phase of a run: base + LoRA + fast path, data and batch stream, optimizer and schedule, the
-engine's wrapping, the objective, resume state, tracker and run files; all of it held in one `Run`.
+engine's wrapping, the objective (SFT, or the recipe's preference objective with its data and, for
+`reference: precomputed`, the reference pass), resume state, tracker and run files; all of it held in one `Run`.
 
 The order is the order of the random draws: seeded first, LoRA initialised, then a checkpoint (if any)
 restores the generators, so a resumed run continues exactly where the interrupted one left off.
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 
 from finetune.data import DataBundle, build_datasets
+from finetune.data.preference_data import PreferenceBundle, build_preference_data
 from finetune.kernels import install_fast_path
 from finetune.model import LoadedBase, attach_lora, count_parameters, load_base, memory_report
 from finetune.recipe import Recipe, dump_recipe
@@ -25,8 +27,10 @@ from finetune.train.checkpoint import TrainState, write_text_atomic
 from finetune.train.diskspace import disk_space_guard
 from finetune.train.guard import check_weights
 from finetune.train.objectives.base import Objective
+from finetune.train.objectives.preference import PreferenceObjective
 from finetune.train.objectives.sft import SFTObjective
 from finetune.train.optim import build_optimizer, build_scheduler
+from finetune.train.reference_pass import precompute_reference
 from finetune.train.resume import SCHEDULE, check_data, data_fingerprint, reapply_schedule
 from finetune.train.rundir import RunStart
 from finetune.train.strategy.base import Strategy
@@ -47,7 +51,7 @@ class Run:
     say: Callable  # the main process's console (a no-op on the other ranks)
     started: float  # perf_counter() when set-up began: the run's wall time
     base: LoadedBase
-    data: DataBundle
+    data: DataBundle | PreferenceBundle
     stream: BatchStream
     total_steps: int
     model: torch.nn.Module  # as wrapped by the engine (rt.unwrap gives the peft model)
@@ -79,7 +83,9 @@ def setup(recipe: Recipe, rt: Strategy, start: RunStart, spec: BaseSpec, say) ->
     model, optimizer = rt.prepare(model, optimizer, cfg)
     if rt.distributed:
         say(f"distributed: {rt.describe()}")
-    objective = SFTObjective.for_model(rt.unwrap(model), cfg, base.compute_dtype, rt.shards_parameters, say)
+    objective = _objective(recipe, rt, model, base, say)
+    if recipe.preference is not None and recipe.preference.reference == "precomputed":
+        precompute_reference(model, objective, data, cfg.micro_batch_size, rt, say)
     fingerprint = data_fingerprint(data.train)
     state = TrainState(world_size=rt.world_size, data_sha256=fingerprint)
     if start.checkpoint is not None:
@@ -114,18 +120,32 @@ def _model(recipe: Recipe, rt: Strategy, spec: BaseSpec, say) -> tuple[LoadedBas
 
 
 def _data(recipe: Recipe, rt: Strategy, base: LoadedBase, say) -> tuple[DataBundle, BatchStream, int]:
-    """The tokenized data, this rank's stream of step batches, and the run's number of optimizer steps."""
-    cfg = recipe.train
-    data = build_datasets(recipe.data, base.tokenizer, cfg.seed)
+    """The tokenized data (SFT's, or pairs / KTO examples), this rank's stream of step batches, and the run's
+    number of optimizer steps."""
+    cfg, preference = recipe.train, recipe.preference
+    if preference is None:
+        data, what = build_datasets(recipe.data, base.tokenizer, cfg.seed), "sequences"
+    else:
+        data = build_preference_data(recipe.data, base.tokenizer, cfg.seed, preference.paired)
+        what = "pairs" if preference.paired else "examples"
     say("data: " + data.report.summary())
-    stream = BatchStream(data.train, cfg.micro_batch_size, cfg.gradient_accumulation, cfg.seed,
-                         base.tokenizer.pad_token_id, recipe.data.packing, rt.rank, rt.world_size)
+    stream = BatchStream(data.train, cfg.micro_batch_size, cfg.gradient_accumulation, cfg.seed, data.collate,
+                         rt.rank, rt.world_size)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.steps_per_epoch)
     if total_steps < 1 or stream.steps_per_epoch < 1:
-        raise UserError(f"data.train: {len(data.train)} sequences make no full step of "
+        raise UserError(f"data.train: {len(data.train)} {what} make no full step of "
                         f"{stream.global_micro_batches} micro-batches of {cfg.micro_batch_size}; lower "
                         "train.micro_batch_size or train.gradient_accumulation")
     return data, stream, total_steps
+
+
+def _objective(recipe: Recipe, rt: Strategy, model, base: LoadedBase, say) -> Objective:
+    """What the run minimises: SFT, or the recipe's preference section (DPO, ORPO, KTO)."""
+    args = (rt.unwrap(model), recipe.train, base.compute_dtype, rt.shards_parameters, say)
+    if recipe.preference is None:
+        return SFTObjective.for_model(*args)
+    say(f"objective: {recipe.preference.describe()}")
+    return PreferenceObjective.for_model(recipe.preference, *args, mean_across=rt.mean_across)
 
 
 def _write_run_files(run: Run) -> None:

@@ -8,7 +8,9 @@ and the grouping of Linears by shared input are the shared ones (quant.blocks). 
    input (found by watching one forward), or, for o_proj / down_proj, the v_proj / up_proj whose output
    channels map one-to-one onto it. Every fold is checked before use: scaling by random powers of two
    (exact in floating point) must leave the block's output unchanged, else the group is left unscaled.
-   So v -> o is used only without grouped-query attention, and a Gemma-style (1 + weight) norm is skipped.
+   So v -> o is used only without grouped-query attention. A Gemma-style norm multiplies by (1 + weight): its
+   fold divides (1 + weight) by the scales (weight -> (1 + weight) / s - 1, AutoAWQ's Gemma fold), which the
+   same check confirms; divided as a plain norm it would fail the check and leave the group unscaled.
 2. One pass over the calibration samples records, per group, the input statistics (mean |x| and
    H = Σ x xᵀ over all tokens) and the inputs of the smallest module containing the group on
    `search_tokens` tokens. Then group by group, on the float block with earlier folds applied: the scale
@@ -31,16 +33,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quant.arch import describe
 from quant.awq.nn import AWQLinear
 from quant.awq.solver import (AWQConfig, AWQResult, ScaleChoice, group_params, hessian_loss, quantize_weight,
                               search_clip, search_scales)
 from quant.blocks import LayerLog, QuantReport, block_linears, drive_blocks, linear_groups, log_layer, run_block
 from quant.feedback import HessianAccumulator, relative_error, round_on_grid
+from quant.moe.calibration import expert_layers, log_fallbacks, too_few
 
 log = logging.getLogger(__name__)
 
 # A Linear whose output channels are the next group's input channels one-to-one (AutoAWQ's fc -> fc folds).
-LINEAR_FOLDS = {"o_proj": "v_proj", "out_proj": "v_proj", "down_proj": "up_proj"}
+LINEAR_FOLDS = {"o_proj": "v_proj", "out_proj": "v_proj", "down_proj": "up_proj", "w2": "w3"}  # w2/w3: Mixtral's
 # Clipping is not searched for these: their errors reach the output through q·k and the softmax.
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 
@@ -58,6 +62,7 @@ class Fold:
     kind: str  # "norm" or "linear"
     name: str
     module: nn.Module
+    offset: float = 0.0  # a norm multiplying by (offset + weight): Gemma's 1.0
 
 
 def _lca(names: list[str]) -> str:
@@ -98,7 +103,9 @@ def _apply_fold(fold: Fold, group: list[nn.Linear], s: torch.Tensor) -> None:
     """Inputs of `group` become x / s and their weight columns W · s: the float output is unchanged."""
     m = fold.module
     s = s.to(device=m.weight.device, dtype=m.weight.dtype)
-    if fold.kind == "norm":
+    if fold.kind == "norm" and fold.offset:
+        m.weight.add_(fold.offset).div_(s).sub_(fold.offset)
+    elif fold.kind == "norm":
         m.weight.div_(s)
     else:
         m.weight.div_(s.view(-1, 1))
@@ -127,14 +134,14 @@ def _fold_is_exact(block, fold: Fold, group: list[nn.Linear], h, kw) -> bool:
     return math.isfinite(err) and err < 1e-3  # bf16/fp16 GPU kernels may reassociate; wrong folds move it by O(0.1)
 
 
-def _find_folds(block, linears, groups, owner, h, kw) -> dict[str, Fold]:
+def _find_folds(block, linears, groups, owner, h, kw, norm_offset: float = 0.0) -> dict[str, Fold]:
     norms = _norm_producers(block, linears, [g[0] for g in groups], h, kw)
     folds = {}
     for group in groups:
         o = owner[group[0]]
         fold = None
         if o in norms:
-            fold = Fold("norm", *norms[o])
+            fold = Fold("norm", *norms[o], offset=norm_offset)
         elif len(group) == 1:
             parent, _, leaf = group[0].rpartition(".")
             prev = LINEAR_FOLDS.get(leaf)
@@ -235,13 +242,15 @@ def _search_group(linears, group, fold, g: GroupInputs, cfg) -> ScaleChoice | No
     return choice
 
 
-def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: AWQConfig):
+def _quantize_linear(name, lin: nn.Linear, acc: HessianAccumulator | None, cfg: AWQConfig, rtn: bool = False):
+    """`rtn`: plain round-to-nearest on the same grid (an expert with too few calibration tokens, quant.moe)."""
     t0 = time.perf_counter()
     W = lin.weight.data
     H = acc.hessian if acc is not None else None
-    clip = cfg.calibrated and cfg.clip and H is not None and not name.rpartition(".")[2].startswith(NO_CLIP)
+    clip = cfg.calibrated and cfg.clip and H is not None and not rtn and \
+        not name.rpartition(".")[2].startswith(NO_CLIP)
     shrink = search_clip(W, H, cfg) if clip else None
-    if cfg.rounding != "nearest" and H is not None:
+    if cfg.rounding != "nearest" and H is not None and not rtn:
         scale, zero = group_params(W, cfg.bits, cfg.group_size, shrink)
         seed = zlib.crc32(name.encode())  # reproducible, and independent from layer to layer
         dither = torch.Generator().manual_seed(seed) if cfg.rounding == "dithered" else None
@@ -268,7 +277,7 @@ def _scale_entry(prefix, group, fold, choice: ScaleChoice | None) -> dict:
     return e
 
 
-def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report) -> dict[str, AWQResult]:
+def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report, norm_offset=0.0) -> dict[str, AWQResult]:
     linears = block_linears(block)
     results: dict[str, AWQResult] = {}
     if hidden is None:  # data-free round-to-nearest
@@ -277,36 +286,47 @@ def _quantize_block(block, prefix, hidden, kwargs_list, cfg, report) -> dict[str
             report.layers.append(entry)
         return results
     groups, owner = linear_groups(block, linears, hidden[0], kwargs_list[0], true_sequential=True)
-    folds = _find_folds(block, linears, groups, owner, hidden[0], kwargs_list[0]) if cfg.calibrated else {}
+    folds = _find_folds(block, linears, groups, owner, hidden[0], kwargs_list[0], norm_offset) \
+        if cfg.calibrated else {}
     per_sample = hidden[0].shape[-2]
     n_search = min(len(hidden), max(1, math.ceil(cfg.search_tokens / per_sample)))
     subset = {round(i * len(hidden) / n_search) for i in range(n_search)}
     stats = _collect(block, linears, groups, owner, hidden, kwargs_list, subset)
+    experts = expert_layers(block)
+    few = too_few({n: g.acc.n for group, g in zip(groups, stats) for n in group if n in experts},
+                  cfg.expert_min_tokens)
     for group, g in zip(groups, stats):
-        fold = folds.get(owner[group[0]])
+        fold = folds.get(owner[group[0]]) if not few.keys() & set(group) else None
         report.scales.append(_scale_entry(prefix, group, fold, _search_group(linears, group, fold, g, cfg)))
-    accs = [g.acc for g in stats]
-    for group, acc in zip(groups, accs):
+    for group, acc in zip(groups, [g.acc for g in stats]):
         for n in group:
-            if acc.n == 0:
+            if acc.n == 0 and n not in few:
                 log.warning("%s.%s: no calibration token reached this layer; using round-to-nearest", prefix, n)
-            results[n], entry = _quantize_linear(f"{prefix}.{n}", linears[n], acc, cfg)
+            results[n], entry = _quantize_linear(f"{prefix}.{n}", linears[n], acc, cfg, rtn=n in few)
             report.layers.append(entry)
+    fallback = log_fallbacks(prefix, few, cfg.expert_min_tokens)
+    if fallback:
+        report.fallbacks.append(fallback)
     return results
 
 
 def quantize_blocks_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg: AWQConfig, device=None,
-                        progress: bool = True) -> AWQReport:
+                        progress: bool = True, norm_offset: float | None = None) -> AWQReport:
     """Quantize every nn.Linear inside the decoder blocks of `model` in place (they become AWQLinear).
 
     `calib`: a list of [1, T] token id tensors (None is fine for cfg.method 'rtn'). `device`: where blocks
-    are processed (default: where the model is); the model stays on its original device.
+    are processed (default: where the model is); the model stays on its original device. `norm_offset`: the
+    blocks' norms multiply by (norm_offset + weight) (default: as the model's family description says; a model
+    without a config, the merge's one-layer walker, is told by its caller).
     """
     report = AWQReport(method=cfg.method)
+    if norm_offset is None:
+        config = getattr(model, "config", None)
+        norm_offset = describe(config).family.norms.offset if config is not None else 0.0
 
     def quantize_block(block, name, hidden, kwargs_list):
         linears = block_linears(block)
-        results = _quantize_block(block, name, hidden, kwargs_list, cfg, report)
+        results = _quantize_block(block, name, hidden, kwargs_list, cfg, report, norm_offset)
         return {n: AWQLinear.from_codes(r.q, r.scales, r.zeros, r.group_size, bias=linears[n].bias)
                 for n, r in results.items()}
 

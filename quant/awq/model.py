@@ -19,6 +19,7 @@ from quant.awq.pack import PACK, QUANT_METHOD, layer_group_size, quantization_co
 from quant.awq.solver import AWQConfig
 from quant.blocks import decoder_linears
 from quant.errors import UserError
+from quant.moe.convert import prepare_quantization
 from quant.packed import load_packed_model, local_dir, quantize_to_dir, save_packed
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def quantize_model_awq(model: nn.Module, calib: list[torch.Tensor] | None, cfg: 
     absorbed AWQ scales are changed in place too; the model's float function is unchanged by them.
     """
     cfg.validate()
+    prepare_quantization(model, "AWQ")
     check_layers_fit_awq(model, cfg)
     model.eval()
     report = quantize_blocks_awq(model, calib, cfg, device=device, progress=progress)

@@ -1,15 +1,22 @@
 """`AWQLinear`: a packed layer (quant.packed.PackedLinear) that runs an AWQ "gemm" layer straight from its
 checkpoint tensors qweight, qzeros, scales (docs/awq-format.md): forward dequantizes and multiplies (torch unpack +
-cuBLAS on GPUs, the same ops on CPU). peft attaches LoRA through the registry (`quant.peft_support`).
+cuBLAS on GPUs, the same ops on CPU), except for up to quant.packed.GEMV_MAX_ROWS rows on a GPU (decode; 0 = off
+until timed), which the Triton matrix-vector kernel of quant.awq.triton_kernels computes straight from the packed
+words. peft attaches LoRA through the registry (`quant.peft_support`).
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 from quant.awq.kernels import awq_dequantize
 from quant.awq.pack import BITS, PACK, VERSION, encode, group_count
-from quant.packed import PackedLinear
+from quant import packed
+from quant.packed import PackedLinear, gemv_block_k
+
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
 class AWQLinear(PackedLinear):
@@ -44,3 +51,12 @@ class AWQLinear(PackedLinear):
 
     def weight_kn(self, dtype, qweight, qzeros, scales):
         return awq_dequantize(qweight, qzeros, scales, self.group_size, out_dtype=dtype)
+
+    def matmul(self, x, qweight, qzeros, scales):
+        # The kernel applies a group's scale once per block of rows: it needs blocks that lie in one group.
+        if (x.is_cuda and _TRITON and 0 < x.numel() <= packed.GEMV_MAX_ROWS * x.shape[-1]
+                and gemv_block_k(self.group_size, self.in_features, 8)):
+            from quant.awq import triton_kernels  # Triton is optional: imported only where it runs
+
+            return triton_kernels.awq_gemv(x, qweight, qzeros, scales, self.group_size)
+        return super().matmul(x, qweight, qzeros, scales)

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from quant.awq.pack import BITS, GROUP_SIZES, METHODS
+from quant.moe.calibration import expert_min_tokens_setting
 from quant.settings import check, setting
 
 # fp16 cannot hold a smaller normal scale; a group whose whole range is below it is ~zero anyway.
@@ -75,6 +76,7 @@ class AWQConfig:
     decorrelate: float = setting(0.5, "for feedback/dithered rounding: shrink the Hessian's off-diagonal by this "
                                  "fraction, 0..1 (best out of the calibration domain, README 'quant awq')",
                                  valid=lambda d: 0 <= d <= 1, rule="decorrelate must be in [0, 1] (got {value})")
+    expert_min_tokens: int = expert_min_tokens_setting()
 
     @classmethod
     def published(cls, **overrides) -> "AWQConfig":

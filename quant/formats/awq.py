@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from quant.arch import describe
 from quant.awq.blocks import quantize_blocks_awq
 from quant.awq.kernels import dequantize_layer
 from quant.awq.model import check_layers_fit_awq, checkpoint_config, load_awq_model, recorded_settings
@@ -23,6 +24,7 @@ from quant.awq.solver import AWQConfig
 from quant.formats.base import METHOD_HELP, EncodeRequest, option
 from quant.formats.layerwise import LayerwiseEncoder
 from quant.formats.packed_base import PackedFormat, PackedRebuilder
+from quant.moe.convert import prepare_quantization
 from quant.packed import write_quant_config
 
 # The one place where the merge's AWQ differs from `quant awq`: it picks codes by dithered rounding (unbiased
@@ -65,13 +67,14 @@ class AWQEncoder(LayerwiseEncoder):
         self.label = f"awq, {cfg.method}"
 
     def quantize_layer(self, wrapper, index_ids, head):
-        report = quantize_blocks_awq(wrapper, index_ids, self.cfg, device=self.device, progress=False)
+        report = quantize_blocks_awq(wrapper, index_ids, self.cfg, device=self.device, progress=False,
+                                     norm_offset=describe(self.model.config).family.norms.offset)
         for entry in report.scales:
             self.scales.append({**entry, "layers": [head + n.split(".", 2)[-1] for n in entry["layers"]]})
         return report
 
     def quantization_config(self) -> dict:
-        return checkpoint_config(self.cfg)
+        return self.keep_routers(checkpoint_config(self.cfg))
 
     def write_files(self, directory: Path) -> None:
         """quantize_config.json (as `quant awq` writes it) and the per-layer log with the chosen scales."""
@@ -137,6 +140,7 @@ class AWQFormat(PackedFormat):
 
     def encoder(self, request: EncodeRequest):
         cfg = self.awq_config(request.base, request.options)
+        prepare_quantization(request.model, "AWQ", skeleton=True)
         check_layers_fit_awq(request.model, cfg)
         run_dtype = torch.float32 if request.device.type == "cpu" else torch.float16
         return AWQEncoder(request.model, cfg, request.calib, request.device, run_dtype, request.dtype)

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
+from quant.arch import describe
 from quant.errors import UserError
 from quant.model_checks import read_json_object
 from quant.tensorfiles import ShardWriter
 from quant.loading import load_tokenizer
+from quant.moe.layout import memory_tensors
 from quant.settings import setting
 
 REQUIRED, OPTIONAL = "required", "optional"  # Format.calibration
@@ -144,25 +146,47 @@ class ShardingSetup:
 
 
 class Rebuilder:
-    """A checkpoint's tensors, one unit (decoder layer) at a time, as training saw them. This base class passes
-    every tensor through unchanged (an unquantized base, or the original weights); formats override `load`.
+    """A checkpoint's tensors, one unit (decoder layer) at a time, as training saw them, under the model's own
+    (state_dict) names: `read` gives the checkpoint's tensors by their names on disk, a quantized Linear as its
+    float `<module>.weight` (formats override it), and `load` renames them (Mixtral's v4 names, a multimodal
+    prefix) and stacks per-expert weights into a mixture of experts' fused parameters (quant.moe.layout). This base
+    class reads every tensor unchanged (an unquantized base, or the original weights).
 
     `ckpt` is a `quant.tensorfiles.Checkpoint`.
     """
 
     def __init__(self, ckpt, device=None):
         self.ckpt, self.device = ckpt, device
+        self.arch = _described(ckpt.config)
+
+    def disk_name(self, name: str) -> str:
+        """A module or tensor name of the model as the checkpoint writes it."""
+        return self.arch.to_disk(name) if self.arch is not None else name
 
     def weight_shape(self, module: str) -> tuple[int, int] | None:
         """[out, in] of `module`'s weight as training saw it, or None when the checkpoint has no such weight."""
-        key = f"{module}.weight"
+        key = f"{self.disk_name(module)}.weight"
         shape = self.ckpt.shape(key) if key in self.ckpt.file_of else None
         return (shape[0], shape[1]) if shape is not None and len(shape) == 2 else None
 
     @torch.no_grad()
-    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors `keys` by name; a quantized Linear comes back as its float `<module>.weight`."""
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys` (checkpoint names) as training saw them, by checkpoint name."""
         return {k: self.ckpt.get(k, self.device) for k in keys}
+
+    @torch.no_grad()
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys` (checkpoint names) as training saw them, by the model's own names."""
+        return memory_tensors(self.arch, self.read(keys))
+
+
+def _described(config: dict):
+    """The checkpoint's architecture description, None for an architecture the description does not know (its
+    names are taken as they are)."""
+    try:
+        return describe(config)
+    except UserError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------ merge output
@@ -356,6 +380,11 @@ class Format:
 
     def encoder(self, request: EncodeRequest) -> Encoder:
         raise NotImplementedError(f"{self.name} is not a merge output")
+
+    def unreadable(self, config: dict) -> str | None:
+        """Why `load_merged` cannot read this format's output of a model with `config` (the fidelity report is then
+        skipped), or None."""
+        return None
 
     def load_merged(self, out_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         """A merged output, loaded the way its users would, computing in `dtype` (the fidelity report)."""

@@ -14,6 +14,8 @@ says why).
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,8 +23,12 @@ from torch import nn
 
 from quant.errors import UserError
 from quant.formats.base import BaseSpec, EncodeRequest, Format, LinearEncoder, Rebuilder, dtype_name
+from quant.formats.bnb_experts import (STORAGE, NF4Stack, StackWeight, encode_experts, load_experts, nf4_experts,
+                                      round_trip)
 from quant.formats.bnb_lib import (BLOCKSIZE, Bnb4Weight, keep_reference_layout, nn_types, quant_state_tensors,
                                    quantize_4bit, quantize_int8, rebuild_4bit, rebuild_int8)
+from quant.moe.convert import architecture, defuse
+from quant.moe.layout import map_fused
 
 
 def storage_dtype(quant_storage: str, compute: torch.dtype) -> torch.dtype:
@@ -48,17 +54,22 @@ def bnb_linear_names(model: nn.Module, skip_modules=None) -> set[str]:
 
 
 class _BnbRebuilder(Rebuilder):
-    def __init__(self, ckpt, device, names: set[str], rebuild):
+    """The Linears in `names` rebuilt by `rebuild(W)`, a mixture of experts' experts by `experts(W)` per expert
+    and projection (their NF4 storage, quant.formats.bnb_experts)."""
+
+    def __init__(self, ckpt, device, names: set[str], rebuild, experts=None):
         super().__init__(ckpt, device)
-        self.names, self.rebuild = names, rebuild
+        self.names, self.rebuild, self.experts = names, rebuild, experts
 
     @torch.no_grad()
     def load(self, keys):
         out = super().load(keys)
-        for key in keys:
+        for key in list(out):
             module, _, leaf = key.rpartition(".")
             if leaf == "weight" and module in self.names:
                 out[key] = self.rebuild(out[key])
+        if self.experts is not None and self.arch is not None and self.arch.is_moe:
+            map_fused(self.arch, out, lambda _projection, W: self.experts(W))
         return out
 
 
@@ -69,9 +80,16 @@ class Bnb4Encoder(LinearEncoder):
     `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` does to a `dtype`
     checkpoint, so the file equals the ecosystem's own conversion of the merged model."""
 
-    def __init__(self, names, dtype, fmt: "Bnb4Format"):
+    def __init__(self, names, dtype, fmt: "Bnb4Format", arch=None):
         super().__init__(names, dtype, fmt.name)
-        self.fmt = fmt
+        self.fmt, self.arch = fmt, arch
+
+    def __call__(self, layer, tensors):
+        if self.arch is None:
+            return super().__call__(layer, tensors)
+        tensors = dict(tensors)
+        experts = encode_experts(self.arch, tensors, self.fmt.name, self.dtype)
+        return {**super().__call__(layer, tensors), **experts}
 
     def encode_weight(self, module, weight):
         q, state = quantize_4bit(weight, self.fmt.name, True, self.dtype, torch.uint8)
@@ -79,7 +97,9 @@ class Bnb4Encoder(LinearEncoder):
         return {key: q, **{f"{key}.{part}": value for part, value in state.as_dict(packed=True).items()}}
 
     def quantization_config(self):
-        return self.fmt.bnb_config(self.dtype, double_quant=True, storage=torch.uint8).to_dict()
+        config = self.fmt.bnb_config(self.dtype, double_quant=True, storage=torch.uint8).to_dict()
+        # bitsandbytes has no layer for experts: ours load through finetune chat/generate/eval (load_merged)
+        return {**config, "experts_storage": STORAGE} if self.arch is not None else config
 
 
 class Int8Encoder(LinearEncoder):
@@ -127,9 +147,18 @@ class _BnbFormat(Format):
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, **kwargs)
         # Before any forward: an eval pass would otherwise convert 4-bit weights to a CPU bf16 layout for good.
         keep_reference_layout(model)
+        self._experts(model, spec)
         if torch.device(device).type == "cpu":
             _own_unquantized_tensors(model)
         return model
+
+    def _experts(self, model, spec: BaseSpec) -> None:
+        """A mixture of experts' fused expert parameters, which transformers' bitsandbytes path leaves in the compute
+        dtype: quantized here (Bnb4Format) or refused (int8)."""
+        arch = architecture(model)
+        if arch is not None:
+            raise UserError(f"base.quantization = '{self.name}': the {arch.family.title} experts cannot be stored in "
+                            f"{self.title} (bitsandbytes quantizes nn.Linear only); use nf4 or fp4")
 
     def same_grid(self, base):
         return base is self
@@ -175,6 +204,26 @@ class Bnb4Format(_BnbFormat):
     summary = f"bitsandbytes 4-bit serialization with its quantization_config (double quant, blocksize {BLOCKSIZE})"
     layer_class = "Linear4bit"
 
+    def layer_types(self):
+        return super().layer_types() + (NF4Stack,)
+
+    def storage(self, layer):
+        return layer.storage() if isinstance(layer, NF4Stack) else super().storage(layer)
+
+    def _experts(self, model, spec):
+        """Each expert of each MoE layer quantized on its own (quant.formats.bnb_experts), as an expert-by-expert
+        Linear4bit conversion would: transformers loaded the fused parameters in the compute dtype, and drops them
+        layer by layer here (the load's peak holds them all once)."""
+        storage = self._storage(spec)
+        arch = architecture(model)
+        if arch is None:
+            return
+        if storage != torch.uint8:
+            raise UserError(f"base.quant_storage = '{dtype_name(storage)}': the {arch.family.title} experts are "
+                            "stored as uint8 4-bit codes; set base.quant_storage: uint8 (expert storage is not sharded)")
+        nested = bool(spec.settings.get("double_quant", True))
+        defuse(model, lambda path, s, mats: nf4_experts(s, mats, self.name, nested, spec.dtype), arch)
+
     def __init__(self, quant_type: str):
         self.name = quant_type
 
@@ -196,6 +245,8 @@ class Bnb4Format(_BnbFormat):
         return self.bnb_config(spec.dtype, spec.settings.get("double_quant", True), self._storage(spec))
 
     def frozen_weight(self, layer):
+        if isinstance(layer, NF4Stack):
+            return StackWeight(layer)
         # bitsandbytes' dequantize op reads packed uint8 storage; a float quant_storage (for sharding) is refused
         w = layer.weight
         return Bnb4Weight(layer) if w.dtype == torch.uint8 and getattr(w, "quant_state", None) is not None else None
@@ -203,7 +254,8 @@ class Bnb4Format(_BnbFormat):
     def rebuilder(self, spec, ckpt, model, device):
         double_quant, storage = spec.settings.get("double_quant", True), self._storage(spec)
         return _BnbRebuilder(ckpt, device, bnb_linear_names(model),
-                             lambda W: rebuild_4bit(W, self.name, double_quant, spec.dtype, storage))
+                             lambda W: rebuild_4bit(W, self.name, double_quant, spec.dtype, storage),
+                             lambda W: round_trip(W, self.name, double_quant, spec.dtype))
 
     def sharding_problem(self, spec, setup):
         storage = self._storage(spec)
@@ -216,7 +268,23 @@ class Bnb4Format(_BnbFormat):
         return None
 
     def encoder(self, request: EncodeRequest):
-        return Bnb4Encoder(bnb_linear_names(request.model), request.dtype, self)
+        return Bnb4Encoder(bnb_linear_names(request.model), request.dtype, self, architecture(request.model))
+
+    def load_merged(self, out_dir, device, dtype):
+        """A mixture of experts' output: transformers loads all but the experts (its load report, which lists them
+        as missing and the stacks as unexpected, is silenced), then the experts' stacks replace them."""
+        config = json.loads((Path(out_dir) / "config.json").read_text())
+        if (config.get("quantization_config") or {}).get("experts_storage") != STORAGE:
+            return super().load_merged(out_dir, device, dtype)
+        report = logging.getLogger("transformers.modeling_utils")
+        level = report.level
+        report.setLevel(logging.ERROR)
+        try:
+            model = super().load_merged(out_dir, device, dtype)
+        finally:
+            report.setLevel(level)
+        load_experts(model, out_dir, architecture(model), self.name, dtype, torch.device(device))
+        return model
 
 
 class Int8Format(_BnbFormat):

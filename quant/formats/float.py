@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from quant.formats.base import BaseSpec, CastEncoder, EncodeRequest, Format, dtype_name
+from quant.moe.convert import defuse_linear
 
 
 class FloatBase(Format):
@@ -25,6 +26,7 @@ class FloatBase(Format):
 
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=spec.dtype,
                                                      attn_implementation=attn_implementation)
+        defuse_linear(model)  # a mixture of experts: one frozen nn.Linear per expert and projection (quant.moe)
         return model.to(device)
 
 

@@ -17,10 +17,13 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 from torch import nn
 
+from quant.arch import describe
 from quant.blocks import OneLayer, find_blocks
+from quant.errors import UserError
 from quant.formats.base import OPTIONAL, EncodeRequest, Encoder, Format, option
 from quant.formats.layerwise import layer0_inputs
 from quant.ggml.arch import Arch
@@ -30,6 +33,7 @@ from quant.ggml.writer import GGUFSink
 
 FILE = "model.gguf"
 DEFAULT_TYPE = "q4_k_m"  # llama.cpp's usual recommendation: near Q5 quality at 4.8 bits per weight
+TRANSFORMERS_NO_EXPERTS = "transformers cannot read a mixture of experts' GGUF"
 _CHOICES = tuple(t.upper() for t in FILE_TYPES) + tuple(FILE_TYPES)
 
 
@@ -56,7 +60,7 @@ class GGUFEncoder(Encoder):
         self.importance: dict[str, torch.Tensor] | None = {} if self.calib else None
         self.prefix, self.blocks = find_blocks(self.model)
         self.run_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.hidden, self.kwargs, self.held, self.norm = [], [], {}, None
+        self.hidden, self.kwargs, self.held, self.norm = [], None, {}, None
 
     def sink(self, directory: Path, max_shard_bytes: int):
         return GGUFSink(directory / FILE, self.config, self.tokenizer_dir, self.ft.name, self.importance, self.name,
@@ -94,7 +98,7 @@ class GGUFEncoder(Encoder):
         layer = self.blocks[i]
         layer.load_state_dict({k[len(head):]: v.to(self.device, self.run_dtype) if v.is_floating_point() else v
                                for k, v in tensors.items()}, strict=True, assign=True)
-        walk = OneLayer(layer, self.hidden, self.kwargs, advance=True)
+        walk = OneLayer(layer, self.hidden, self.kwargs[i], advance=True)
         energy = collect_importance(walk, OneLayer.index_ids(len(self.hidden)), self.device, progress=False)
         self.importance.update({head + k.removeprefix("layers.0."): v for k, v in energy.items()})
         self.blocks[i] = nn.Module()  # drop the layer: its tensors go to the sink
@@ -102,7 +106,7 @@ class GGUFEncoder(Encoder):
             return tensors
         final = [self.norm(h).float().reshape(-1, h.shape[-1]) for h in self.hidden]
         self.importance["lm_head.weight"] = (sum(x.pow(2).sum(0) for x in final) / sum(len(x) for x in final)).cpu()
-        self.hidden, self.kwargs = [], []
+        self.hidden, self.kwargs = [], None
         held, self.held = self.held, {}
         return {**tensors, **held}
 
@@ -112,8 +116,8 @@ class GGUFFormat(Format):
     label = "GGUF"
     summary = ("one .gguf file for llama.cpp / Ollama (--out/model.gguf): our K-quant/legacy block quantizers "
                "under llama.cpp's per-tensor mixes (--gguf-type, default Q4_K_M); --calib weights the scale "
-               "searches by the merged model's activation energy (llama.cpp's importance matrix). Llama, Mistral "
-               "and Qwen2 architectures.")
+               "searches by the merged model's activation energy (llama.cpp's importance matrix). Every "
+               "architecture llama.cpp runs (docs/architectures.md).")
     output = True
     fixed_dtype = True  # each tensor's type comes from --gguf-type
     options = GGUFOptions
@@ -128,7 +132,20 @@ class GGUFFormat(Format):
     def load_merged(self, out_dir: Path, device, dtype):
         from transformers import AutoModelForCausalLM
 
+        experts = _expert_count(Path(out_dir) / FILE)
+        if experts:
+            # transformers 5.24's GGUF reader takes a qwen3moe expert's width from the dense key (its 768 default
+            # for a tiny model's 32) and refuses the file; llama.cpp reads it (tests/test_architectures_moe.py).
+            raise UserError(f"{Path(out_dir) / FILE}: {TRANSFORMERS_NO_EXPERTS} ({experts} experts per layer); run it "
+                            "with llama.cpp / Ollama")
         return AutoModelForCausalLM.from_pretrained(str(out_dir), gguf_file=FILE, dtype=dtype).to(device).eval()
+
+    def unreadable(self, config: dict) -> str | None:
+        try:
+            moe = describe(config).is_moe
+        except UserError:
+            moe = False
+        return TRANSFORMERS_NO_EXPERTS if moe else None
 
     def stores(self, config: dict) -> bool:
         return False  # a GGUF output has no config.json; llama.cpp and transformers (gguf_file) read it
@@ -143,3 +160,12 @@ class GGUFFormat(Format):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
+
+
+def _expert_count(path: Path) -> int:
+    """llama.cpp's `<arch>.expert_count` of a GGUF file (0 for a dense model)."""
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"]
+    name = bytes(arch.parts[arch.data[0]]).decode()
+    field = reader.fields.get(f"{name}.expert_count")
+    return int(field.parts[field.data[0]][0]) if field is not None else 0

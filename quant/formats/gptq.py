@@ -23,6 +23,7 @@ from quant.gptq.nn import GPTQLinear
 from quant.gptq.pack import (PARTS, QUANT_METHOD, quantization_config, read_quant_config, resolve_checkpoint_format,
                              zero_offset)
 from quant.gptq.solver import METHODS, GPTQConfig
+from quant.moe.convert import prepare_quantization
 from quant.packed import write_quant_config
 
 
@@ -62,7 +63,7 @@ class GPTQEncoder(LayerwiseEncoder):
                                progress=False)
 
     def quantization_config(self) -> dict:
-        return quantization_config(self.cfg, self.format)
+        return self.keep_routers(quantization_config(self.cfg, self.format))
 
     def write_files(self, directory: Path) -> None:
         """quantize_config.json (format doc A6: repeated for AutoGPTQ-style readers) and the per-layer log."""
@@ -126,6 +127,7 @@ class GPTQFormat(PackedFormat):
 
     def encoder(self, request: EncodeRequest):
         cfg = self.gptq_config(request.base, request.options)
+        prepare_quantization(request.model, "GPTQ", skeleton=True)
         check_layers_fit(request.model, cfg)
         run_dtype = torch.float32 if request.device.type == "cpu" else torch.float16
         return GPTQEncoder(request.model, cfg, resolve_checkpoint_format(cfg.sym), request.calib, request.device,

@@ -18,9 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.blocks import LayerLog, OneLayer, QuantReport, capture_inputs, find_blocks, run_block
+from quant.blocks import BlockKwargs, LayerLog, OneLayer, QuantReport, capture_inputs, find_blocks, run_block
 from quant.errors import UserError
 from quant.formats.base import Encoder
+from quant.moe.convert import architecture
+from quant.moe.layout import defused_tensors
+from quant.packed import with_router_kept
 
 
 def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
@@ -34,9 +37,10 @@ def _replace_with_meta(module: nn.Module, skip_prefix: str) -> None:
 
 @torch.no_grad()
 def layer0_inputs(model, prefix: str, blocks, tensors: dict[str, torch.Tensor], calib: list[torch.Tensor], device,
-                  run_dtype) -> tuple[list, list]:
-    """The calibration inputs of decoder layer 0 (hidden states, keyword arguments per window): the tensors outside
-    the layers (embeddings, ...) are loaded into the skeleton `model`, run on `calib`, and dropped again."""
+                  run_dtype) -> tuple[list, BlockKwargs]:
+    """The calibration inputs of decoder layer 0 (hidden states per window) and every layer's keyword arguments
+    (quant.blocks.BlockKwargs): the tensors outside the layers (embeddings, ...) are loaded into the skeleton
+    `model`, run on `calib`, and dropped again."""
     state = {k: v.to(device, run_dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -65,12 +69,14 @@ class LayerwiseEncoder(Encoder):
     def __init__(self, model, calibrated: bool, calib: list[torch.Tensor] | None, device: torch.device,
                  run_dtype: torch.dtype, out_dtype: torch.dtype):
         self.model = model
+        self.arch = architecture(model)  # a mixture of experts: layers take the experts per expert (quant.moe)
         self.prefix, self.blocks = find_blocks(model)
         self.calib, self.device = calib, device
         self.run_dtype, self.out_dtype = run_dtype, out_dtype
         self.hidden: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
+        self.kwargs: BlockKwargs | None = None
         self.layers: list[LayerLog] = []
+        self.fallbacks: list[dict] = []  # experts rounded to nearest for too few calibration tokens, per layer
         self.calibrated = calibrated
         if self.calibrated and not calib:
             raise ValueError(f"{type(self).__name__} needs calibration token ids")
@@ -80,11 +86,16 @@ class LayerwiseEncoder(Encoder):
         checkpoint prefix ('model.layers.3.'), for names in the report."""
         raise NotImplementedError
 
+    def keep_routers(self, qconfig: dict) -> dict:
+        """The output's quantization_config, a mixture of experts' routers listed as not converted."""
+        return with_router_kept(qconfig, self.arch) if self.arch is not None else qconfig
+
     def log(self) -> dict:
         """The per-layer log (quant_log.json): every quantized Linear's relative output error."""
         layers = [vars(entry) for entry in self.layers]
         errs = [entry["rel_error"] for entry in layers if entry["rel_error"] is not None]
-        return {"mean_rel_error": sum(errs) / len(errs) if errs else None, "layers": layers}
+        return {"mean_rel_error": sum(errs) / len(errs) if errs else None, "layers": layers,
+                **({"expert_fallbacks": self.fallbacks} if self.fallbacks else {})}
 
     def __call__(self, layer: int | None, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if layer is None:
@@ -103,21 +114,22 @@ class LayerwiseEncoder(Encoder):
         head = f"{self.prefix}.{i}."
         layer = self.blocks[i]
         state = {k[len(head):]: v.to(self.device, self.run_dtype) if v.is_floating_point() else v.to(self.device)
-                 for k, v in tensors.items()}
+                 for k, v in defused_tensors(self.arch, tensors).items()}
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             raise UserError(f"layer {i}: merged tensors do not fit the model: {str(e).splitlines()[-1].strip()}") \
                 from None
-        wrapper = OneLayer(layer, self.hidden, self.kwargs)
+        wrapper = OneLayer(layer, self.hidden, self.kwargs[i] if self.calibrated else [])
         index_ids = OneLayer.index_ids(len(self.hidden)) if self.calibrated else None
         report = self.quantize_layer(wrapper, index_ids, head)
         for entry in report.layers:
             entry.name = head + entry.name.split(".", 2)[-1]
             self.layers.append(entry)
+        self.fallbacks += [{**f, "block": head.rstrip(".")} for f in report.fallbacks]
         if self.calibrated and i + 1 < len(self.blocks):
             for j in range(len(self.hidden)):  # the next layer sees this layer's quantized outputs
-                self.hidden[j] = run_block(layer, self.hidden[j], self.kwargs[j])
+                self.hidden[j] = run_block(layer, self.hidden[j], self.kwargs[i][j])
         quantized = {n for n, m in layer.named_modules() if isinstance(m, self.packed)}
         out = {}
         for k, v in layer.state_dict().items():

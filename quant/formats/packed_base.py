@@ -38,14 +38,15 @@ class PackedRebuilder(Rebuilder):
         raise NotImplementedError
 
     def weight_shape(self, module):
-        if f"{module}.qweight" in self.ckpt.file_of:
-            return self.ckpt.shape(f"{module}.scales")[1], self.ckpt.shape(f"{module}.{self.in_features_of}")[0]
+        disk = self.disk_name(module)
+        if f"{disk}.qweight" in self.ckpt.file_of:
+            return self.ckpt.shape(f"{disk}.scales")[1], self.ckpt.shape(f"{disk}.{self.in_features_of}")[0]
         return super().weight_shape(module)
 
     @torch.no_grad()
-    def load(self, keys):
+    def read(self, keys):
         out, packed = {}, {}
-        for key, t in super().load(keys).items():
+        for key, t in super().read(keys).items():
             module, _, leaf = key.rpartition(".")
             if leaf in self.parts:
                 packed.setdefault(module, {})[leaf] = t

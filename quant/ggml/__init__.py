@@ -5,7 +5,8 @@
 - `kquants`  Q4_K, Q5_K, Q6_K (super-blocks of 256)
 - `types`    one table of the tensor types: block geometry, quantizer, decoder; F32/F16/BF16 passthrough
 - `mix`      file types (bf16, q8_0, q4_k_m, ...): which type each tensor gets, as llama.cpp's quantizer decides
-- `arch`     Llama/Mistral/Qwen2 config -> GGUF metadata, tensor names, Q/K row permutation
+- `arch`     a config -> llama.cpp's architecture metadata and needed tensors, per family (quant.arch); refusals
+- `tensors`  HF tensors -> GGUF tensors: names, expert splits, Q/K row permutation, Gemma's norm offset
 - `vocab`    tokenizer -> GGUF tokenizer metadata
 - `imatrix`  per-column activation energy from calibration data (the importance the K-quant search weights by)
 - `writer`   `write_gguf`: a stream of (HF name, float tensor) -> one .gguf file, written atomically

@@ -1,13 +1,16 @@
-"""File types and llama.cpp's per-tensor choice of tensor type (src/llama-quant.cpp, dense models).
+"""File types and llama.cpp's per-tensor choice of tensor type (src/llama-quant.cpp).
 
 A file type such as Q4_K_M names a default tensor type (Q4_K) and a mix: which tensors get more bits.
 For the types we write, llama.cpp decides:
 - 1-D tensors and norms stay F32; float file types store every other tensor in their float type.
 - The output head, or the token embedding when it doubles as the head (tied), gets Q6_K, or Q8_0 when its rows
   do not fit the default type's block (or the file is Q8_0).
-- Q4_K_M / Q5_K_M: attn_v and ffn_down of the layers `use_more_bits` picks (the first and last eighth, and every
-  third one between) get Q6_K; in a 70B-class model (80 layers, grouped KV heads) the other attn_v get Q5_K.
+- Q4_K_M / Q5_K_M: attn_v (or a fused attn_qkv) and ffn_down (ffn_down_exps too) of the layers `use_more_bits`
+  picks (the first and last eighth, and every third one between) get Q6_K; in a 70B-class model (80 layers, grouped
+  KV heads) the other attn_v get Q5_K.
+- 8 experts (Mixtral's shape): attn_v and attn_k get Q8_0, attn_output Q5_K in Q4_K_M.
 - Q4_0 with an importance matrix: ffn_down of the first eighth of the layers gets Q4_1.
+- A MoE router (ffn_gate_inp) is never quantized.
 - Fallback: a K-type whose 256-block does not divide the row length (SmolLM2's 576) becomes Q4_K -> Q5_0,
   Q5_K -> Q5_1, Q6_K -> Q8_0; a type that still does not fit becomes F16.
 """
@@ -61,6 +64,7 @@ class ModelShape:
     tied_embeddings: bool
     large: bool = False  # llama.cpp's LLM_TYPE_70B: 80 layers with grouped KV heads
     has_importance: bool = False
+    n_expert: int = 0
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -68,7 +72,8 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name and \
+        "ffn_gate_inp.weight" not in name
 
 
 def _mixed(name: str, row: int, ft: FileType, model: ModelShape) -> G:
@@ -79,9 +84,14 @@ def _mixed(name: str, row: int, ft: FileType, model: ModelShape) -> G:
         if not tensor_type(ft.default).fits(row):
             return G.Q8_0
         return G.Q8_0 if ft.default == G.Q8_0 else G.Q6_K
-    if "attn_v.weight" in name:
+    if "attn_v.weight" in name or "attn_qkv.weight" in name:
         t = G.Q6_K if km and use_more_bits(i, model.n_layer) else ft.default
-        return G.Q5_K if model.large and t in (G.Q3_K, G.Q4_K) else t
+        t = G.Q5_K if model.large and t in (G.Q3_K, G.Q4_K) else t
+        return G.Q8_0 if model.n_expert == 8 else t
+    if "attn_k.weight" in name and model.n_expert == 8:
+        return G.Q8_0
+    if "attn_output.weight" in name and model.n_expert == 8 and ft.name == "q4_k_m":
+        return G.Q5_K
     if "ffn_down" in name:
         if km and use_more_bits(i, model.n_layer):
             return G.Q6_K

@@ -1,6 +1,6 @@
 """The tokenizer as GGUF metadata (tokenizer.ggml.*, tokenizer.chat_template), read once before any weight.
 
-- Byte-level BPE (GPT-2 style: Llama-3, Qwen2, SmolLM, Mistral-Nemo): model `gpt2`, tokens in id order with
+- Byte-level BPE (GPT-2 style: Llama-3, Qwen2/3, SmolLM, Mistral-Nemo/Tekken, gpt-oss's o200k): model `gpt2`, tokens in id order with
   their types, merges, and the pre-tokenizer llama.cpp must reproduce, recognised from tokenizer.json's own
   pre-tokenizer (split regex, digit splitting) rather than from a table of tokenizer hashes.
 - SentencePiece (Llama-2, Mistral-7B): model `llama` with scores, from tokenizer.model when the
@@ -34,7 +34,11 @@ _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 _TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
            r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
            r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLIT_PRE = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2", _TEKKEN: "tekken"}
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS +
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS +
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # gpt-oss (o200k)
+_SPLIT_PRE = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2", _TEKKEN: "tekken", _O200K: "gpt-4o"}
 
 
 @dataclass

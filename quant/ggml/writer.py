@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType as G
 from tqdm.auto import tqdm
 
+from quant.arch.layout import ExpertStacker
 from quant.errors import UserError
 from quant.files import staged
 from quant.ggml.arch import Arch
@@ -99,6 +100,7 @@ class GGUFSink:
         self.spill = open(self.spill_path, "wb")
         self.spilled: list[_Spilled] = []
         self.seen: set[str] = set()
+        self.stacker = ExpertStacker(self.arch.desc)  # per-expert checkpoint tensors -> the fused stacks
         self.total = 0
         self.expected = self.arch.expected()
         extras = self.arch.extra_tensors()
@@ -109,21 +111,21 @@ class GGUFSink:
 
     def shape(self) -> ModelShape:
         return ModelShape(self.arch.n_layer, self.arch.tied, self.arch.large,
-                          has_importance=self.importance is not None)
+                          has_importance=self.importance is not None, n_expert=self.arch.n_expert)
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Quantize and spill (HF name, float tensor) pairs; names llama.cpp has no use for (a tied head) are
-        skipped."""
-        for hf_name, t in tensors.items():
-            gname = self.arch.gguf_name(hf_name)
-            if gname is not None:
-                self._add(hf_name, t, gname)
+        """Quantize and spill (HF name, float tensor) pairs, in the checkpoint's names or the model's own; one HF
+        tensor may make several GGUF tensors (quant.ggml.tensors), names llama.cpp has no use for (a tied head)
+        none."""
+        for key, t in tensors.items():
+            for hf_name, tensor in self.stacker.add(key, t):
+                for target in self.arch.targets(hf_name):
+                    self._add(hf_name, target.make(tensor.detach()), target.name)
 
-    def _add(self, hf_name: str, t: torch.Tensor, gname: str) -> None:
+    def _add(self, hf_name: str, data: torch.Tensor, gname: str) -> None:
         if gname in self.seen:
             raise UserError(f"tensor {hf_name!r} appears twice in the stream (as {gname})")
         self.seen.add(gname)
-        data = self.arch.prepare(gname, t.detach())
         ggml = choose(gname, tuple(data.shape), self.ft, self.shape())
         imp = _importance_for(hf_name, gname, self.arch, self.importance)
         try:
@@ -141,6 +143,7 @@ class GGUFSink:
         self.bar.close()
         self.spill.close()
         try:
+            self.stacker.close()
             missing = [n for n in self.expected if n not in self.seen]
             if missing:
                 raise UserError(f"the tensor stream ended without {len(missing)} tensors llama.cpp needs, e.g. "
@@ -169,7 +172,8 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping, tok
     tensors    (HF name, float tensor) pairs in any order, e.g. layer by layer as a merge produces them; names
                as in the model's state_dict ("model.layers.3.mlp.down_proj.weight"); a tied "lm_head.weight" is
                skipped. Each tensor is quantized and released before the next is pulled.
-    config     the HF config (config.json as a dict, or a PretrainedConfig): Llama, Mistral or Qwen2.
+    config     the HF config (config.json as a dict, or a PretrainedConfig) of a family quant.arch describes
+               and llama.cpp runs (quant.ggml.arch says what each needs and what is refused).
     tokenizer  a directory with the HF tokenizer files, or a .gguf file whose tokenizer metadata is copied.
     out        the .gguf path; written under a temporary name next to it (quant.files.staged) and renamed when
                complete, so an existing file is replaced only then.

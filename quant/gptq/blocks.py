@@ -8,6 +8,7 @@ passes cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -19,6 +20,7 @@ from quant.feedback import HessianAccumulator, relative_error
 from quant.gptq.nn import GPTQLinear
 from quant.gptq.pack import V1
 from quant.gptq.solver import GPTQConfig, QuantResult, gptq_quantize
+from quant.moe.calibration import expert_layers, log_fallbacks, too_few
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,15 @@ def _collect_hessians(block, linears, group, owner, hidden, kwargs_list, device)
     return {n: acc[owner[n]] for n in group}
 
 
-def _solve(name, linear: nn.Linear, acc: HessianAccumulator | None, cfg: GPTQConfig) -> tuple[QuantResult, LayerLog]:
+def _solve(name, linear: nn.Linear, acc: HessianAccumulator | None, cfg: GPTQConfig,
+           rtn: bool = False) -> tuple[QuantResult, LayerLog]:
+    """`rtn`: round to nearest on the method's grid (an expert with too few calibration tokens, quant.moe)."""
     t0 = time.perf_counter()
     W = linear.weight.data
     H = acc.hessian if acc is not None else None
-    if acc is not None and H is None:
+    if acc is not None and H is None and not rtn:
         log.warning("%s: no calibration token reached this layer; using round-to-nearest", name)
-    res = gptq_quantize(W, H, cfg, name=name)
+    res = gptq_quantize(W, H, dataclasses.replace(cfg, method="rtn") if rtn else cfg, name=name)
     if res.rel_error is None:  # data-free: report the weight-space error instead
         res.rel_error = relative_error(W, res.dequantize(), None)
     linear.weight.data = res.dequantize(dtype=W.dtype)  # later groups/blocks see the quantized layer
@@ -87,12 +91,18 @@ def quantize_blocks(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPT
         elif linears:
             dev = next(block.parameters()).device
             groups, owner = linear_groups(block, linears, hidden[0], kwargs_list[0], cfg.true_sequential)
+            experts, fell = expert_layers(block), {}
             for group in groups:
                 accs = _collect_hessians(block, linears, group, owner, hidden, kwargs_list, dev)
+                few = too_few({n: accs[n].n for n in group if n in experts}, cfg.expert_min_tokens)
                 for n in group:
-                    results[n], entry = _solve(f"{name}.{n}", linears[n], accs[n], cfg)
+                    results[n], entry = _solve(f"{name}.{n}", linears[n], accs[n], cfg, rtn=n in few)
                     report.layers.append(entry)
+                fell.update(few)
                 del accs
+            fallback = log_fallbacks(name, fell, cfg.expert_min_tokens)
+            if fallback:
+                report.fallbacks.append(fallback)
         return {n: GPTQLinear.from_result(res, bias=linears[n].bias, checkpoint_format=checkpoint_format)
                 for n, res in results.items()}
 

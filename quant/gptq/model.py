@@ -15,6 +15,7 @@ from torch import nn
 
 from quant.blocks import QuantReport, decoder_linears
 from quant.errors import UserError
+from quant.moe.convert import prepare_quantization
 from quant.gptq.blocks import quantize_blocks
 from quant.gptq.nn import GPTQLinear
 from quant.gptq.pack import QUANT_METHOD, quantization_config, read_quant_config, resolve_checkpoint_format
@@ -53,6 +54,7 @@ def quantize_model(model: nn.Module, calib: list[torch.Tensor] | None, cfg: GPTQ
     """
     cfg.validate()
     checkpoint_format = resolve_checkpoint_format(cfg.sym, checkpoint_format)
+    prepare_quantization(model, "GPTQ")
     check_layers_fit(model, cfg)
     model.eval()
     report = quantize_blocks(model, calib, cfg, device=device, checkpoint_format=checkpoint_format,

@@ -146,7 +146,7 @@ def resolve_checkpoint_format(sym: bool, checkpoint_format: str = "auto") -> str
 # Keys of quantization_config (top level, as every GPTQ tool writes them) and of its `meta` (ours and GPTQModel's)
 # that are GPTQConfig fields: what a checkpoint records of the settings it was quantized with.
 CONFIG_KEYS = ("bits", "group_size", "desc_act", "sym", "true_sequential", "damp_percent", "static_groups")
-META_KEYS = ("method", "damp_auto_increment", "mse", "decorrelate")
+META_KEYS = ("method", "damp_auto_increment", "mse", "decorrelate", "expert_min_tokens")
 
 
 def quantization_config(cfg, checkpoint_format: str = V1) -> dict:

@@ -14,6 +14,7 @@ import torch
 
 from quant.feedback import column_loop, cpu_threads, inverse_cholesky, relative_error, solver_inputs
 from quant.grid import VALID_BITS, GridSpec, dequantize, find_params, quantize
+from quant.moe.calibration import expert_min_tokens_setting
 from quant.settings import check, setting
 
 METHODS = ("gptq", "rtn")  # how codes are found: the GPTQ solver on calibration data, or round-to-nearest
@@ -68,6 +69,7 @@ class GPTQConfig:
                                     "each on the outputs of the groups already quantized")
     method: str = setting(METHODS[0], "gptq: the solver on --calib data; rtn: round-to-nearest, no calibration",
                           choices=METHODS)
+    expert_min_tokens: int = expert_min_tokens_setting()
 
     def __post_init__(self):
         for key, value in METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["rtn"]).items():

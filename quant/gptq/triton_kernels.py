@@ -1,8 +1,16 @@
 """Triton GPTQ kernels with the signatures of the torch reference in `quant.gptq.kernels`.
 
-`gptq_matmul` fuses dequantization into the matmul: each program dequantizes a [BLOCK_K, BLOCK_N] tile
-of W in registers and feeds it to tl.dot, so the float weight never exists in memory. That is the win
-for decode-sized inputs; above FUSED_MAX_M rows it dequantizes W once and calls cuBLAS instead.
+`gptq_matmul` picks one of three paths by the number of rows of x:
+- up to quant.packed.GEMV_MAX_ROWS (decode: one token per sequence; 0 = off until timed on a GPU): `gptq_gemv`, a
+  matrix-vector kernel that streams the packed words once, unpacks them with shifts in registers and reduces over K
+  with plain multiply-adds (no tensor cores: at one row the work is bound by reading the 4-bit weight, a quarter of
+  the bytes of a bf16 one). Where
+  the groups are contiguous (no act-order) the scale and zero point are applied once per block of a group:
+  sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k). Act-order checkpoints read each row's group
+  from g_idx instead. Programs split K when N alone gives too few of them to fill the GPU (fp32 atomics).
+- up to DEQUANT_THEN_GEMM_ROWS: the fused kernel, which dequantizes [BLOCK_K, BLOCK_N] tiles in registers and
+  feeds them to tl.dot, so the float weight never exists in memory.
+- above: W dequantized once, then cuBLAS (measured in scripts/bench/PERF.md).
 `gptq_dequantize` materializes W (the backward pass uses it for one layer at a time, then drops it).
 
 Codes are read as one LSB-first bit stream (see quant.gptq.pack): for element k the field starts at
@@ -17,6 +25,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from quant import packed
+from quant.packed import gemv_block_k, gemv_split
 
 
 @triton.jit
@@ -87,6 +98,56 @@ def dequant_kernel(qw_ptr, qz_ptr, sc_ptr, gi_ptr, w_ptr, N, K,
 
 
 
+@triton.jit
+def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, N, K, group_size,
+                s_xm, s_qwk, s_qzg, s_sg, s_ym,
+                BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUPED: tl.constexpr, SPLIT_K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One row of x (program axis 2) against BLOCK_N output columns over this program's share of K.
+    PER: tl.constexpr = 32 // BITS  # codes per int32 word, packed along K (LSB first)
+    WORDS: tl.constexpr = BLOCK_K // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    words = tl.arange(0, WORDS)
+    lanes = tl.arange(0, PER)
+    shifts = (lanes * BITS).to(tl.uint32)
+    # zero points are packed along N: column n's field of its group's row
+    z_word = offs_n // PER
+    z_shift = ((offs_n % PER) * BITS).to(tl.uint32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_share
+    k_hi = tl.minimum(k_lo + k_share, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rows = k0 // PER + words
+        offs_k = k0 + words[:, None] * PER + lanes[None, :]  # [WORDS, PER]: element k of each field
+        kmask = offs_k < K
+        w = tl.load(qw_ptr + rows[:, None] * s_qwk + offs_n[None, :], mask=(rows < K // PER)[:, None] & nmask[None, :],
+                    other=0)
+        q = ((w.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]) & MASK).to(tl.float32)
+        x = tl.load(x_ptr + m * s_xm + offs_k, mask=kmask, other=0.0).to(tl.float32)  # 0 past K: masks q
+        if GROUPED:  # the whole block lies in one group (BLOCK_K divides group_size, no act-order)
+            g = k0 // group_size
+            s = tl.load(sc_ptr + g * s_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            zw = tl.load(qz_ptr + g * s_qzg + z_word, mask=nmask, other=0)
+            z = ((zw.to(tl.uint32, bitcast=True) >> z_shift) & MASK).to(tl.float32) + ZERO_OFFSET
+            xq = tl.sum(tl.sum(x[:, :, None] * q, axis=1), axis=0)
+            acc += s * (xq - z * tl.sum(tl.sum(x, axis=1), axis=0))
+        else:  # act-order: every row reads its own group from g_idx
+            g = tl.load(gi_ptr + offs_k, mask=kmask, other=0)
+            valid = kmask[:, :, None] & nmask[None, None, :]
+            s = tl.load(sc_ptr + g[:, :, None] * s_sg + offs_n[None, None, :], mask=valid, other=0.0).to(tl.float32)
+            zw = tl.load(qz_ptr + g[:, :, None] * s_qzg + z_word[None, None, :], mask=valid, other=0)
+            z = ((zw.to(tl.uint32, bitcast=True) >> z_shift[None, None, :]) & MASK).to(tl.float32) + ZERO_OFFSET
+            acc += tl.sum(tl.sum(x[:, :, None] * (q - z) * s, axis=1), axis=0)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + m * s_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptr + m * s_ym + offs_n, acc, mask=nmask)
+
+
 def _block_m(M: int) -> int:
     # tl.dot needs tiles of at least 16; decode-sized inputs would waste most of a bigger tile.
     return 16 if M <= 16 else 32 if M <= 32 else 64
@@ -101,31 +162,86 @@ DEQUANT_THEN_GEMM_ROWS = 64
 FUSED_MAX_M = 256
 
 
+GEMV_BITS = (2, 4, 8)  # whole fields per word (3-bit fields straddle words: the fused kernel takes those)
+
+
+def group_len(g_idx: torch.Tensor) -> int:
+    """The group length L when g_idx == arange(K) // L (groups in order, no act-order; one group: K), else 0.
+    Checked once per g_idx tensor (a host sync) and remembered on it until it is written to."""
+    hit = getattr(g_idx, "_group_len", None)
+    if hit is not None and hit[0] == g_idx._version:
+        return hit[1]
+    K = g_idx.shape[0]
+    L = int((g_idx == 0).sum())
+    ordered = L > 0 and torch.equal(g_idx.long(), torch.arange(K, device=g_idx.device) // L)
+    g_idx._group_len = (g_idx._version, L if ordered else 0)
+    return g_idx._group_len[1]
+
+
+def gemv_config(N: int, K: int, device: torch.device, group: int, per: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K): 64 columns a program; K in blocks that lie in one group where the groups are in
+    order (quant.packed.gemv_block_k), else in blocks of 128; K split across programs as gemv_split says."""
+    block_k = (gemv_block_k(group, K, per) if group else None) or 128
+    return 64, block_k, gemv_split(triton.cdiv(N, 64), triton.cdiv(K, block_k), device)
+
+
+def gptq_gemv(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, zero_offset: int,
+              config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] @ W for a few rows of x (see the module docstring); `config` = (BLOCK_N, BLOCK_K, SPLIT_K)."""
+    K, N = g_idx.shape[0], scales.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    per = 32 // bits
+    L = group_len(g_idx)
+    block_n, block_k, split = config or gemv_config(N, K, x.device, L, per)
+    grouped = L > 0 and (L >= K or L % block_k == 0)
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if split > 1 else \
+        torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M:
+        gemv_kernel[(triton.cdiv(N, block_n), split, M)](
+            x2, qweight, qzeros, scales, g_idx, y, N, K, max(L, 1),
+            x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), y.stride(0),
+            BITS=bits, ZERO_OFFSET=zero_offset, GROUPED=grouped, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=4)
+    return y.to(x.dtype).reshape(*lead, N)
+
+
 def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, zero_offset: int) -> torch.Tensor:
     K, N = g_idx.shape[0], scales.shape[1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
+    contiguous = all(t.stride(-1) == 1 for t in (x2, qweight, qzeros, scales))
+    if 0 < M <= packed.GEMV_MAX_ROWS and bits in GEMV_BITS and contiguous:
+        return gptq_gemv(x2, qweight, qzeros, scales, g_idx, bits, zero_offset).reshape(*lead, N)
     if M > FUSED_MAX_M:
         return x @ gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, out_dtype=x.dtype)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y.reshape(*lead, N)
     if M > DEQUANT_THEN_GEMM_ROWS:
         # Many rows (training, prefill): one dequantize pass (K·N writes) is cheap next to the 2·M·K·N FLOPs,
         # and cuBLAS runs those on the tensor cores far faster than the fused kernel's plain tiles.
         W = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, out_dtype=x.dtype)
         return (x2 @ W).reshape(*lead, N)
+    return fused_matmul(x2, qweight, qzeros, scales, g_idx, bits, zero_offset).reshape(*lead, N)
+
+
+def fused_matmul(x2: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, zero_offset: int) -> torch.Tensor:
+    """x2 [M, K] @ W through the fused tile kernel (dequantized [BLOCK_K, BLOCK_N] tiles fed to tl.dot)."""
+    K, N = g_idx.shape[0], scales.shape[1]
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return y
     BM, BN, BK = _block_m(M), 64, 32
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     matmul_kernel[grid](
         x2, qweight, qzeros, scales, g_idx, y, M, N, K,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), qzeros.stride(0), qzeros.stride(1),
         scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        BITS=bits, ZERO_OFFSET=zero_offset, IEEE=x.dtype == torch.float32,
+        BITS=bits, ZERO_OFFSET=zero_offset, IEEE=x2.dtype == torch.float32,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=4,
     )
-    return y.reshape(*lead, N)
+    return y
 
 
 def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int, out_dtype=torch.float32):

@@ -9,10 +9,15 @@
 #   attention  our flash varlen call against SDPA's backends
 #   long       8B at batch 1: 32k .. 256k tokens, ours; unsloth up to 128k
 #   shapes     Llama-3.2-1B (8 x 2048) and Qwen2.5-7B (4 x 2048): hf-lean, liger, ours
+#   small      Llama-3.2-1B bare steps at 8 x 2048 and 1 x 512 (launch-bound): hf-lean, unsloth, ours, ours packed
+#   e2e        `finetune sft` itself against unsloth's trainer path, Llama-3.2-1B at 1 x 512 and 8 x 2048
+#              ($E2E regimes, $E2E_STEPS steps, $E2E_ARGS more options: scripts/bench/bench_e2e.py)
+#   decode     one token at a time: GPTQ / AWQ layers and the 8B model against bf16 ($DECODE_ARGS:
+#              scripts/bench/bench_decode.py)
 # Wheels the image lacks (bitsandbytes, liger-kernel, unsloth and what it imports) are installed from $WHEELS
 # (default ../wheels, or /work/shared/gpu-wheels) into /tmp/site first.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 WHEELS=${WHEELS:-../wheels}
@@ -47,6 +52,12 @@ for p in "$@"; do
     shapes) phase shapes 400 bash -c "$B --shape llama-3.2-1b --batch 8 --workdir /dev/shm/bench-1b --steps 30 \
               --stacks hf-lean,liger,ours && $B --shape qwen2.5-7b --batch 4 --workdir /dev/shm/bench-7b --steps 30 \
               --stacks hf-lean,liger,ours" ;;
+    small) phase small 300 bash -c "$B --shape llama-3.2-1b --batch 8 --workdir /dev/shm/bench-1b --steps 30 \
+              --stacks hf-lean,unsloth,ours,ours@packed && $B --shape llama-3.2-1b --batch 1 --seq 512 \
+              --workdir /dev/shm/bench-1b --steps 30 --stacks hf-lean,unsloth,ours,ours@packed" ;;
+    e2e) phase e2e "${E2E_LIMIT:-420}" $B --e2e "${E2E:-1x512,8x2048}" --shape llama-3.2-1b \
+           --workdir /dev/shm/bench-1b --steps "${E2E_STEPS:-30}" --json "$OUT/e2e.json" ${E2E_ARGS:-} ;;
+    decode) phase decode "${DECODE_LIMIT:-300}" python3 -m scripts.bench.bench_decode ${DECODE_ARGS:-} ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

@@ -27,7 +27,7 @@ KERNEL_BUCKETS = [
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
 
 
-def _gemm_class(shapes, rank: int, vocab: int) -> str:
+def _gemm_class(shapes, rank: int, vocab: int | None) -> str:
     dims = [d for s in shapes if s for d in s]
     if vocab in dims:
         return "GEMM: LM head + loss"
@@ -37,15 +37,8 @@ def _gemm_class(shapes, rank: int, vocab: int) -> str:
     return "GEMM: base"
 
 
-def profile_steps(loss_of, opt, batches, train_steps, rank: int, vocab: int, warmup: int = 3) -> dict:
-    train_steps(loss_of, opt, batches[:warmup])
-    steps = batches[warmup:]
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
-        t = time.perf_counter()
-        train_steps(loss_of, opt, steps)
-        wall_ms = (time.perf_counter() - t) * 1e3
-    n = len(steps)
+def kernel_buckets(prof, rank: int, vocab: int | None) -> dict[str, float]:
+    """GPU microseconds of a profile's kernels by bucket (the GEMMs split by the shapes of the ops that ran them)."""
     buckets: dict = defaultdict(float)
     gemm_split: dict = defaultdict(float)
     for e in prof.events():
@@ -70,6 +63,19 @@ def profile_steps(loss_of, opt, batches, train_steps, rank: int, vocab: int, war
         buckets[k] = gemm * v / split_total if split_total else 0.0
     if not split_total:
         buckets["GEMM: all"] = gemm
+    return dict(buckets)
+
+
+def profile_steps(loss_of, opt, batches, train_steps, rank: int, vocab: int, warmup: int = 3) -> dict:
+    train_steps(loss_of, opt, batches[:warmup])
+    steps = batches[warmup:]
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        t = time.perf_counter()
+        train_steps(loss_of, opt, steps)
+        wall_ms = (time.perf_counter() - t) * 1e3
+    n = len(steps)
+    buckets = kernel_buckets(prof, rank, vocab)
     busy = sum(buckets.values()) / 1e3
     out = {k: v / 1e3 / n for k, v in buckets.items()}
     out["idle (GPU not busy)"] = max(0.0, wall_ms - busy) / n

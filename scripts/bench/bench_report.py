@@ -7,10 +7,16 @@ PEAK_FLOPS = 989e12
 
 
 def flops_per_token(config, seq: int) -> float:
+    """Model FLOPs per token of one training step; a mixture of experts counts the router and the experts a token
+    is routed to (num_experts_per_tok of width moe_intermediate_size)."""
     h, L = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    linear = L * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) + h * config.vocab_size
-    attention = 3 * 2 * L * seq * h  # QK^T and PV, causal half, forward + 2x for backward
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    experts = getattr(config, "num_experts", 0)
+    mlp = 3 * h * config.moe_intermediate_size * config.num_experts_per_tok + h * experts if experts else \
+        3 * h * config.intermediate_size
+    linear = L * (2 * h * q + 2 * h * kv + mlp) + h * config.vocab_size
+    attention = 3 * 2 * L * seq * q  # QK^T and PV, causal half, forward + 2x for backward
     return 4 * linear + attention
 
 
@@ -108,3 +114,56 @@ def long_table(rows, title: str, total_gib: float) -> str:
             out.append(f"  {n} tokens: ours/unsloth peak {o['peak_gib'] / u['peak_gib']:.2f}x (target <= 0.75x), "
                        f"s/step {o['s_step'] / u['s_step']:.2f}x (target <= 1.0x)")
     return "\n".join(out)
+
+
+def e2e_table(rows, title: str) -> str:
+    """bench_e2e.py's tables: each regime's stacks against our bare step and unsloth, our run's peak memory by
+    phase, the issue's end-to-end targets as ratios, and the profile of our steps where one was taken."""
+    # here, not at the top: bench_train imports this module, so bench_e2e's unsloth worker does, and unsloth must be
+    # imported before transformers (bench_phases brings in the training run)
+    from scripts.bench.bench_phases import profile_text
+
+    out = [f"\n{title}", "| regime | stack | tok/s | peak GiB | vs bare step (packed) | vs bare step (plain rows) | "
+           "speed vs unsloth | memory vs unsloth |", "|---|---|---|---|---|---|---|---|"]
+    regimes = sorted({(r["batch"], r["seq"]) for r in rows}, key=lambda bs: bs[0] * bs[1])
+    checks, phase_rows, profiles = [], [], []
+
+    def check(what, value, goal, ok):
+        checks.append(f"  {what}: {value} (target {goal}) {'MET' if ok else 'not met'}")
+
+    for b, t in regimes:
+        here = {r["stack"]: r for r in rows if (r["batch"], r["seq"]) == (b, t) and not r.get("oom")}
+        ours, uns = here.get("ours"), here.get("unsloth")
+        for r in here.values():
+            bare = [r.get(f"bare {k}") for k in ("ours@packed", "ours")]
+            out.append(f"| {b}x{t} | {r['stack']} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} | "
+                       + " | ".join(f"{r['tok_s'] / x['tok_s']:.2f}x" if x else "-" for x in bare)
+                       + f" | {_ratio(r, uns)} | {_ratio(r, uns, 'peak_gib')} |")
+        if ours:
+            ph = ours["phases"]
+            steps = max(ph.get("steps", 0), ph.get("first step", 0), 1e-9)
+            others = {k: v for k, v in ph.items() if k not in ("steps", "first step")}
+            worst = max(others, key=others.get) if others else None
+            phase_rows.append(f"| {b}x{t} | " + " | ".join(f"{ph.get(k, 0):.2f}" for k in PHASES) +
+                              f" | {worst}: {others[worst] / steps:.2f}x |" if worst else "")
+            if "bare ours@packed" in ours:
+                s = ours["tok_s"] / ours["bare ours@packed"]["tok_s"]
+                check(f"{b}x{t} our loop / our bare step (packed)", f"{s:.2f}x", ">= 0.95x", s >= 0.95)
+            if worst:
+                m = others[worst] / steps
+                check(f"{b}x{t} largest phase peak / step peak ({worst})", f"{m:.2f}x", "<= 1.0x", m <= 1.0)
+            if "profile" in ours:
+                profiles.append(f"\nprofile of our steps at {b}x{t}:\n" + profile_text(ours["profile"]))
+        if ours and uns:
+            s, m = ours["tok_s"] / uns["tok_s"], ours["peak_gib"] / uns["peak_gib"]
+            check(f"{b}x{t} ours / unsloth tokens/s", f"{s:.2f}x", ">= 1.25x", s >= 1.25)
+            check(f"{b}x{t} ours / unsloth peak memory", f"{m:.2f}x", "<= 1.0x", m <= 1.0)
+    if phase_rows:
+        out += ["", "our run's peak GiB by phase (max_memory_allocated while the phase ran)",
+                "| regime | " + " | ".join(PHASES) + " | largest other phase / steps |",
+                "|---" * (len(PHASES) + 2) + "|", *phase_rows]
+    out += ["", "targets (issue 25, end to end), measured in this run:", *checks, *profiles]
+    return "\n".join(out)
+
+
+PHASES = ("set-up (load, data)", "evaluation", "samples", "first step", "steps", "checkpoint", "adapter")

@@ -12,8 +12,9 @@ Stacks:
             imported before transformers, in its own process)
   ours      `finetune sft`'s own path: load_base + attach_lora + install_fast_path, our loss and optimizer;
             `ours[KEY=VALUE,...]` applies recipe overrides (levers off: ours[train.fused_lora=false], ...)
-All: LoRA r on all 7 projections, alpha = r, no dropout, non-reentrant (or the stack's own) checkpointing,
-SDPA attention where the stack uses transformers', fused AdamW at a constant learning rate.
+All: LoRA r on all 7 projections (a mixture of experts: attention and every expert's gate_up and down), alpha = r,
+no dropout, non-reentrant (or the stack's own) checkpointing, SDPA attention where the stack uses transformers',
+fused AdamW at a constant learning rate.
 Each builder imports its own libraries: liger and unsloth patch transformers for the whole process, and unsloth
 must be imported before it, so nothing here imports transformers at the top.
 """
@@ -27,6 +28,12 @@ import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ISOLATED = ("liger", "unsloth")  # patch libraries globally: each runs in a process of its own
+
+
+def expert_parameters(config) -> list[str] | None:
+    """A mixture of experts' fused expert parameters as peft's `target_parameters` (transformers 5 holds Qwen3-MoE's
+    experts as 3-D parameters, not Linears; bitsandbytes leaves them in bf16)."""
+    return ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if getattr(config, "num_experts", 0) else None
 
 
 def packed_positions(batch: int, seq: int, g: torch.Generator) -> torch.Tensor:
@@ -81,6 +88,7 @@ def hf_stack(model_dir: Path, lean: bool, rank: int, liger: bool = False):
     model.config.use_cache = False
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
+                                             target_parameters=expert_parameters(model.config),
                                              task_type="CAUSAL_LM"), autocast_adapter_dtype=not lean)
     params = [p for p in model.parameters() if p.requires_grad]
     if lean:

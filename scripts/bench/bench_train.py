@@ -3,10 +3,12 @@
     python -m scripts.bench.bench_train --shape llama-3.1-8b --batch 4 --seq 2048 --steps 30 \\
         --stacks hf-lean,liger,unsloth,ours,ours@packed,hf-lean@packed
     python -m scripts.bench.bench_train --shape llama-3.2-1b --batch 8 --stacks hf-lean,liger,ours
+    python -m scripts.bench.bench_train --shape qwen3-30b-a3b --batch 2 --seq 2048 --stacks hf-lean,unsloth,ours
     python -m scripts.bench.bench_train --stacks hf-lean,ours,"ours[train.fused_lora=false]"      # one lever off
     python -m scripts.bench.bench_train --stacks ours,"ours[base.quantization=gptq]"              # GPTQ 4-bit base
     python -m scripts.bench.bench_train --long 32768,65536,131072,262144 --stacks ours,unsloth    # batch 1, growing
     python -m scripts.bench.bench_train --profile ours --steps 8                                  # time in buckets
+    python -m scripts.bench.bench_train --e2e 1x512,8x2048 --shape llama-3.2-1b   # `finetune sft` vs unsloth's trainer
 
 Every stack (scripts/bench/bench_stacks.py says what each is) trains the same random-weight model, saved once as
 bf16, from the same LoRA initialisation where the stack lets us (r=16 on all 7 projections, alpha 16, no
@@ -20,7 +22,8 @@ Prints one table: tokens/s (every token of the batch; timing skips the first 3 s
 stack itself allocated, above what was allocated before it), LoRA-MFU, the largest per-step loss difference to
 the first stack, and speed/memory ratios against hf-lean, liger and unsloth measured in the same run, then the
 issue's targets as ratios. Long mode (`--long`): batch 1 at each length, seconds per step and peak memory, and
-the largest length that fits the card by the slope of peak memory over the last two lengths.
+the largest length that fits the card by the slope of peak memory over the last two lengths. End-to-end mode
+(`--e2e REGIMES`, scripts/bench/bench_e2e.py): `finetune sft` itself against unsloth's trainer path.
 LoRA-MFU counts 4N FLOPs per token (forward + input-gradient of the frozen linears, no recomputation) plus
 causal attention, against a dense bf16 peak of 989 TFLOP/s (H100/H200).
 """
@@ -146,17 +149,23 @@ def run_isolated(name: str, args) -> dict | None:
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--rank", str(args.rank),
            "--long-steps", str(args.long_steps)] + (["--long", args.long] if args.long else []) + \
           (["--profile"] if args.profile else [])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", PYTHONUNBUFFERED="1")
+    return run_result(cmd, name)
+
+
+def run_result(cmd: list[str], name: str, env: dict | None = None, many: bool = False):
+    """Run `cmd` (a worker printing `RESULT <json>` lines), echoing its log: the last result, or None if it printed
+    none (`many`: every result, in order)."""
+    env = dict(env or os.environ, HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result = None
+    results = []
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
+            results.append(json.loads(line[len("RESULT "):]))
         elif not re.match(r"^\s*(Loading|Writing|\r)", line):
             print(f"  [{name}] {line}", flush=True)
-    if result is None:
+    if not results:
         print(f"{name}: failed (exit {proc.returncode})", flush=True)
-    return result
+    return results if many else (results[-1] if results else None)
 
 
 def model_dirs(args) -> tuple[dict, object]:
@@ -182,8 +191,13 @@ def model_dirs(args) -> tuple[dict, object]:
 
 
 def main() -> None:
+    if "--e2e" in sys.argv:  # the end-to-end mode is bench_e2e.py (which imports this module), with its options
+        i = sys.argv.index("--e2e")
+        os.execv(sys.executable, [sys.executable, "-m", "scripts.bench.bench_e2e", *sys.argv[1:i], "--regimes",
+                                  *sys.argv[i + 1:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-3.1-8b", help="llama-3.2-1b, llama-3.1-8b, qwen2.5-7b (finetune.synthetic)")
+    ap.add_argument("--shape", default="llama-3.1-8b", help="a key of finetune.synthetic.SHAPES: llama-3.2-1b, "
+                    "llama-3.1-8b, qwen2.5-7b, qwen3-30b-a3b (a mixture of experts), ...")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=30)
@@ -223,7 +237,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     if not rows:
         return
-    title = f"{args.shape}, LoRA r={args.rank} all 7 projections, {torch.cuda.get_device_name()}"
+    where = "attention + experts" if getattr(config, "num_experts", 0) else "all 7 projections"
+    title = f"{args.shape}, LoRA r={args.rank} {where}, {torch.cuda.get_device_name()}"
     if args.long:
         print(long_table(rows, title, torch.cuda.get_device_properties(0).total_memory / 2**30))
     elif args.profile:

@@ -57,7 +57,8 @@ VALUES = [None, True, False, 0, -1, 1, 2**31, 2**64, -(2**64), 0.5, -0.5, 1e6, 1
 BAD_FOR = {"train.seed": [-1, 2**64, 2**32], "train.learning_rate": [1e6, 2.0], "output.dir": ["", "/dev/null"],
            "lora.target_modules": ["", [""], "(", " "], "lora.alpha": [INF], "train.max_grad_norm": [NAN],
            "train.epochs": [NAN, INF], "data.eval_fraction": [NAN, INF], "base.model": ["", "~"],
-           "data.train": [""]}
+           "data.train": [""], "preference.objective": ["dop", "sft"], "preference.beta": [0, -1],
+           "preference.label_smoothing": [0.5], "preference.reference": ["cached"]}
 
 
 @dataclass
@@ -78,11 +79,11 @@ def write_recipe(cwd: Path, recipe: dict) -> str:
     return "r.yaml"
 
 
-def recipe_case(name: str, mutate, must_refuse=False, args=(), **kw) -> Case:
+def recipe_case(name: str, mutate, must_refuse=False, args=(), command="sft", **kw) -> Case:
     def prepare(cwd: Path, env: dict) -> list[str]:
         recipe = copy.deepcopy(env["recipe"])
         mutate(recipe, cwd, env)
-        return ["sft", write_recipe(cwd, recipe), *args]
+        return [command, write_recipe(cwd, recipe), *args]
     return Case(name, prepare, must_refuse, **kw)
 
 
@@ -105,8 +106,9 @@ def _leaf_keys() -> list[tuple[str, object]]:
         for f in dataclasses.fields(cls):
             tp = typing.get_type_hints(cls)[f.name]
             out.append((prefix + f.name, tp))
-            if dataclasses.is_dataclass(tp):
-                out += walk(tp, f"{prefix}{f.name}.")
+            section = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+            if section:  # also an Optional section (preference)
+                out += walk(section, f"{prefix}{f.name}.")
         return out
     return walk(Recipe, "")
 
@@ -131,7 +133,9 @@ def value_cases(env: dict, quick: bool) -> list[Case]:
                 continue
             bad = _always_bad(value, tp) or any(value == v and type(value) is type(v)
                                                  for v in BAD_FOR.get(dotted, []))
-            cases.append(recipe_case(f"{dotted} = {value!r:.40}", set_path(dotted.split("."), value), bad))
+            command = "dpo" if dotted.startswith("preference") else "sft"  # sft refuses any preference section
+            cases.append(recipe_case(f"{dotted} = {value!r:.40}", set_path(dotted.split("."), value), bad,
+                                     command=command))
     return cases
 
 

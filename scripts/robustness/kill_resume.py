@@ -1,6 +1,6 @@
 """Kill `finetune sft` at random points, resume it, and compare the final adapter with an uninterrupted run.
 
-    python -m scripts.robustness.kill_resume [--kills 20] [--seed 0] [--json OUT.json]
+    python -m scripts.robustness.kill_resume [--kills 20] [--seed 0] [--json OUT.json] [--objective dpo]
 
 A tiny random Llama trains on CPU (LoRA dropout, cosine schedule with warm-up, gradient accumulation: every
 piece of state a resume must restore), checkpointing every step and keeping two. Each trial starts a run in
@@ -40,13 +40,18 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
-def make_inputs(root: Path) -> Path:
-    """Tiny model, data and recipe under `root`; returns the recipe path (output.dir: root/run)."""
+def make_inputs(root: Path, objective: str = "sft") -> Path:
+    """Tiny model, data and recipe under `root`; returns the recipe path (output.dir: root/run). A preference
+    objective trains on pairs (the right answer against the words as given) with its reference precomputed, the
+    pass a resumed run makes again."""
 
     model = save_random_model("tiny", root / "model", num_hidden_layers=1)
     words = ["red", "blue", "green", "gold", "gray", "pink", "teal", "plum"]
     rows = [{"messages": [{"role": "user", "content": f"say {a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}]}
             for a in words for b in words[:4]]
+    if objective != "sft":
+        rows = [{"prompt": r["messages"][:1], "chosen": r["messages"][1:],
+                 "rejected": [{"role": "assistant", "content": r["messages"][0]["content"][4:]}]} for r in rows]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = {
         "base": {"model": str(model), "quantization": "nf4", "compute_dtype": "float32"},
@@ -58,6 +63,8 @@ def make_inputs(root: Path) -> Path:
         "output": {"dir": "run"},
         "tracking": {"wandb": {"mode": "disabled"}},
     }
+    if objective != "sft":
+        recipe["preference"] = {"objective": objective, "reference": "precomputed"}
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -70,8 +77,9 @@ def _env() -> dict:
 
 
 def start(recipe: Path, cwd: Path, resume: bool) -> subprocess.Popen:
+    command = (yaml.safe_load(recipe.read_text()).get("preference") or {}).get("objective", "sft")
     # --resume-if-present: a kill before the run marked its directory leaves nothing to resume, as a script meets it.
-    cmd = [sys.executable, "-m", "finetune", "sft", str(recipe), "-q", *(["--resume-if-present"] if resume else [])]
+    cmd = [sys.executable, "-m", "finetune", command, str(recipe), "-q", *(["--resume-if-present"] if resume else [])]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -179,11 +187,12 @@ def main() -> int:
     ap.add_argument("--per-trial", type=int, default=4, help="kills per run directory (default 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--objective", default="sft", choices=["sft", "dpo", "orpo", "kto"])
     args = ap.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="kill-resume-"))
     try:
-        recipe = make_inputs(root)
+        recipe = make_inputs(root, args.objective)
         ref = root / "reference"
         ref.mkdir()
         t0 = time.monotonic()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from finetune.data import Chat, Plain
 from finetune.data import tokenize as tk
+from finetune.data.check import check_data, write_eval_split
 from finetune.data.preference_collate import collate_preferences
 from finetune.data.preference_data import build_preference_data
 from finetune.data.preference_encode import fit
@@ -151,14 +154,39 @@ def test_a_pair_batch_is_one_forward_with_answers_labelled(data_cfg, write_jsonl
     assert len(collate_preferences(bundle.train, 0, True, 256)["input_ids"]) == 1  # all four in one packed row
 
 
-def test_kto_batches_carry_mismatched_pairs_for_the_kl_estimate(data_cfg, write_jsonl, tiny_tok):
-    rows = [{"prompt": f"q{k}", "completion": f"answer {k}", "label": k % 2 == 0} for k in range(3)]
+def test_kto_batches_carry_mismatched_pairs_fixed_when_the_data_is_built(data_cfg, write_jsonl, tiny_tok):
+    """Each example's mismatched completion (for KTO's KL estimate) is chosen once, when the data is built (as TRL
+    builds its KL dataset, and so that a reference pass before training can score it): another row's completion,
+    never the other half of its own pair, the same for the same seed."""
+    rows = [{"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}"} for k in range(4)]
     bundle = build(data_cfg, write_jsonl, tiny_tok, rows, paired=False)
+    again = build(data_cfg, write_jsonl, tiny_tok, rows, paired=False)
+    assert [tiny_tok.decode(e["kl_answer"]) for e in bundle.train] == \
+        [tiny_tok.decode(e["kl_answer"]) for e in again.train]
+    for e in bundle.train:  # pairs split for KTO: examples 2k and 2k + 1 share row k's prompt
+        assert not tiny_tok.decode(e["kl_answer"]).endswith(f" {e['row']}<|im_end|>"), e
     batch = collate_preferences(bundle.train, bundle.pad_token_id, False, bundle.max_length)
-    assert batch["desirable"].tolist() == [True, False, True] and batch["num_desirable"] == 2
+    assert batch["desirable"].tolist() == [True, False] * 4 and batch["num_desirable"] == 4
     kl = batch["kl"]
-    for i, j in [(0, 2), (1, 0), (2, 1)]:  # prompt i with completion i - 1 (strings: no template, EOS appended)
-        assert tiny_tok.decode(kl["input_ids"][i][kl["attention_mask"][i] == 1]) == f"q{i}answer {j}<|im_end|>"
+    for i, e in enumerate(bundle.train):
+        text = tiny_tok.decode(kl["input_ids"][i][kl["attention_mask"][i] == 1])
+        assert text == f"q{e['row']}" + tiny_tok.decode(e["kl_answer"]), text
+
+
+def test_precomputed_reference_log_probs_travel_with_the_batch(data_cfg, write_jsonl, tiny_tok):
+    """Per example [chosen, rejected] (KTO: [completion, mismatched]) become the batch's per-sequence order."""
+    rows = [{"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}"} for k in range(3)]
+    for paired in (True, False):
+        bundle = build(data_cfg, write_jsonl, tiny_tok, rows, paired=paired)
+        for k, e in enumerate(bundle.train):
+            e["reference_logps"] = np.array([-k, -10 - k], dtype=np.float32)
+        batch = collate_preferences(bundle.train, bundle.pad_token_id, True, bundle.max_length)
+        n = len(bundle.train)
+        if paired:
+            assert batch["reference_logps"].tolist() == [-k for k in range(n)] + [-10 - k for k in range(n)]
+        else:
+            assert batch["reference_logps"].tolist() == [-k for k in range(n)]
+            assert batch["kl"]["reference_logps"].tolist() == [-10 - k for k in range(n)]
 
 
 def test_wrong_columns_are_one_line_naming_file_columns_and_layouts(data_cfg, write_jsonl, tiny_tok):
@@ -233,3 +261,16 @@ def test_any_preference_rows_give_real_preferences_or_one_line(data_cfg, write_j
         answers = [list(a) for a in example["answers"]]
         assert all(answers) and len(example["prompt"]) + max(map(len, answers)) <= 64
         assert paired == (example["desirable"] is None) and (len(answers) == 1 or answers[0] != answers[1])
+
+
+def test_the_training_commands_check_preference_rows_before_loading_and_keep_the_held_out_pairs(
+        data_cfg, write_jsonl, tiny_tok, tmp_path):
+    rows = [{"prompt": f"{Q} {k}", "chosen": GOOD, "rejected": BAD} for k in range(10)]
+    cfg = data_cfg(write_jsonl(rows), max_length=256, eval_fraction=0.3)
+    assert "format 'preference pairs'" in check_data(cfg, preference=True)
+    with pytest.raises(UserError, match="not a preference layout"):  # SFT rows given to `finetune dpo`
+        check_data(data_cfg(write_jsonl([{"messages": [{"role": "user", "content": Q}]}], "sft.jsonl")), True)
+    bundle = build_preference_data(cfg, tiny_tok, seed=0, paired=True)
+    written = write_eval_split(cfg, 0, tmp_path, preference=True)
+    kept = [json.loads(line) for line in written.read_text().splitlines()]
+    assert kept == [rows[e["row"]] for e in sorted(bundle.eval, key=lambda e: e["row"])] and len(kept) == 3

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from finetune.recipe import recipe_from_dict
-from finetune.synthetic import random_model
 from finetune.train.loop import train
-from support import tiny_recipe
+from support import gptq_base, tiny_recipe
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,16 +40,7 @@ def nf4_run(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
 @pytest.fixture(scope="session")
 def gptq_base_dir(tmp_path_factory, tokenizer) -> Path:
     """The tiny model quantized by our GPTQ with act-order (non-monotone g_idx), 4-bit g32."""
-    from quant.gptq.model import quantize_model, save_quantized
-    from quant.gptq.solver import GPTQConfig
-
-    path = tmp_path_factory.mktemp("tiny-gptq")
-    model = random_model("tiny", vocab_size=len(tokenizer))
-    calib = [torch.randint(0, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    quantize_model(model, calib, GPTQConfig(bits=4, group_size=32, desc_act=True).validate(), device="cpu",
-                   progress=False)
-    save_quantized(model, path, tokenizer=tokenizer)
-    return path
+    return gptq_base(tmp_path_factory.mktemp("tiny-gptq"), tokenizer)
 
 
 @pytest.fixture(scope="session")

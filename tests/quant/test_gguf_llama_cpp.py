@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 from gguf_helpers import save_tiny, sentencepiece_tokenizer, token_ids, trained_tokenizer
+from support import llama_cpp_logits
 
 from quant.ggml.writer import write_gguf
+from support import llama_cpp_logits
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -26,15 +28,6 @@ def load_source(path):
 
 def export(model, src, out, gguf_type):
     return write_gguf(model.state_dict().items(), model.config, src, out, gguf_type, progress=False)
-
-
-def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=1, verbose=False)
-    try:
-        llm.eval(ids)
-        return torch.tensor(np.array(llm.scores[: len(ids)]))
-    finally:
-        llm.close()
 
 
 # |llama.cpp logits - source logits| / max |source logit|. llama.cpp quantizes activations to 8 bits for quantized
@@ -70,13 +63,14 @@ def test_llama3_rope_scaling_reaches_llama_cpp(tmp_path):
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE["f32"]
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2", "sentencepiece"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2", "gpt-4o", "sentencepiece"])
 def test_llama_cpp_tokenizes_like_transformers(pre, tmp_path):
     tok = sentencepiece_tokenizer() if pre == "sentencepiece" else trained_tokenizer(pre)
     src = save_tiny(tmp_path / "src", "llama", tokenizer=tok)
     export(load_source(src), src, tmp_path / "m.gguf", "q8_0")
     kv = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
     assert kv["tokenizer.ggml.model"].contents() == ("llama" if pre == "sentencepiece" else "gpt2")
+    assert pre == "sentencepiece" or kv["tokenizer.ggml.pre"].contents() == pre  # recognised, not defaulted
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, verbose=False, vocab_only=True)
     try:
         for text in ("Hello world, 12345 tests!", "  What's   this?\n\nI'll  go.\t(x=3.14)", "Ünïcödé — 漢字 🙂",

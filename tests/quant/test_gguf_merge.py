@@ -73,8 +73,7 @@ def _dequantized(path) -> dict[str, tuple[G, torch.Tensor]]:
 def _source(model, config=None) -> dict[str, torch.Tensor]:
     """A model's tensors by GGUF name, in GGUF layout (`config`: the HF config, default the model's)."""
     arch = Arch.from_config((config or model.config).to_dict())
-    named = ((arch.gguf_name(k), v.detach().float()) for k, v in model.state_dict().items())
-    return {g: arch.prepare(g, v) for g, v in named if g is not None}
+    return {t.name: t.make(v.detach().float()) for k, v in model.state_dict().items() for t in arch.targets(k)}
 
 
 def _llama_cpp(path, use):

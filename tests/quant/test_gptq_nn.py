@@ -3,13 +3,10 @@ the Triton kernels against the torch reference."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from quant_helpers import run_in_triton_interpreter
 
 from quant.feedback import HessianAccumulator
 from quant.gptq import kernels as torch_ref
@@ -90,36 +87,50 @@ def test_peft_lora_wraps_quantlinear_and_trains():
 TRITON_CHECK = r"""
 import os, torch
 from quant.feedback import HessianAccumulator
+from quant import packed
 from quant.gptq import kernels as torch_ref, triton_kernels as triton_gptq
 from quant.gptq.nn import QuantLinear
 from quant.gptq.solver import GPTQConfig, gptq_quantize
 torch.manual_seed(0)
-for bits, gs, K, N, desc in [(4, 32, 128, 64, True), (3, 64, 96, 64, False), (2, 32, 64, 32, True), (8, -1, 64, 32, False)]:
-    W = torch.randn(N, K) * 0.05
+def layers(bits, gs, K, N, desc):  # (format, kernel arguments) of one quantized random layer in both formats
     acc = HessianAccumulator(K, "cpu"); acc.add(torch.randn(64, K))
-    res = gptq_quantize(W, acc.H, GPTQConfig(bits=bits, group_size=gs, desc_act=desc))
+    res = gptq_quantize(torch.randn(N, K) * 0.05, acc.H, GPTQConfig(bits=bits, group_size=gs, desc_act=desc))
     for fmt in ("gptq", "gptq_v2"):
         L = QuantLinear.from_result(res, checkpoint_format=fmt)
-        args = (L.qweight, L.qzeros, L.scales, L.g_idx, bits, L.zero_offset)
+        yield fmt, (L.qweight, L.qzeros, L.scales, L.g_idx, bits, L.zero_offset)
+for bits, gs, K, N, desc in [(4, 32, 128, 64, True), (3, 64, 96, 64, False), (2, 32, 64, 32, True), (8, -1, 64, 32, False)]:
+    for fmt, args in layers(bits, gs, K, N, desc):
         Wr = torch_ref.gptq_dequantize(*args)
         Wt = triton_gptq.gptq_dequantize(*args)
         assert torch.equal(Wr, Wt), (bits, fmt)
         x = torch.randn(5, K)
         torch.testing.assert_close(triton_gptq.gptq_matmul(x, *args), torch_ref.gptq_matmul(x, *args), rtol=1e-4, atol=1e-4)
+# The decode kernel: groups in order (one scale per block) and act-order (g_idx per row), K split or not.
+for bits, gs, K, N, desc, ordered in [(4, 32, 256, 64, False, True), (4, 64, 192, 96, True, False),
+                                      (2, 32, 128, 64, True, False), (8, -1, 64, 32, False, True),
+                                      (4, 128, 320, 72, False, True)]:  # 320: a partial last group
+    for fmt, args in layers(bits, gs, K, N, desc):
+        assert (triton_gptq.group_len(args[3]) > 0) == ordered, (bits, gs, desc)
+        exact = torch_ref.gptq_dequantize(*args).double()
+        for M in (1, 3):
+            for config in (None, (32, 32, 2)):
+                x = torch.randn(M, K)
+                got = triton_gptq.gptq_gemv(x, *args, config=config)
+                assert got.shape == (M, N) and got.dtype == x.dtype
+                err = float((got.double() - x.double() @ exact).norm() / (x.double() @ exact).norm())
+                assert err < 1e-5, (bits, gs, desc, fmt, M, config, err)
+        x = torch.randn(1, K)  # decode: the tile kernel by default (GEMV off until timed); GEMV_ROWS turns it on
+        assert torch.equal(triton_gptq.gptq_matmul(x, *args), triton_gptq.fused_matmul(x, *args))
+        packed.GEMV_MAX_ROWS = packed.GEMV_ROWS
+        assert torch.equal(triton_gptq.gptq_matmul(x, *args), triton_gptq.gptq_gemv(x, *args))
+        packed.GEMV_MAX_ROWS = 0
 print("TRITON-INTERPRETER-OK")
 """
 
 
 def test_triton_kernels_in_interpreter_match_torch():
     """The Triton source runs on CPU under TRITON_INTERPRET=1 (only where triton is installed)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("the compiled kernels are tested on the GPU instead")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    if "only 0-dimensional arrays" in r.stderr:  # triton 3.6's interpreter vs numpy >= 2.4, not our kernels
-        pytest.skip("this triton's interpreter does not work with the installed numpy (use numpy < 2.4)")
-    assert "TRITON-INTERPRETER-OK" in r.stdout, r.stderr[-3000:]
+    run_in_triton_interpreter(TRITON_CHECK)
 
 
 @pytest.mark.gpu
@@ -135,7 +146,7 @@ def test_triton_matches_torch_on_gpu(dtype, bits, gs, desc_act, K, N):
     args = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, layer.zero_offset)
     assert torch.equal(triton_gptq.gptq_dequantize(*args, out_dtype=torch.float32),
                        torch_ref.gptq_dequantize(*args, out_dtype=torch.float32))
-    for M in (1, 17, 256, 1024):  # 1024 > FUSED_MAX_M takes the dequantize + cuBLAS branch
+    for M in (1, 3, 17, 256, 1024):  # 1-3: the decode kernel; 1024 > FUSED_MAX_M: dequantize + cuBLAS
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         ref = (x.float() @ torch_ref.gptq_dequantize(*args).to(dtype).float()).to(dtype)
         got = triton_gptq.gptq_matmul(x, *args)

@@ -106,14 +106,14 @@ def test_empty_calibration_set(tmp_path, tiny_model_dir, capsys):
     assert code == 2 and "contains no text" in err
 
 
-def test_model_without_linear_layers(tmp_path, prose_file, capsys):
+def test_unknown_architecture_is_refused_in_one_line(tmp_path, prose_file, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(d)
     char_tokenizer().save_pretrained(d)
     code, _, err = run_cli(["gptq", str(d), "--out", str(tmp_path / "o"), "--method", "rtn"], capsys)
-    assert code == 2 and "no nn.Linear layers" in err
+    assert code == 2 and "architecture GPT2LMHeadModel is not supported; supported: LlamaForCausalLM" in err
 
 
 def test_cli_subprocess_prints_single_line_without_traceback(tmp_path):

@@ -95,7 +95,9 @@ class Strategy:
         return self.accelerator.unwrap_model(model)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        """The batch's tensors on this process's device (nested batches too: KTO's `kl`)."""
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else
+                self.to_device(v) if isinstance(v, dict) else v for k, v in batch.items()}
 
     # ---- one optimizer step
 
@@ -185,6 +187,19 @@ class Strategy:
         t = torch.tensor([float(value), float(count)], dtype=torch.float64, device=self.device)
         t = self.accelerator.reduce(t, reduction="sum")
         return float(t[0]), int(round(float(t[1])))
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Sum each of `values` over ranks, in one collective (float64)."""
+        if self.world_size == 1 or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
+
+    def mean_across(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor's mean over ranks (a collective: every rank must call it with the same shape)."""
+        if self.world_size == 1:
+            return value
+        return self.accelerator.reduce(value.detach().clone(), reduction="mean")
 
     def from_main(self, value: int) -> int:
         """The main process's `value` on every rank (a collective: every rank must call it)."""

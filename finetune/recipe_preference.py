@@ -1,6 +1,11 @@
-"""The preference objective's settings, typed and validated once (the recipe's `preference:` section).
+"""The recipe's `preference:` section (PreferenceConfig), and which objective a command runs.
 
     PreferenceConfig(objective="dpo", beta=0.1).validate()
+
+A recipe with a `preference:` section trains that objective; one without trains SFT. The commands name the
+objective they run (`finetune sft|dpo|orpo|kto`, `command_objective`): a preference command fills
+`preference.objective` where the recipe leaves it out and refuses a recipe that names another; `finetune sft`
+refuses a recipe with a preference section, so a recipe never trains something other than what was typed.
 
 Defaults are the published ones TRL also uses: DPO beta 0.1 (Rafailov et al.), ORPO lambda 0.1 (Hong et al.),
 KTO beta 0.1 with desirable/undesirable weights 1 (Ethayarajh et al.; re-weight when the two kinds are unbalanced,
@@ -15,6 +20,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from finetune.recipe_checks import RecipeError
 from quant.errors import UserError
 
 OBJECTIVES = ("dpo", "orpo", "kto")
@@ -44,6 +50,16 @@ class PreferenceConfig:
     # DPO / KTO: the reference log-probs from the base with the adapter switched off at every step, or computed
     # once in a pass before training (lowest memory and time per step; the batches then carry them).
     reference: str = "adapter_off"
+
+    def describe(self) -> str:
+        """One line for the log: the objective and what it reads (after validate())."""
+        if self.objective == "orpo":
+            return f"ORPO, lambda {self.orpo_lambda:g}"
+        settings = f"label smoothing {self.label_smoothing:g}" if self.objective == "dpo" else \
+            f"desirable/undesirable weights {self.desirable_weight:g}/{self.undesirable_weight:g}"
+        reference = "the base's log-probs, precomputed before training" if self.reference == "precomputed" else \
+            "the base with the adapter switched off, at every step"
+        return f"{self.objective.upper()}, beta {self.beta:g}, {settings}; reference: {reference}"
 
     @property
     def needs_reference(self) -> bool:
@@ -80,6 +96,41 @@ class PreferenceConfig:
         for key in ("desirable_weight", "undesirable_weight"):
             _positive(getattr(self, key), f"{where}.{key}")
         return self
+
+
+COMMANDS = ("sft",) + OBJECTIVES
+
+
+def command_objective(data: dict, command: str, source: str) -> None:
+    """Fit the raw recipe mapping `data` (overrides applied) to the command that runs it (see the docstring)."""
+    section = data.get("preference")
+    if command == "sft":
+        if "preference" in data:
+            named = section.get("objective") if isinstance(section, dict) else None
+            hint = f"`finetune {named} {source}`" if named in OBJECTIVES else \
+                f"`finetune {'|'.join(OBJECTIVES)} {source}`"
+            raise RecipeError(f"{source}: the recipe has a preference section, which `finetune sft` does not train; "
+                            f"run {hint}, or remove the section for SFT")
+        return
+    if section is None:
+        data["preference"] = section = {}
+    if not isinstance(section, dict):
+        return  # the recipe's own check names the bad section
+    named = section.setdefault("objective", command)
+    if named != command and named in OBJECTIVES:  # a misspelled one is the section check's (did you mean ...)
+        raise RecipeError(f"{source}: preference.objective = {named!r} but the command is `finetune {command}`; "
+                          f"run `finetune {named} {source}`, or set preference.objective: {command}")
+
+
+def check_section(config: PreferenceConfig, micro_batch_size: int, source: str) -> None:
+    """The recipe's checks of a preference section (RecipeError naming `source`), its defaults filled."""
+    try:
+        config.validate()
+    except UserError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    if not config.paired and micro_batch_size < 2:
+        raise RecipeError(f"{source}: train.micro_batch_size = 1 but KTO estimates its KL reference point from the "
+                          "mismatched pairs of a micro-batch; use 2 or more")
 
 
 def _number(value, where: str) -> None:

@@ -14,6 +14,7 @@ differ it is said at the function.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,17 +81,19 @@ def orpo_loss(chosen: SequenceLogProbs, rejected: SequenceLogProbs, lam: float) 
 
 def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl_policy: torch.Tensor,
              kl_reference: torch.Tensor, beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, int, Stats]:
+             undesirable_weight: float = 1.0,
+             mean_across: Callable | None = None) -> tuple[torch.Tensor, int, Stats]:
     """KTO (Ethayarajh et al. 2024, Eq. 7-8): with r = log pi(y|x) - log pi_ref(y|x) and the reference point
     z0 = KL(pi || pi_ref), estimated from mismatched pairs (x_i, y_{i-1}) of the micro-batch, clamped at 0 and
     detached (no gradient flows through it), a desirable y costs w_d (1 - sigmoid(beta (r - z0))), an undesirable
     one w_u (1 - sigmoid(beta (z0 - r))). [B] per-sequence sums; `desirable` [B] bool.
 
-    TRL averages z0 over all processes before clamping; here it is the micro-batch's own estimate (a
-    distributed run would all-reduce it first). rewards/accuracy counts desirable examples with r > z0 and
+    `mean_across`: the estimate's mean over the run's ranks, taken before the clamp (TRL averages z0 over all
+    processes the same way); None: the micro-batch's own estimate. rewards/accuracy counts desirable examples with r > z0 and
     undesirable ones with r < z0: the side of the reference point the loss pushes each towards.
     """
-    kl = (kl_policy - kl_reference).mean().detach().clamp(min=0)
+    kl = (kl_policy - kl_reference).mean().detach()
+    kl = (mean_across(kl) if mean_across is not None else kl).clamp(min=0)
     ratio = policy - reference
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
@@ -104,7 +107,7 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Ten
     return losses.sum(), n, stats
 
 
-def metric_means(stats: Stats) -> dict[str, float]:
+def metric_means(stats: dict[str, tuple]) -> dict[str, float]:
     """Summed stats (of one micro-batch or accumulated over many) as means, plus rewards/margin."""
     means = {name: float(total) / float(count) for name, (total, count) in stats.items() if float(count) > 0}
     if "rewards/chosen" in means and "rewards/rejected" in means:
