@@ -81,12 +81,15 @@ def merge_unit(tensors: dict[str, torch.Tensor], loras: dict[str, LoraFactors], 
     merged = []
     for key in list(tensors):
         module, _, leaf = key.rpartition(".")
-        target = module if leaf == "weight" and isinstance(loras.get(module), LoraFactors) else \
-            key if isinstance(loras.get(key), ExpertFactors) else None
-        if target is not None:
-            W = tensors[key].to(device=device, dtype=torch.float32)
-            tensors[key] = W.add_(loras[target].delta(W.device))
-            merged.append(target)
+        if isinstance(loras.get(key), ExpertFactors):  # a fused expert parameter, adapted under its own name
+            target = key
+        elif leaf == "weight" and module in loras and not isinstance(loras[module], ExpertFactors):
+            target = module  # a module's factors: LoRA, or an exact-merge adapter's (finetune.exact)
+        else:
+            continue
+        W = tensors[key].to(device=device, dtype=torch.float32)
+        tensors[key] = W.add_(loras[target].delta(W.device))
+        merged.append(target)
     return merged
 
 
