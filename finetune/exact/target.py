@@ -16,10 +16,11 @@ from pathlib import Path
 
 from finetune.recipe_checks import read_yaml
 from quant.errors import UserError
+from quant.formats import registry as formats
 from quant.formats.base import BaseSpec
 
 NONE = "none"
-TARGETS = (NONE, "gptq", "awq")  # the values lora.merge_target takes
+TARGETS = (NONE, *formats.exact_targets())  # the values lora.merge_target takes: formats with an exact route
 BUILT = "gptq on a GPTQ base, awq on an AWQ base with zero points"
 
 
@@ -31,15 +32,16 @@ def check(merge_target: str, spec: BaseSpec) -> None:
     if spec.format != merge_target:
         raise UserError(f"{where}: the exact merge keeps the base's integer weights and scales, so the target must "
                         f"be the base's own format, and this base is {spec.format}; exact targets: {BUILT}")
-    if spec.format == "awq" and not spec.settings.get("zero_point", True):
-        raise UserError(f"{where}: the AWQ base has no zero points (zero_point: false) to fold an update into; "
-                        f"exact targets: {BUILT}")
+    if formats.base_format(spec.format).exact_route(spec.settings) is None:  # an AWQ base without zero points
+        raise UserError(f"{where}: the {spec.format} base has no zero points (zero_point: false) to fold an update "
+                        f"into; exact targets: {BUILT}")
 
 
 def route(merge_target: str, quantization_config: dict | None) -> str:
-    """'zeros' where the grid has zero points to carry the update (asymmetric GPTQ, AWQ), else 'codes'."""
+    """'zeros' where the grid has zero points to carry the update (asymmetric GPTQ, AWQ), else 'codes' (the target
+    format's Format.exact_route)."""
     q = quantization_config if isinstance(quantization_config, dict) else {}
-    return "codes" if merge_target == "gptq" and q.get("sym", True) else "zeros"
+    return formats.base_format(merge_target).exact_route(q)
 
 
 def model_route(model, merge_target: str) -> str:

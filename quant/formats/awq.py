@@ -121,6 +121,9 @@ class AWQFormat(PackedFormat):
     def load_packed(self, model_dir, device, dtype):
         return load_awq_model(model_dir, device=device, dtype=dtype)
 
+    def exact_route(self, quantization_config: dict) -> str | None:
+        return "zeros" if quantization_config.get("zero_point", True) else None  # no zero points: nothing to move
+
     def rebuilder(self, spec, ckpt, model, device):
         return _AWQRebuilder(ckpt, device)
 

@@ -381,6 +381,12 @@ class Format:
     def encoder(self, request: EncodeRequest) -> Encoder:
         raise NotImplementedError(f"{self.name} is not a merge output")
 
+    def exact_route(self, quantization_config: dict) -> str | None:
+        """How an adapter trained for this format (`lora.merge_target`, finetune.exact) merges into a base stored in
+        it without requantizing: 'zeros' (its update moves the grid's integer zero points), 'codes' (training computes
+        with the merge's own requantization onto the base's grid), or None (no exact merge into this format)."""
+        return None
+
     def unreadable(self, config: dict) -> str | None:
         """Why `load_merged` cannot read this format's output of a model with `config` (the fidelity report is then
         skipped), or None."""

@@ -111,6 +111,10 @@ class GPTQFormat(PackedFormat):
     def load_packed(self, model_dir, device, dtype):
         return load_gptq_model(model_dir, device=device, dtype=dtype)
 
+    def exact_route(self, quantization_config: dict) -> str | None:
+        # Readers fix a symmetric grid's zero points (2^(bits-1)): only the codes can carry an update there.
+        return "codes" if quantization_config.get("sym", True) else "zeros"
+
     def rebuilder(self, spec, ckpt, model, device):
         return _GPTQRebuilder(ckpt, device)
 

@@ -88,6 +88,11 @@ def base_names() -> tuple[str, ...]:
     return tuple(f.name for f in FORMATS if f.base)
 
 
+def exact_targets() -> tuple[str, ...]:
+    """The formats an adapter can be trained to merge into exactly (`lora.merge_target`; Format.exact_route)."""
+    return tuple(f.name for f in FORMATS if type(f).exact_route is not Format.exact_route)
+
+
 def output_names() -> tuple[str, ...]:
     return tuple(f.name for f in FORMATS if f.output)
 
