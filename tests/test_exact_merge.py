@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.exact import target as exact_target
 from finetune.exact.grid import ZeroGrid, group_update, shift_zeros
 from finetune.merge.adapter import read_adapter
 from finetune.model import load_adapter, load_base
@@ -19,6 +20,7 @@ from finetune.train.loop import train
 from quant.awq.model import quantize_model_awq, save_awq
 from quant.awq.solver import AWQConfig
 from quant.errors import UserError
+from quant.formats.base import BaseSpec
 from quant.formats.registry import output_format
 from quant.gptq.model import quantize_model, save_quantized
 from quant.gptq.solver import GPTQConfig
@@ -149,3 +151,19 @@ def test_code_route_is_the_merges_requantization_with_a_straight_through_gradien
     assert (D / 0.5).tolist() == [[0.0, 1.0, 0.0, 0.0]]
     D.sum().backward()
     assert delta.grad.tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("fmt,settings,route", [("gptq", {"sym": True}, "codes"), ("gptq", {"sym": False}, "zeros"),
+                                                 ("awq", {"zero_point": True}, "zeros")])
+def test_each_base_takes_the_route_its_format_declares(fmt, settings, route):
+    spec = BaseSpec(model="m", model_dir="m", format=fmt, compute_dtype="float32", settings=settings)
+    exact_target.check(fmt, spec)
+    assert exact_target.route(fmt, settings) == route
+    assert exact_target.TARGETS == ("none", "gptq", "awq")  # the formats whose plug-in has an exact route
+
+
+def test_an_awq_base_without_zero_points_is_refused_in_one_line():
+    spec = BaseSpec(model="m", model_dir="m", format="awq", compute_dtype="float32", settings={"zero_point": False})
+    with pytest.raises(UserError, match="the awq base has no zero points") as e:
+        exact_target.check("awq", spec)
+    assert "\n" not in str(e.value)
