@@ -36,20 +36,14 @@ def check_data(cfg, preference: bool = False) -> str:
     started = time.perf_counter()
     limit = min(PROBE_ROWS, cfg.max_examples or PROBE_ROWS)
     train = read_rows(cfg.train, cfg.split, limit, what="data.train")
-    parts = [train]
+    fmt = None if preference else resolve_format(cfg.format, train)[0]
+    _, fmt_name = _convert(train, preference, fmt)
+    checked = [f"{len(train)} of data.train"]
     if cfg.eval:
-        parts.append(read_rows(cfg.eval, EVAL_SPLITS[0], PROBE_ROWS, what="data.eval", split_fallbacks=EVAL_SPLITS[1:]))
-    if preference:
-        for rows in parts:
-            layout, chat, _ = detect_layout(rows)
-            convert_preferences(rows, layout, chat, SourceStats(rows.source))
-        fmt = f"preference {detect_layout(train)[0]}"
-    else:
-        fmt, _ = resolve_format(cfg.format, train)
-        for rows in parts:
-            convert(rows, fmt, SourceStats(rows.source))
-    checked = [f"{len(train)} of data.train"] + ([f"{len(parts[1])} of data.eval"] if cfg.eval else [])
-    return (f"data: first rows checked ({', '.join(checked)}; format '{fmt}') in "
+        rows = read_rows(cfg.eval, EVAL_SPLITS[0], PROBE_ROWS, what="data.eval", split_fallbacks=EVAL_SPLITS[1:])
+        _convert(rows, preference, fmt)
+        checked.append(f"{len(rows)} of data.eval")
+    return (f"data: first rows checked ({', '.join(checked)}; format '{fmt_name}') in "
             f"{time.perf_counter() - started:.1f} s")
 
 
@@ -57,14 +51,18 @@ def held_out_rows(cfg, seed: int, preference: bool = False) -> list[dict]:
     """The source rows `data.eval_fraction` holds out, as the data pipelines split them (the same seeded pick over
     the converted rows or preference items), in file order."""
     rows = read_rows(cfg.train, cfg.split, cfg.max_examples, what="data.train")
-    if preference:
-        layout, chat, _ = detect_layout(rows)
-        items = convert_preferences(rows, layout, chat, SourceStats(rows.source))
-    else:
-        fmt, _ = resolve_format(cfg.format, rows)
-        items = convert(rows, fmt, SourceStats(rows.source))
+    items, _ = _convert(rows, preference, None if preference else resolve_format(cfg.format, rows)[0])
     _, held = split_items(items, cfg.eval_fraction, seed)
     return [dict(rows.data[item.row]) for item in sorted(held, key=lambda item: item.row)]
+
+
+def _convert(rows, preference: bool, fmt: str | None) -> tuple[list, str]:
+    """(items, format name) as the pipeline converts `rows`: preference rows by the layout their columns give,
+    SFT rows in `fmt` (resolved from data.train)."""
+    if preference:
+        layout, chat, _ = detect_layout(rows)
+        return convert_preferences(rows, layout, chat, SourceStats(rows.source)), f"preference {layout}"
+    return convert(rows, fmt, SourceStats(rows.source)), fmt
 
 
 def write_eval_split(cfg, seed: int, out_dir: Path, preference: bool = False) -> Path | None:

@@ -43,6 +43,7 @@ def fit(run: Run) -> StepMeter:
     bar.close()
     return meter
 
+
 _STEP = "_step_loss"  # the totals' entry for the loss: (summed loss, tokens)
 
 
